@@ -1,0 +1,108 @@
+"""`MoEConfig`: every option of an MoE layer, validated when it is built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from moe_scale.moe.dispatch import DROP_POLICIES
+from moe_scale.moe.experts import ACTIVATIONS
+from moe_scale.moe.grouped_gemm import METHODS
+from moe_scale.moe.losses import AuxLossWeights
+
+ROUTERS = ("noisy_topk", "switch", "topk", "expert_choice", "hash", "hierarchical", "min_loss")
+
+
+@dataclass
+class MoEConfig:
+    """Options of one `MoELayer`.
+
+    router                  one of ROUTERS; "switch" is top-1 with the full softmax gate,
+                            "topk" renormalises over the k kept experts (GShard top-2)
+    k                       experts per token (expert choice: average experts per token)
+    capacity_factor         train capacity = ceil(k * S / E * capacity_factor)
+    eval_capacity_factor    the same in eval mode
+    min_capacity            lower bound on the capacity
+    drop_policy             "position" (first come) or "probability" (highest gate kept)
+    dropless                no capacity: every assignment is computed
+    jitter                  switch input jitter eps (training only)
+    random_second           GShard: keep the 2nd expert with probability 2*g2 (training only)
+    hierarchical_groups     hierarchical router: number of groups a (E = a * b)
+    hierarchical_k_groups   groups chosen per token by the primary gate
+    aux_loss                weights of the balancing losses (importance, load, switch, z)
+    grouped_gemm            expert compute method: auto, loop, bmm, grouped_mm
+    """
+
+    d_model: int
+    num_experts: int
+    d_hidden: int | None = None
+    k: int = 2
+    router: str = "topk"
+    activation: str = "gelu"
+    expert_bias: bool = False
+    capacity_factor: float = 1.25
+    eval_capacity_factor: float = 2.0
+    min_capacity: int = 4
+    drop_policy: str = "position"
+    dropless: bool = False
+    jitter: float = 0.0
+    random_second: bool = False
+    hierarchical_groups: int = 0
+    hierarchical_k_groups: int = 1
+    aux_loss: AuxLossWeights = field(default_factory=AuxLossWeights)
+    grouped_gemm: str = "auto"
+
+    def __post_init__(self):
+        if isinstance(self.aux_loss, dict):
+            self.aux_loss = AuxLossWeights(**self.aux_loss)
+        if self.d_hidden is None:
+            self.d_hidden = 4 * self.d_model
+        _positive(d_model=self.d_model, num_experts=self.num_experts, d_hidden=self.d_hidden, k=self.k)
+        _choice("router", self.router, ROUTERS)
+        _choice("activation", self.activation, ACTIVATIONS)
+        _choice("drop_policy", self.drop_policy, DROP_POLICIES)
+        _choice("grouped_gemm", self.grouped_gemm, METHODS)
+        if self.k > self.num_experts:
+            raise ValueError(f"k={self.k} exceeds num_experts={self.num_experts}; lower k or add experts")
+        if self.router == "switch" and self.k != 1:
+            raise ValueError("the switch router is top-1: set k=1 (or use router='topk' for k>1)")
+        if self.router in ("hash", "min_loss") and self.k != 1:
+            raise ValueError(f"the {self.router} router sends each token to one expert: set k=1")
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)} (use dropless=True for no capacity)")
+        if self.min_capacity < 0:
+            raise ValueError(f"min_capacity must be >= 0, got {self.min_capacity}")
+        if not 0 <= self.jitter < 1:
+            raise ValueError(f"jitter must be in [0, 1), got {self.jitter}")
+        if self.random_second and not (self.router == "topk" and self.k == 2):
+            raise ValueError("random_second is GShard's top-2 option: use router='topk', k=2")
+        if self.router == "expert_choice" and self.dropless:
+            raise ValueError("expert_choice routing has a fixed capacity per expert; set dropless=False")
+        if self.router == "hierarchical":
+            a = self.hierarchical_groups
+            if a < 1 or self.num_experts % a:
+                raise ValueError(
+                    f"hierarchical_groups={a} must be >= 1 and divide num_experts={self.num_experts}"
+                )
+            if not 1 <= self.hierarchical_k_groups <= a:
+                raise ValueError(f"hierarchical_k_groups must be in [1, {a}], got {self.hierarchical_k_groups}")
+            if self.k > self.num_experts // a:
+                raise ValueError(f"k={self.k} exceeds the experts per group ({self.num_experts // a})")
+
+    @property
+    def experts_per_token(self) -> int:
+        """Assignments per token before drops (the k in the capacity formula)."""
+        if self.router == "hierarchical":
+            return self.k * self.hierarchical_k_groups
+        return self.k
+
+
+def _positive(**values: int) -> None:
+    for name, value in values.items():
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")

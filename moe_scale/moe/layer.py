@@ -1,0 +1,153 @@
+"""`MoELayer`: router -> dispatch plan -> (comm) -> grouped experts -> (comm) -> combine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor, nn
+
+from moe_scale.distributed.comm import LocalComm
+from moe_scale.moe.config import MoEConfig
+from moe_scale.moe.dispatch import permute, plan_dispatch, unpermute
+from moe_scale.moe.experts import GroupedExperts
+from moe_scale.moe.losses import _NEEDS, aux_losses, check_supported, weighted_total
+from moe_scale.moe.routing import (
+    ExpertChoiceRouter,
+    HashRouter,
+    HierarchicalRouter,
+    MinLossRouter,
+    NoisyTopKRouter,
+    TopKSoftmaxRouter,
+    capacity_for,
+)
+
+# The RouterStats fields each policy fills, so unsupported loss weights fail at construction.
+_ROUTER_STATS = {
+    "noisy_topk": set(_NEEDS.values()),
+    "switch": {"importance_E", "prob_mean_E", "z_loss"},
+    "topk": {"importance_E", "prob_mean_E", "z_loss"},
+    "expert_choice": {"z_loss"},
+    "hash": set(),
+    "hierarchical": {"importance_E", "load_E", "z_loss"},
+    "min_loss": set(),
+}
+
+
+@dataclass
+class MoEStats:
+    """What one MoE layer call did (global expert axis E; tokens of this process).
+
+    tokens_per_expert_E   assignments computed by each expert (after capacity drops)
+    routed_per_expert_E   assignments routed to each expert (before drops)
+    num_dropped           assignments dropped for capacity (0-dim)
+    num_unrouted          tokens with no computed assignment: their layer output is zero (0-dim)
+    num_assignments       assignments before drops
+    num_tokens            tokens in the call
+    capacity              per-expert capacity used, None when dropless
+    aux_losses            every balancing loss the router supports, unweighted
+    aux_loss              weighted sum: add it to the training loss
+    """
+
+    tokens_per_expert_E: Tensor
+    routed_per_expert_E: Tensor
+    num_dropped: Tensor
+    num_unrouted: Tensor
+    num_assignments: int
+    num_tokens: int
+    capacity: int | None
+    aux_losses: dict[str, Tensor]
+    aux_loss: Tensor
+
+    @property
+    def dropped_fraction(self) -> Tensor:
+        return self.num_dropped.float() / max(self.num_assignments, 1)
+
+
+def build_router(cfg: MoEConfig) -> nn.Module:
+    d, E = cfg.d_model, cfg.num_experts
+    if cfg.router == "noisy_topk":
+        return NoisyTopKRouter(d, E, cfg.k)
+    if cfg.router == "switch":
+        return TopKSoftmaxRouter(d, E, k=1, renormalize=False, jitter=cfg.jitter)
+    if cfg.router == "topk":
+        return TopKSoftmaxRouter(d, E, k=cfg.k, jitter=cfg.jitter, random_second=cfg.random_second)
+    if cfg.router == "expert_choice":
+        return ExpertChoiceRouter(d, E)
+    if cfg.router == "hash":
+        return HashRouter(E)
+    if cfg.router == "hierarchical":
+        a = cfg.hierarchical_groups
+        return HierarchicalRouter(d, a, E // a, k_groups=cfg.hierarchical_k_groups, k_experts=cfg.k)
+    return MinLossRouter(E)
+
+
+class MoELayer(nn.Module):
+    """Sparsely-gated mixture of feed-forward experts.
+
+    `MoELayer(d_model, num_experts, **options)` with the options of `MoEConfig`.
+    forward(x `[..., d]`, token_ids `[...]` (hash routing), expert_losses `[..., E]`
+    (min-loss routing)) -> (y `[..., d]`, MoEStats). A token whose assignments are all
+    dropped gets zero output: keep a residual connection around the layer.
+    """
+
+    def __init__(self, d_model: int, num_experts: int, **options):
+        super().__init__()
+        unknown = set(options) - {f.name for f in fields(MoEConfig)}
+        if unknown:
+            raise TypeError(f"unknown MoELayer option(s) {sorted(unknown)}; see MoEConfig for the options")
+        self.cfg = cfg = MoEConfig(d_model=d_model, num_experts=num_experts, **options)
+        check_supported(cfg.aux_loss, _ROUTER_STATS[cfg.router], cfg.router)
+        self.router = build_router(cfg)
+        self.experts = GroupedExperts(
+            num_experts, d_model, cfg.d_hidden, cfg.activation, bias=cfg.expert_bias, method=cfg.grouped_gemm
+        )
+        self.comm = LocalComm()
+
+    @classmethod
+    def from_config(cls, cfg: MoEConfig) -> "MoELayer":
+        options = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in ("d_model", "num_experts")}
+        return cls(cfg.d_model, cfg.num_experts, **options)
+
+    def capacity(self, num_tokens: int) -> int:
+        cf = self.cfg.capacity_factor if self.training else self.cfg.eval_capacity_factor
+        return capacity_for(num_tokens, self.cfg.num_experts, self.cfg.experts_per_token, cf, self.cfg.min_capacity)
+
+    def forward(
+        self, x: Tensor, *, token_ids: Tensor | None = None, expert_losses: Tensor | None = None
+    ) -> tuple[Tensor, MoEStats]:
+        d = self.cfg.d_model
+        if x.shape[-1] != d:
+            raise ValueError(f"MoELayer expects inputs [..., {d}], got {tuple(x.shape)}")
+        x_Sd = x.reshape(-1, d)
+        S = x_Sd.shape[0]
+        capacity = self.capacity(S)
+        positions = None
+        if x.dim() >= 3 and token_ids is None:
+            positions = torch.arange(x.shape[-2], device=x.device).expand(x.shape[:-1]).reshape(-1)
+        routing = self.router(
+            x_Sd, token_ids=token_ids, positions=positions, expert_losses=expert_losses, capacity=capacity
+        )
+        uncapped = self.cfg.dropless or routing.capacity_bound
+        plan = plan_dispatch(routing, None if uncapped else capacity, self.cfg.drop_policy)
+
+        x_Md = permute(x_Sd, plan)
+        x_local, local_counts, handle = self.comm.dispatch(x_Md, plan.counts_E)
+        y_local = self.experts(x_local, local_counts)
+        y_Md = self.comm.combine(y_local, handle)
+        y_Sd = unpermute(y_Md, plan, S)
+
+        losses = aux_losses(routing.stats, self.cfg.num_experts)
+        served_S = torch.zeros(S, dtype=torch.bool, device=x.device).index_fill(0, plan.token_idx_M, True)
+        stats = MoEStats(
+            tokens_per_expert_E=plan.counts_E,
+            routed_per_expert_E=plan.routed_E,
+            num_dropped=plan.num_dropped,
+            num_unrouted=S - served_S.sum(),
+            num_assignments=routing.expert_idx_N.numel(),
+            num_tokens=S,
+            capacity=None if uncapped else capacity,
+            aux_losses=losses,
+            aux_loss=weighted_total(losses, self.cfg.aux_loss, y_Sd),
+        )
+        return y_Sd.reshape(x.shape), stats

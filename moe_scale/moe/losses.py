@@ -1,0 +1,75 @@
+"""Load-balancing and router losses, computed from the O(E) summaries in `RouterStats`.
+
+    importance   CV^2 of per-expert gate sums (Shazeer et al. 2017, eq. 6)
+    load         CV^2 of the smooth per-expert load estimate (eqs. 8-11, appendix A)
+    switch       E * sum_i f_i * P_i, f_i = fraction of first choices, P_i = mean router
+                 probability (Switch Transformer eq. 4; GShard's l_aux with first choices)
+    z            mean_x logsumexp(logits)^2 (ST-MoE router z-loss)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+from moe_scale.moe.routing import RouterStats
+
+
+def cv_squared(v_E: Tensor, eps: float = 1e-10) -> Tensor:
+    """Squared coefficient of variation, var / mean^2 (population variance, as in the paper's code)."""
+    v = v_E.float()
+    if v.numel() <= 1:
+        return v.new_zeros(())
+    return v.var(unbiased=False) / (v.mean() ** 2 + eps)
+
+
+@dataclass(frozen=True)
+class AuxLossWeights:
+    """Weight of each balancing loss in the layer's total aux loss (0 disables it)."""
+
+    importance: float = 0.0
+    load: float = 0.0
+    switch: float = 0.0
+    z: float = 0.0
+
+    def __post_init__(self):
+        for f in fields(self):
+            if getattr(self, f.name) < 0:
+                raise ValueError(f"aux loss weight {f.name} must be >= 0, got {getattr(self, f.name)}")
+
+
+_NEEDS = {"importance": "importance_E", "load": "load_E", "switch": "prob_mean_E", "z": "z_loss"}
+
+
+def check_supported(weights: AuxLossWeights, available: set[str], router_name: str) -> None:
+    """Raise if a loss with a positive weight cannot be computed for this router."""
+    for name, needed in _NEEDS.items():
+        if getattr(weights, name) > 0 and needed not in available:
+            raise ValueError(
+                f"the {name!r} aux loss is not defined for the {router_name!r} router; set its weight to 0"
+            )
+
+
+def aux_losses(stats: RouterStats, num_experts: int) -> dict[str, Tensor]:
+    """Every loss the router's stats allow, unweighted."""
+    out: dict[str, Tensor] = {}
+    if stats.importance_E is not None:
+        out["importance"] = cv_squared(stats.importance_E)
+    if stats.load_E is not None:
+        out["load"] = cv_squared(stats.load_E)
+    if stats.prob_mean_E is not None and stats.top1_frac_E is not None:
+        out["switch"] = num_experts * torch.sum(stats.top1_frac_E * stats.prob_mean_E)
+    if stats.z_loss is not None:
+        out["z"] = stats.z_loss
+    return out
+
+
+def weighted_total(losses: dict[str, Tensor], weights: AuxLossWeights, like: Tensor) -> Tensor:
+    total = like.new_zeros((), dtype=torch.float32)
+    for name, value in losses.items():
+        w = getattr(weights, name)
+        if w:
+            total = total + w * value
+    return total

@@ -1,0 +1,361 @@
+"""Routing policies. Every router maps tokens `x_Sd` to the same `Routing` structure.
+
+A `Routing` is a flat list of N (token, expert, weight) assignments. Token-choice routers
+emit them slot-major (all first choices, then all second choices, ...), so a stable sort by
+expert gives first choices priority when capacity is short, as GShard does. Routers never
+build a dense `[S, E, C]` dispatch mask; the flat-gated ones need the `[S, E]` logits and
+nothing else of that size.
+
+Policies:
+    NoisyTopKRouter        Shazeer et al. 2017, eqs. 3-5, smooth load estimator (appendix A)
+    TopKSoftmaxRouter      switch top-1 (input jitter), GShard top-2 (random 2nd expert), top-k
+    ExpertChoiceRouter     each expert takes its top-C tokens (Zhou et al. 2022)
+    HashRouter             fixed hash of token id or position (Roller et al. 2021)
+    HierarchicalRouter     primary gate over groups, secondary gate per group (Shazeer app. B)
+    MinLossRouter          hard EM: the expert with the lowest caller-supplied loss
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moe_scale.moe.grouped_gemm import grouped_linear
+from moe_scale.moe.topk_softmax import topk_softmax_router
+
+
+@dataclass
+class RouterStats:
+    """O(E) summaries the balancing losses are computed from (None where a policy has none).
+
+    importance_E   sum over tokens of each expert's gate value (differentiable)
+    load_E         smooth estimate of tokens per expert (differentiable; noisy gates only)
+    prob_mean_E    mean over tokens of the full softmax router probability (differentiable)
+    top1_frac_E    fraction of tokens whose first choice is each expert (constant)
+    z_loss         mean over tokens of logsumexp(logits)^2 (differentiable)
+    """
+
+    importance_E: Tensor | None = None
+    load_E: Tensor | None = None
+    prob_mean_E: Tensor | None = None
+    top1_frac_E: Tensor | None = None
+    z_loss: Tensor | None = None
+
+
+@dataclass
+class Routing:
+    """Assignments of tokens to experts.
+
+    token_idx_N    token of each assignment, in [0, num_tokens)
+    expert_idx_N   global expert of each assignment, in [0, num_experts)
+    weight_N       combine weight of each assignment (differentiable where the gate is learned)
+    capacity_bound True when the policy already respects capacity (expert choice)
+    """
+
+    token_idx_N: Tensor
+    expert_idx_N: Tensor
+    weight_N: Tensor
+    num_tokens: int
+    num_experts: int
+    stats: RouterStats = field(default_factory=RouterStats)
+    capacity_bound: bool = False
+
+
+def _slot_major_tokens(num_tokens: int, k: int, device) -> Tensor:
+    """Token index of each assignment when `[S, k]` choices are flattened slot-major."""
+    return torch.arange(num_tokens, device=device).repeat(k)
+
+
+def _flatten_choices(index_Sk: Tensor, weight_Sk: Tensor, num_experts: int, stats) -> Routing:
+    S, k = index_Sk.shape
+    return Routing(
+        token_idx_N=_slot_major_tokens(S, k, index_Sk.device),
+        expert_idx_N=index_Sk.t().reshape(-1),
+        weight_N=weight_Sk.t().reshape(-1),
+        num_tokens=S,
+        num_experts=num_experts,
+        stats=stats,
+    )
+
+
+def _importance(index_Sk: Tensor, weight_Sk: Tensor, num_experts: int) -> Tensor:
+    return torch.zeros(num_experts, dtype=weight_Sk.dtype, device=weight_Sk.device).index_add(
+        0, index_Sk.reshape(-1), weight_Sk.reshape(-1)
+    )
+
+
+def _top1_fraction(index_Sk: Tensor, num_experts: int) -> Tensor:
+    counts = torch.bincount(index_Sk[:, 0], minlength=num_experts)
+    return counts.float() / max(index_Sk.shape[0], 1)
+
+
+def _check_k(k: int, num_experts: int) -> None:
+    if not 1 <= k <= num_experts:
+        raise ValueError(f"top-k must satisfy 1 <= k <= num_experts, got k={k}, num_experts={num_experts}")
+
+
+def noisy_topk(clean_SE: Tensor, noise_raw_SE: Tensor, k: int, training: bool):
+    """Noisy top-k gating (Shazeer et al. eqs. 3-5) and its smooth load (appendix A).
+
+    H = clean + N(0,1) * softplus(noise_raw) in training, H = clean in eval; keep the top-k of H
+    and softmax over them. Returns index_Sk, gates_Sk and, in training, in_topk_prob_SE:
+    P(expert in top-k | x) under re-drawn noise, Phi((clean_i - kth_excluding(H, k, i)) / std_i)
+    (None in eval, where the load is the hard count).
+    """
+    E = clean_SE.shape[-1]
+    if not training:
+        top_val, index_Sk = torch.topk(clean_SE, k, dim=-1)
+        return index_Sk, torch.softmax(top_val, dim=-1), None
+    noise_std_SE = F.softplus(noise_raw_SE)
+    noisy_SE = clean_SE + torch.randn_like(clean_SE) * noise_std_SE
+    top_val, top_idx = torch.topk(noisy_SE, min(k + 1, E), dim=-1)
+    index_Sk, gates_Sk = top_idx[:, :k], torch.softmax(top_val[:, :k], dim=-1)
+    if k == E:
+        return index_Sk, gates_Sk, torch.ones_like(clean_SE)
+    # An expert inside the top-k must stay above the (k+1)-th value, one outside must beat the k-th.
+    threshold_in, threshold_out = top_val[:, k : k + 1], top_val[:, k - 1 : k]
+    threshold_SE = torch.where(noisy_SE > threshold_in, threshold_in, threshold_out)
+    prob_SE = torch.special.ndtr((clean_SE - threshold_SE) / noise_std_SE)
+    return index_Sk, gates_Sk, prob_SE
+
+
+def _load(index_Sk: Tensor, in_topk_prob_SE: Tensor | None, num_experts: int) -> Tensor:
+    if in_topk_prob_SE is not None:
+        return in_topk_prob_SE.sum(0)
+    return torch.bincount(index_Sk.reshape(-1), minlength=num_experts).float()
+
+
+class NoisyTopKRouter(nn.Module):
+    """Noisy top-k gating; W_g and W_noise start at zero as in the paper."""
+
+    def __init__(self, d_model: int, num_experts: int, k: int = 2):
+        super().__init__()
+        _check_k(k, num_experts)
+        self.num_experts, self.k = num_experts, k
+        self.w_gate = nn.Parameter(torch.zeros(d_model, num_experts))
+        self.w_noise = nn.Parameter(torch.zeros(d_model, num_experts))
+
+    def forward(self, x_Sd: Tensor, **_) -> Routing:
+        clean_SE = x_Sd @ self.w_gate
+        noise_raw_SE = x_Sd @ self.w_noise if self.training else None
+        index_Sk, gates_Sk, prob_SE = noisy_topk(clean_SE, noise_raw_SE, self.k, self.training)
+        load_E = _load(index_Sk, prob_SE, self.num_experts)
+        lse_S = torch.logsumexp(clean_SE.float(), dim=-1)
+        stats = RouterStats(
+            importance_E=_importance(index_Sk, gates_Sk, self.num_experts),
+            load_E=load_E,
+            prob_mean_E=torch.softmax(clean_SE.float(), dim=-1).mean(0),
+            top1_frac_E=_top1_fraction(index_Sk, self.num_experts),
+            z_loss=(lse_S * lse_S).mean(),
+        )
+        return _flatten_choices(index_Sk, gates_Sk, self.num_experts, stats)
+
+
+class TopKSoftmaxRouter(nn.Module):
+    """Softmax top-k gating: switch (k=1), GShard top-2 (k=2), or any k.
+
+    renormalize       gates are the softmax over the k kept logits (GShard, DeepSpeed top-2);
+                      otherwise the full softmax probability (Switch top-1)
+    jitter            multiply the router input by U(1-eps, 1+eps) in training (Switch)
+    random_second     keep the 2nd expert with probability min(1, 2*g2) in training (GShard)
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        k: int = 2,
+        renormalize: bool | None = None,
+        jitter: float = 0.0,
+        random_second: bool = False,
+    ):
+        super().__init__()
+        _check_k(k, num_experts)
+        if random_second and k != 2:
+            raise ValueError("random_second applies to top-2 routing only; set k=2 or random_second=False")
+        self.num_experts, self.k = num_experts, k
+        self.renormalize = (k > 1) if renormalize is None else renormalize
+        self.jitter, self.random_second = jitter, random_second
+        self.w_gate = nn.Parameter(torch.empty(d_model, num_experts))
+        nn.init.normal_(self.w_gate, std=d_model**-0.5)
+
+    def forward(self, x_Sd: Tensor, **_) -> Routing:
+        if self.training and self.jitter > 0:
+            x_Sd = x_Sd * torch.empty_like(x_Sd).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        weight_Sk, index_Sk, prob_sum_E, lse_sq_sum = topk_softmax_router(
+            x_Sd, self.w_gate.to(x_Sd.dtype), self.k, self.renormalize
+        )
+        S = x_Sd.shape[0]
+        stats = RouterStats(
+            importance_E=_importance(index_Sk, weight_Sk, self.num_experts),
+            prob_mean_E=prob_sum_E / max(S, 1),
+            top1_frac_E=_top1_fraction(index_Sk, self.num_experts),
+            z_loss=lse_sq_sum / max(S, 1),
+        )
+        routing = _flatten_choices(index_Sk, weight_Sk, self.num_experts, stats)
+        if self.training and self.random_second:
+            keep_second = torch.rand(S, device=x_Sd.device) < 2.0 * weight_Sk[:, 1].detach()
+            keep_N = torch.cat([torch.ones(S, dtype=torch.bool, device=x_Sd.device), keep_second])
+            routing.token_idx_N = routing.token_idx_N[keep_N]
+            routing.expert_idx_N = routing.expert_idx_N[keep_N]
+            routing.weight_N = routing.weight_N[keep_N]
+        return routing
+
+
+class ExpertChoiceRouter(nn.Module):
+    """Each expert picks its top-C tokens by softmax score; C = capacity of the layer.
+
+    `capacity` is passed by the layer (ceil(k S / E * cf)); tokens no expert picks get no
+    expert (their layer output is zero, carried by the residual).
+    """
+
+    def __init__(self, d_model: int, num_experts: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.w_gate = nn.Parameter(torch.empty(d_model, num_experts))
+        nn.init.normal_(self.w_gate, std=d_model**-0.5)
+
+    def forward(self, x_Sd: Tensor, *, capacity: int, **_) -> Routing:
+        S, E = x_Sd.shape[0], self.num_experts
+        logits_SE = (x_Sd @ self.w_gate.to(x_Sd.dtype)).float()
+        scores_SE = torch.softmax(logits_SE, dim=-1)
+        C = min(capacity, S)
+        weight_CE, token_CE = torch.topk(scores_SE, C, dim=0)
+        lse_S = torch.logsumexp(logits_SE, dim=-1)
+        stats = RouterStats(prob_mean_E=scores_SE.mean(0), z_loss=(lse_S * lse_S).mean())
+        return Routing(
+            token_idx_N=token_CE.t().reshape(-1),
+            expert_idx_N=torch.arange(E, device=x_Sd.device).repeat_interleave(C),
+            weight_N=weight_CE.t().reshape(-1),
+            num_tokens=S,
+            num_experts=E,
+            stats=stats,
+            capacity_bound=True,
+        )
+
+
+def hash_experts(ids_S: Tensor, num_experts: int) -> Tensor:
+    """A fixed multiplicative (Knuth) hash of integer ids onto experts."""
+    return ((ids_S.long() * 2654435761) % (1 << 32)) % num_experts
+
+
+class HashRouter(nn.Module):
+    """Route by a fixed hash of the token id (or of the position when no ids are given)."""
+
+    def __init__(self, num_experts: int):
+        super().__init__()
+        self.num_experts = num_experts
+
+    def forward(self, x_Sd: Tensor, *, token_ids: Tensor | None = None, positions: Tensor | None = None, **_) -> Routing:
+        ids = token_ids if token_ids is not None else positions
+        if ids is None:
+            ids = torch.arange(x_Sd.shape[0], device=x_Sd.device)
+        ids = ids.reshape(-1)
+        if ids.numel() != x_Sd.shape[0]:
+            raise ValueError(f"hash routing needs one id per token: got {ids.numel()} ids for {x_Sd.shape[0]} tokens")
+        index_S1 = hash_experts(ids, self.num_experts)[:, None]
+        return _flatten_choices(index_S1, x_Sd.new_ones(index_S1.shape), self.num_experts, RouterStats())
+
+
+class HierarchicalRouter(nn.Module):
+    """Two-level noisy top-k gating (Shazeer appendix B): `groups` x `experts_per_group`.
+
+    Expert id = group * experts_per_group + j. The router costs S*d*(a + k_a*b) instead of
+    S*d*a*b. Importance and load follow eqs. 13-14 and are reported over the a*b experts.
+    """
+
+    def __init__(self, d_model: int, groups: int, experts_per_group: int, k_groups: int = 1, k_experts: int = 2):
+        super().__init__()
+        _check_k(k_groups, groups)
+        _check_k(k_experts, experts_per_group)
+        self.groups, self.experts_per_group = groups, experts_per_group
+        self.num_experts = groups * experts_per_group
+        self.k_groups, self.k_experts = k_groups, k_experts
+        self.w_gate = nn.Parameter(torch.zeros(d_model, groups))
+        self.w_noise = nn.Parameter(torch.zeros(d_model, groups))
+        self.w_gate_inner = nn.Parameter(torch.zeros(groups, d_model, experts_per_group))
+        self.w_noise_inner = nn.Parameter(torch.zeros(groups, d_model, experts_per_group))
+
+    def forward(self, x_Sd: Tensor, **_) -> Routing:
+        S, a, b = x_Sd.shape[0], self.groups, self.experts_per_group
+        clean_Sa = x_Sd @ self.w_gate
+        noise_Sa = x_Sd @ self.w_noise if self.training else None
+        group_Sk, group_gate_Sk, group_prob_Sa = noisy_topk(clean_Sa, noise_Sa, self.k_groups, self.training)
+        group_load_a = _load(group_Sk, group_prob_Sa, a)
+        # (token, group) pairs, slot-major, sorted by group for the grouped secondary gate.
+        pair_group_P = group_Sk.t().reshape(-1)
+        pair_token_P = _slot_major_tokens(S, self.k_groups, x_Sd.device)
+        order_P = torch.argsort(pair_group_P, stable=True)
+        counts_a = torch.bincount(pair_group_P, minlength=a)
+        x_sorted = x_Sd[pair_token_P[order_P]]
+        counts = counts_a.tolist()
+        clean_Pb = _unsort(grouped_linear(x_sorted, self.w_gate_inner, counts), order_P)
+        noise_Pb = _unsort(grouped_linear(x_sorted, self.w_noise_inner, counts), order_P) if self.training else None
+        inner_Pk, inner_gate_Pk, inner_prob_Pb = noisy_topk(clean_Pb, noise_Pb, self.k_experts, self.training)
+        if inner_prob_Pb is None:
+            inner_prob_Pb = torch.zeros_like(clean_Pb).scatter_(1, inner_Pk, 1.0)
+        # Load_i(X^(i))_j: secondary load of group i over the tokens sent to group i.
+        inner_load_ab = torch.zeros(a, b, dtype=inner_prob_Pb.dtype, device=x_Sd.device).index_add(
+            0, pair_group_P, inner_prob_Pb
+        )
+
+        kb = self.k_experts
+        expert_Pk = pair_group_P[:, None] * b + inner_Pk
+        weight_Pk = group_gate_Sk.t().reshape(-1)[:, None] * inner_gate_Pk
+        # Slot-major over (group slot, expert slot): pair p = group_slot * S + s.
+        expert_N = expert_Pk.view(self.k_groups, S, kb).permute(0, 2, 1).reshape(-1)
+        weight_N = weight_Pk.view(self.k_groups, S, kb).permute(0, 2, 1).reshape(-1)
+        token_N = torch.arange(S, device=x_Sd.device).repeat(self.k_groups * kb)
+
+        importance_E = torch.zeros(self.num_experts, dtype=weight_N.dtype, device=x_Sd.device).index_add(
+            0, expert_N, weight_N
+        )
+        tokens_per_group = counts_a.clamp(min=1).to(inner_load_ab.dtype)
+        load_E = (group_load_a[:, None] * inner_load_ab / tokens_per_group[:, None]).reshape(-1)
+        lse_S = torch.logsumexp(clean_Sa.float(), dim=-1)
+        top1_E = torch.bincount(expert_N[:S], minlength=self.num_experts).float() / max(S, 1)
+        stats = RouterStats(
+            importance_E=importance_E,
+            load_E=load_E,
+            top1_frac_E=top1_E,
+            z_loss=(lse_S * lse_S).mean(),
+        )
+        return Routing(token_N, expert_N, weight_N, S, self.num_experts, stats)
+
+
+def _unsort(sorted_P: Tensor, order_P: Tensor) -> Tensor:
+    """Undo `sorted_P = original[order_P]`."""
+    return torch.empty_like(sorted_P).index_copy(0, order_P, sorted_P)
+
+
+class MinLossRouter(nn.Module):
+    """Hard-EM routing: each token goes to the expert with the lowest supplied loss.
+
+    The caller computes `expert_losses` `[S, E]` (e.g. with gradients off, the E-step), and
+    only the chosen expert then receives the token (the M-step trains only it).
+    """
+
+    def __init__(self, num_experts: int):
+        super().__init__()
+        self.num_experts = num_experts
+
+    def forward(self, x_Sd: Tensor, *, expert_losses: Tensor | None = None, **_) -> Routing:
+        if expert_losses is None:
+            raise ValueError("min-loss routing needs expert_losses of shape [tokens, num_experts]")
+        losses_SE = expert_losses.reshape(-1, expert_losses.shape[-1])
+        if losses_SE.shape != (x_Sd.shape[0], self.num_experts):
+            raise ValueError(
+                f"expert_losses must be [{x_Sd.shape[0]}, {self.num_experts}], got {tuple(expert_losses.shape)}"
+            )
+        index_S1 = losses_SE.detach().argmin(dim=-1, keepdim=True)
+        stats = RouterStats(top1_frac_E=_top1_fraction(index_S1, self.num_experts))
+        return _flatten_choices(index_S1, x_Sd.new_ones(index_S1.shape), self.num_experts, stats)
+
+
+def capacity_for(num_tokens: int, num_experts: int, k: float, capacity_factor: float, min_capacity: int) -> int:
+    """ceil(k * S / E * capacity_factor), at least `min_capacity`."""
+    return max(int(math.ceil(k * num_tokens / num_experts * capacity_factor)), min_capacity)

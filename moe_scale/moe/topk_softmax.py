@@ -1,0 +1,96 @@
+"""Fused router for softmax top-k gating (switch top-1, GShard top-2, top-k).
+
+Autograd through `softmax(x @ W)` followed by `topk` keeps several `[S, E]` tensors for
+backward (logits, probabilities, their gradients). At thousands of experts those dominate the
+layer's memory. This function computes everything the gate and its losses need in one pass
+and keeps only the logits `[S, E]` for backward; the backward pass rebuilds probabilities and
+their gradient chunk by chunk over tokens, so peak memory is one `[S, E]` tensor plus a chunk.
+
+Outputs (all per call, S tokens, E experts, k choices):
+    weight_Sk     combine weights of the k chosen experts (differentiable)
+    index_Sk      chosen experts, best first (int64)
+    prob_sum_E    sum over tokens of the full softmax probability (differentiable; P_i * S)
+    lse_sq_sum    sum over tokens of logsumexp(logits)^2 (differentiable; z-loss * S)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Elements of an [chunk, E] block processed at once; big enough for efficient GEMMs, small
+# enough to stay in cache-friendly sizes and keep the transient memory far below [S, E].
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def _token_chunks(num_tokens: int, num_experts: int) -> list[tuple[int, int]]:
+    step = max(1, _CHUNK_ELEMENTS // max(num_experts, 1))
+    return [(s, min(s + step, num_tokens)) for s in range(0, num_tokens, step)]
+
+
+class _TopKSoftmaxRouter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_Sd: Tensor, w_dE: Tensor, k: int, renormalize: bool):
+        S, E = x_Sd.shape[0], w_dE.shape[1]
+        logits_SE = x_Sd @ w_dE
+        weight_Sk = x_Sd.new_empty(S, k, dtype=torch.float32)
+        index_Sk = torch.empty(S, k, dtype=torch.long, device=x_Sd.device)
+        lse_S = x_Sd.new_empty(S, dtype=torch.float32)
+        prob_sum_E = torch.zeros(E, dtype=torch.float32, device=x_Sd.device)
+        for s, e in _token_chunks(S, E):
+            block = logits_SE[s:e].float()
+            lse = torch.logsumexp(block, dim=-1)
+            top_val, top_idx = torch.topk(block, k, dim=-1)
+            prob_sum_E += torch.exp(block - lse[:, None]).sum(0)
+            if renormalize:
+                weight_Sk[s:e] = torch.softmax(top_val, dim=-1)
+            else:
+                weight_Sk[s:e] = torch.exp(top_val - lse[:, None])
+            index_Sk[s:e] = top_idx
+            lse_S[s:e] = lse
+        ctx.save_for_backward(x_Sd, w_dE, logits_SE, lse_S, weight_Sk, index_Sk)
+        ctx.renormalize = renormalize
+        ctx.mark_non_differentiable(index_Sk)
+        return weight_Sk, index_Sk, prob_sum_E, (lse_S * lse_S).sum()
+
+    @staticmethod
+    def backward(ctx, g_weight_Sk, _g_index, g_prob_sum_E, g_lse_sq):
+        x_Sd, w_dE, logits_SE, lse_S, weight_Sk, index_Sk = ctx.saved_tensors
+        S, E = logits_SE.shape
+        g_weight_Sk = torch.zeros_like(weight_Sk) if g_weight_Sk is None else g_weight_Sk.float()
+        g_prob_E = torch.zeros(E, device=x_Sd.device) if g_prob_sum_E is None else g_prob_sum_E
+        g_lse_sq = torch.zeros((), device=x_Sd.device) if g_lse_sq is None else g_lse_sq
+        wg_Sk = weight_Sk * g_weight_Sk
+        if ctx.renormalize:
+            # d softmax(top_val): w_j (g_j - sum_i w_i g_i), landing on the chosen logits only.
+            sparse_Sk = wg_Sk - weight_Sk * wg_Sk.sum(-1, keepdim=True)
+            dense_shift_S = torch.zeros(S, device=x_Sd.device)
+        else:
+            # w_j = p[idx_j]: chosen logit gets w_j g_j, every logit gets -p sum_j w_j g_j.
+            sparse_Sk = wg_Sk
+            dense_shift_S = wg_Sk.sum(-1)
+        need_x = ctx.needs_input_grad[0]
+        need_w = ctx.needs_input_grad[1]
+        grad_x = torch.empty_like(x_Sd) if need_x else None
+        grad_w = torch.zeros_like(w_dE, dtype=torch.float32) if need_w else None
+        for s, e in _token_chunks(S, E):
+            prob = torch.exp(logits_SE[s:e].float() - lse_S[s:e, None])
+            # prob_sum term: p (gP - p.gP); z term: 2 lse p g_z; dense part of the weight term.
+            coef = (2.0 * g_lse_sq) * lse_S[s:e] - prob @ g_prob_E - dense_shift_S[s:e]
+            grad_logits = prob * (g_prob_E[None, :] + coef[:, None])
+            grad_logits.scatter_add_(1, index_Sk[s:e], sparse_Sk[s:e])
+            grad_logits = grad_logits.to(x_Sd.dtype)
+            if need_x:
+                grad_x[s:e] = grad_logits @ w_dE.t()
+            if need_w:
+                grad_w += (x_Sd[s:e].t() @ grad_logits).float()
+        if grad_w is not None:
+            grad_w = grad_w.to(w_dE.dtype)
+        return grad_x, grad_w, None, None
+
+
+def topk_softmax_router(
+    x_Sd: Tensor, w_dE: Tensor, k: int, renormalize: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Route `x_Sd` with logits `x_Sd @ w_dE`; see the module docstring for the outputs."""
+    return _TopKSoftmaxRouter.apply(x_Sd, w_dE, k, renormalize)
