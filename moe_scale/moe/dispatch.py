@@ -1,9 +1,17 @@
 """Capacity, drop policy and index-based permutation of tokens to experts.
 
 The plan sorts the N (token, expert) assignments by expert with a stable sort and keeps the
-first `capacity` of each expert; nothing of size S*E or S*E*C is built. Tokens move with a
-gather (`permute`) and come back with a weighted `index_add` (`unpermute`), so a dropped
-assignment contributes zero to its token and receives zero gradient.
+first `capacity` of each expert; nothing of size S*E or S*E*C is built. Kept assignments
+and rows of the expert input are in one-to-one correspondence, so for token-choice routing
+(k slots per token) both directions of the exchange are gathers, forward and backward:
+
+    permute     x_Sd -> x_Md          row m = token of kept assignment m
+    unpermute   y_Md -> y_Sd          y[s] = sum_j w[s, j] * y[pos[s, j]]   (zero if dropped)
+
+`pos_Sk` maps each (token, slot) to its row, or to M (a zero row) when it was dropped. On CPU a
+gather is much faster than the scatter-add that autograd would use for these backwards, and
+it is deterministic. Expert-choice routing (a variable number of experts per token) falls
+back to `index_add`.
 """
 
 from __future__ import annotations
@@ -23,19 +31,30 @@ class DispatchPlan:
     """Kept assignments sorted by expert.
 
     token_idx_M      token of each kept assignment, grouped by expert
-    weight_M         its combine weight
+    weight_M         its combine weight (differentiable)
+    assignment_M     its index in the routing's assignment list
     counts_E         kept assignments per expert (int64)
-    routed_E         assignments per expert before capacity drops (int64)
-    num_dropped      assignments dropped for capacity (0-dim int64)
-    capacity         per-expert capacity, None when dropless
+    routed_E         valid assignments per expert before capacity drops (int64)
+    num_dropped      valid assignments dropped for capacity (0-dim int64)
+    capacity         per-expert capacity, None when uncapped
+    pos_Sk           row of each (token, slot) assignment, M where it is not computed; None
+                     for routings that are not slot-major
+    weight_Sk        routing weights as [S, k] (slot-major routings only)
     """
 
     token_idx_M: Tensor
     weight_M: Tensor
+    assignment_M: Tensor
     counts_E: Tensor
     routed_E: Tensor
     num_dropped: Tensor
     capacity: int | None
+    pos_Sk: Tensor | None
+    weight_Sk: Tensor | None
+
+    @property
+    def num_rows(self) -> int:
+        return self.token_idx_M.shape[0]
 
 
 def plan_dispatch(routing: Routing, capacity: int | None, drop_policy: str = "position") -> DispatchPlan:
@@ -46,37 +65,116 @@ def plan_dispatch(routing: Routing, capacity: int | None, drop_policy: str = "po
     """
     if drop_policy not in DROP_POLICIES:
         raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {drop_policy!r}")
-    expert_N, E = routing.expert_idx_N, routing.num_experts
+    E, N = routing.num_experts, routing.expert_idx_N.numel()
+    # Withdrawn assignments get the key E and sort after every real one.
+    key_N = routing.expert_idx_N
+    if routing.valid_N is not None:
+        key_N = key_N.masked_fill(~routing.valid_N, E)
     if drop_policy == "probability" and capacity is not None:
         by_weight = torch.argsort(routing.weight_N.detach(), descending=True, stable=True)
-        order = by_weight[torch.argsort(expert_N[by_weight], stable=True)]
+        order = by_weight[torch.argsort(key_N[by_weight], stable=True)]
     else:
-        order = torch.argsort(expert_N, stable=True)
-    routed_E = torch.bincount(expert_N, minlength=E)
+        order = torch.argsort(key_N, stable=True)
+    routed_E = torch.bincount(key_N, minlength=E + 1)[:E]
+    num_valid = N if routing.valid_N is None else int(routed_E.sum())
+    order = order[:num_valid]
     if capacity is None:
-        kept_E, dropped = routed_E, expert_N.new_zeros(())
+        kept_E, dropped = routed_E, routed_E.new_zeros(())
     else:
         starts_E = torch.cumsum(routed_E, 0) - routed_E
-        rank_N = torch.arange(order.numel(), device=order.device) - starts_E[expert_N[order]]
-        order = order[rank_N < capacity]
+        rank = torch.arange(num_valid, device=order.device) - starts_E[key_N[order]]
+        order = order[rank < capacity]
         kept_E = routed_E.clamp(max=capacity)
-        dropped = expert_N.numel() - kept_E.sum()
+        dropped = routed_E.sum() - kept_E.sum()
+    pos_Sk = weight_Sk = None
+    if routing.num_slots is not None:
+        M, S, k = order.numel(), routing.num_tokens, routing.num_slots
+        pos_N = torch.full((N,), M, dtype=torch.long, device=order.device)
+        pos_N[order] = torch.arange(M, device=order.device)
+        pos_Sk = pos_N.view(k, S).t()
+        weight_Sk = routing.weight_N.view(k, S).t()
     return DispatchPlan(
         token_idx_M=routing.token_idx_N[order],
         weight_M=routing.weight_N[order],
+        assignment_M=order,
         counts_E=kept_E,
         routed_E=routed_E,
         num_dropped=dropped,
         capacity=capacity,
+        pos_Sk=pos_Sk,
+        weight_Sk=weight_Sk,
     )
+
+
+def _gather_sum(rows_Md: Tensor, pos_Sk: Tensor) -> Tensor:
+    """out[s] = sum_j rows[pos[s, j]], with pos == M reading a zero row. `[S, d]`."""
+    S, k = pos_Sk.shape
+    ext = torch.cat([rows_Md, rows_Md.new_zeros(1, rows_Md.shape[-1])])
+    if k == 1:
+        return ext.index_select(0, pos_Sk[:, 0])
+    return ext.index_select(0, pos_Sk.reshape(-1)).view(S, k, -1).sum(1)
+
+
+class _Permute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_Sd: Tensor, token_idx_M: Tensor, pos_Sk: Tensor):
+        ctx.save_for_backward(pos_Sk)
+        return x_Sd.index_select(0, token_idx_M)
+
+    @staticmethod
+    def backward(ctx, grad_Md):
+        (pos_Sk,) = ctx.saved_tensors
+        return _gather_sum(grad_Md, pos_Sk), None, None
+
+
+class _Unpermute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y_Md: Tensor, weight_Sk: Tensor, pos_Sk: Tensor, token_idx_M: Tensor, slot_M: Tensor):
+        S, k = pos_Sk.shape
+        ext = torch.cat([y_Md, y_Md.new_zeros(1, y_Md.shape[-1])])
+        w = weight_Sk.to(y_Md.dtype)
+        if k == 1:
+            out = ext.index_select(0, pos_Sk[:, 0]) * w
+        else:
+            gathered = ext.index_select(0, pos_Sk.reshape(-1)).view(S, k, -1)
+            out = torch.bmm(w[:, None, :], gathered)[:, 0]
+        ctx.save_for_backward(y_Md, weight_Sk, pos_Sk, token_idx_M, slot_M)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_Sd):
+        y_Md, weight_Sk, pos_Sk, token_idx_M, slot_M = ctx.saved_tensors
+        S, k = pos_Sk.shape
+        grad_y = grad_w = None
+        if ctx.needs_input_grad[0]:
+            w_M = weight_Sk.to(grad_Sd.dtype)[token_idx_M, slot_M]
+            grad_y = grad_Sd.index_select(0, token_idx_M) * w_M[:, None]
+        if ctx.needs_input_grad[1]:
+            ext = torch.cat([y_Md, y_Md.new_zeros(1, y_Md.shape[-1])])
+            gathered = ext.index_select(0, pos_Sk.reshape(-1)).view(S, k, -1)
+            grad_w = torch.bmm(gathered, grad_Sd[:, :, None])[:, :, 0].to(weight_Sk.dtype)
+        return grad_y, grad_w, None, None, None
 
 
 def permute(x_Sd: Tensor, plan: DispatchPlan) -> Tensor:
     """Gather the token of every kept assignment: `[S, d]` -> `[M, d]` grouped by expert."""
-    return x_Sd.index_select(0, plan.token_idx_M)
+    if plan.pos_Sk is None:
+        return x_Sd.index_select(0, plan.token_idx_M)
+    return _Permute.apply(x_Sd, plan.token_idx_M, plan.pos_Sk)
 
 
 def unpermute(y_Md: Tensor, plan: DispatchPlan, num_tokens: int) -> Tensor:
     """Weighted sum of each token's expert outputs: `[M, d]` -> `[S, d]` (zero if none kept)."""
-    weighted = y_Md * plan.weight_M.to(y_Md.dtype)[:, None]
-    return y_Md.new_zeros(num_tokens, y_Md.shape[-1]).index_add(0, plan.token_idx_M, weighted)
+    if plan.pos_Sk is None:
+        weighted = y_Md * plan.weight_M.to(y_Md.dtype)[:, None]
+        return y_Md.new_zeros(num_tokens, y_Md.shape[-1]).index_add(0, plan.token_idx_M, weighted)
+    slot_M = torch.div(plan.assignment_M, num_tokens, rounding_mode="floor")
+    return _Unpermute.apply(y_Md, plan.weight_Sk, plan.pos_Sk, plan.token_idx_M, slot_M)
+
+
+def served_tokens(plan: DispatchPlan, num_tokens: int) -> Tensor:
+    """Number of tokens with at least one computed assignment (0-dim int64)."""
+    if plan.pos_Sk is not None:
+        return (plan.pos_Sk < plan.num_rows).any(1).sum()
+    served = torch.zeros(num_tokens, dtype=torch.bool, device=plan.token_idx_M.device)
+    return served.index_fill(0, plan.token_idx_M, True).sum()

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from moe_scale.distributed.comm import LocalComm
 from moe_scale.moe.config import MoEConfig
-from moe_scale.moe.dispatch import permute, plan_dispatch, unpermute
+from moe_scale.moe.dispatch import permute, plan_dispatch, served_tokens, unpermute
 from moe_scale.moe.experts import GroupedExperts
 from moe_scale.moe.losses import _NEEDS, aux_losses, check_supported, weighted_total
 from moe_scale.moe.routing import (
@@ -42,7 +42,7 @@ class MoEStats:
     routed_per_expert_E   assignments routed to each expert (before drops)
     num_dropped           assignments dropped for capacity (0-dim)
     num_unrouted          tokens with no computed assignment: their layer output is zero (0-dim)
-    num_assignments       assignments before drops
+    num_assignments       assignments before drops (0-dim)
     num_tokens            tokens in the call
     capacity              per-expert capacity used, None when dropless
     aux_losses            every balancing loss the router supports, unweighted
@@ -53,7 +53,7 @@ class MoEStats:
     routed_per_expert_E: Tensor
     num_dropped: Tensor
     num_unrouted: Tensor
-    num_assignments: int
+    num_assignments: Tensor
     num_tokens: int
     capacity: int | None
     aux_losses: dict[str, Tensor]
@@ -61,7 +61,7 @@ class MoEStats:
 
     @property
     def dropped_fraction(self) -> Tensor:
-        return self.num_dropped.float() / max(self.num_assignments, 1)
+        return self.num_dropped.float() / self.num_assignments.clamp(min=1).float()
 
 
 def build_router(cfg: MoEConfig) -> nn.Module:
@@ -138,13 +138,12 @@ class MoELayer(nn.Module):
         y_Sd = unpermute(y_Md, plan, S)
 
         losses = aux_losses(routing.stats, self.cfg.num_experts)
-        served_S = torch.zeros(S, dtype=torch.bool, device=x.device).index_fill(0, plan.token_idx_M, True)
         stats = MoEStats(
             tokens_per_expert_E=plan.counts_E,
             routed_per_expert_E=plan.routed_E,
             num_dropped=plan.num_dropped,
-            num_unrouted=S - served_S.sum(),
-            num_assignments=routing.expert_idx_N.numel(),
+            num_unrouted=S - served_tokens(plan, S),
+            num_assignments=plan.routed_E.sum(),
             num_tokens=S,
             capacity=None if uncapped else capacity,
             aux_losses=losses,

@@ -53,6 +53,10 @@ class Routing:
     token_idx_N    token of each assignment, in [0, num_tokens)
     expert_idx_N   global expert of each assignment, in [0, num_experts)
     weight_N       combine weight of each assignment (differentiable where the gate is learned)
+    num_slots      k when the assignments are token-choice and slot-major (N = k * S, assignment
+                   n = slot * S + token); None otherwise (expert choice)
+    valid_N        False for assignments the policy withdrew (GShard's random 2nd expert);
+                   None when all are valid
     capacity_bound True when the policy already respects capacity (expert choice)
     """
 
@@ -62,6 +66,8 @@ class Routing:
     num_tokens: int
     num_experts: int
     stats: RouterStats = field(default_factory=RouterStats)
+    num_slots: int | None = None
+    valid_N: Tensor | None = None
     capacity_bound: bool = False
 
 
@@ -79,6 +85,7 @@ def _flatten_choices(index_Sk: Tensor, weight_Sk: Tensor, num_experts: int, stat
         num_tokens=S,
         num_experts=num_experts,
         stats=stats,
+        num_slots=k,
     )
 
 
@@ -199,10 +206,7 @@ class TopKSoftmaxRouter(nn.Module):
         routing = _flatten_choices(index_Sk, weight_Sk, self.num_experts, stats)
         if self.training and self.random_second:
             keep_second = torch.rand(S, device=x_Sd.device) < 2.0 * weight_Sk[:, 1].detach()
-            keep_N = torch.cat([torch.ones(S, dtype=torch.bool, device=x_Sd.device), keep_second])
-            routing.token_idx_N = routing.token_idx_N[keep_N]
-            routing.expert_idx_N = routing.expert_idx_N[keep_N]
-            routing.weight_N = routing.weight_N[keep_N]
+            routing.valid_N = torch.cat([torch.ones(S, dtype=torch.bool, device=x_Sd.device), keep_second])
         return routing
 
 
@@ -324,7 +328,7 @@ class HierarchicalRouter(nn.Module):
             top1_frac_E=top1_E,
             z_loss=(lse_S * lse_S).mean(),
         )
-        return Routing(token_N, expert_N, weight_N, S, self.num_experts, stats)
+        return Routing(token_N, expert_N, weight_N, S, self.num_experts, stats, num_slots=self.k_groups * kb)
 
 
 def _unsort(sorted_P: Tensor, order_P: Tensor) -> Tensor:

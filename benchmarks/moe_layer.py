@@ -1,0 +1,262 @@
+"""MoE layer, forward + backward on CPU: moe_scale vs DeepSpeed-MoE vs FairScale vs the floor.
+
+The floor is the work any flat-gated top-k layer must do, alone: the router matmul
+`[S, d] x [d, E]` and the expert GEMMs `[E, kS/E, d] x [E, d, h]`, `[E, kS/E, h] x [E, h, d]`
+with the k*S routed tokens spread evenly over the experts, forward and backward.
+
+Every (row, dtype, implementation) runs in its own process so its peak memory (ru_maxrss
+above the process's RSS before the layer is built: weights, grads, activations, transients)
+is its own. Each process does warm-up steps and reports the median of timed steps. A peer
+that fails (out of memory under the address-space limit, or past the time limit) is
+reported as such. Prints a markdown table with ratios to the floor and to DeepSpeed, and
+writes the rows to benchmarks/results/moe_layer.json.
+
+    python benchmarks/moe_layer.py                  # every row, float32 and bfloat16
+    python benchmarks/moe_layer.py --quick          # two small rows
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROWS = [
+    (8, 4096, 128),
+    (512, 4096, 128),
+    (2048, 4096, 128),
+    (64, 16384, 128),
+    (64, 32768, 128),
+    (4096, 16384, 64),
+    (8192, 65536, 64),
+]
+QUICK_ROWS = [(8, 4096, 128), (512, 4096, 128)]
+K, CAPACITY_FACTOR = 2, 1.25
+IMPLS = ["floor", "moe_scale", "moe_scale_hier", "deepspeed", "fairscale"]
+# The hierarchical gate replaces the flat router; it is timed where the router dominates.
+HIER_MIN_EXPERTS = 4096
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+def _build(impl: str, E: int, S: int, d: int, dtype):
+    """Return (step_fn) that runs one forward + backward."""
+    import torch
+    from torch import nn
+
+    h = 4 * d
+    torch.manual_seed(0)
+    x = torch.randn(S, d, dtype=dtype, requires_grad=True)
+    grad_out = torch.randn(S, d, dtype=dtype)
+
+    if impl in ("floor_bmm", "floor_loop"):
+        n = K * S // E
+        w_gate = torch.randn(d, E, dtype=dtype, requires_grad=True)
+        w1 = torch.randn(E, d, h, dtype=dtype, requires_grad=True)
+        w2 = torch.randn(E, h, d, dtype=dtype, requires_grad=True)
+        xe = torch.randn(E, max(n, 1), d, dtype=dtype, requires_grad=True)
+        g_logits = torch.randn(S, E, dtype=dtype)
+        g_y = torch.randn(E, max(n, 1), d, dtype=dtype)
+
+        def experts_bmm():
+            return torch.bmm(torch.bmm(xe, w1), w2)
+
+        def experts_loop():
+            return torch.stack([xe[e] @ w1[e] @ w2[e] for e in range(E)])
+
+        experts = experts_bmm if impl == "floor_bmm" else experts_loop
+
+        def step():
+            logits = x @ w_gate
+            torch.autograd.backward([logits, experts()], [g_logits, g_y])
+
+        return step
+
+    if impl in ("moe_scale", "moe_scale_hier"):
+        from moe_scale import MoELayer
+
+        opts = dict(k=K, capacity_factor=CAPACITY_FACTOR, activation="relu", aux_loss=dict(switch=0.01))
+        if impl == "moe_scale_hier":
+            groups = int(round(E**0.5))
+            opts.update(router="hierarchical", hierarchical_groups=groups, hierarchical_k_groups=1,
+                        aux_loss=dict(importance=0.01, load=0.01))
+        layer = MoELayer(d, E, **opts).to(dtype)
+
+        def step():
+            y, stats = layer(x)
+            torch.autograd.backward([y, stats.aux_loss], [grad_out, None])
+
+        return step
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        store = dist.FileStore(os.environ["MOE_BENCH_STORE"], 1)
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    def make_expert():
+        return nn.Sequential(nn.Linear(d, h, bias=False), nn.ReLU(), nn.Linear(h, d, bias=False))
+
+    if impl == "deepspeed":
+        from deepspeed.moe.layer import MoE
+
+        layer = MoE(hidden_size=d, expert=make_expert(), num_experts=E, ep_size=1, k=K,
+                    capacity_factor=CAPACITY_FACTOR, eval_capacity_factor=CAPACITY_FACTOR,
+                    min_capacity=4, drop_tokens=True, use_rts=False).to(dtype)
+
+        def step():
+            y, l_aux, _ = layer(x[None])
+            torch.autograd.backward([y[0], l_aux], [grad_out, None])
+
+        return step
+
+    if impl == "fairscale":
+        from fairscale.nn.moe import MOELayer, Top2Gate
+
+        # FairScale wants [groups, tokens, d] with groups divisible by the local experts.
+        layer = MOELayer(Top2Gate(d, E), nn.ModuleList(make_expert() for _ in range(E))).to(dtype)
+        x_g = x.view(E, S // E, d)
+
+        def step():
+            y = layer(x_g)
+            torch.autograd.backward([y.reshape(S, d), layer.l_aux], [grad_out, None])
+
+        return step
+
+    raise ValueError(f"unknown implementation {impl}")
+
+
+def _worker(impl: str, E: int, S: int, d: int, dtype_name: str, warmup: int, repeats: int, mem_limit: int):
+    import torch
+
+    if mem_limit:
+        resource.setrlimit(resource.RLIMIT_AS, (mem_limit, mem_limit))
+    dtype = getattr(torch, dtype_name)
+    base = _rss_bytes()
+    result = {"impl": impl, "E": E, "S": S, "d": d, "dtype": dtype_name}
+    try:
+        # The floor's expert GEMMs run as one bmm or as a loop of per-expert GEMMs, whichever
+        # is faster on this shape (so the floor is never a weak baseline).
+        variants = ["floor_bmm", "floor_loop"] if impl == "floor" else [impl]
+        best = None
+        for variant in variants:
+            step = _build(variant, E, S, d, dtype)
+            for _ in range(warmup):
+                step()
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - t0)
+            del step
+            if best is None or statistics.median(times) < best[1]:
+                best = (variant, statistics.median(times))
+        result.update(status="ok", variant=best[0], time_s=best[1], peak_bytes=_peak_bytes() - base)
+    except (MemoryError, RuntimeError) as err:
+        oom = isinstance(err, MemoryError) or "alloc" in str(err).lower() or "memory" in str(err).lower()
+        result.update(status="oom" if oom else "error", error=str(err)[:300])
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _run_one(impl, E, S, d, dtype, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", impl, str(E), str(S), str(d), dtype,
+           "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--mem-limit-gb", str(args.mem_limit_gb)]
+    env = dict(os.environ, MOE_BENCH_STORE=f"/tmp/moe_bench_store_{os.getpid()}_{impl}_{E}_{S}")
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"impl": impl, "E": E, "S": S, "d": d, "dtype": dtype, "status": "timeout"}
+    finally:
+        Path(env["MOE_BENCH_STORE"]).unlink(missing_ok=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    status = "oom" if proc.returncode in (-9, 137) else "error"
+    return {"impl": impl, "E": E, "S": S, "d": d, "dtype": dtype, "status": status,
+            "error": (proc.stderr or "")[-300:]}
+
+
+def _fmt_time(r):
+    return f"{r['time_s'] * 1e3:,.1f}" if r.get("status") == "ok" else r.get("status", "-").upper()
+
+
+def _fmt_mem(r):
+    return f"{r['peak_bytes'] / 2**20:,.0f}" if r.get("status") == "ok" else "-"
+
+
+def _ratio(a, b, key):
+    if a.get("status") == "ok" and b.get("status") == "ok" and b[key] > 0:
+        return f"{a[key] / b[key]:.2f}"
+    return "-"
+
+
+def _table(results: list[dict]) -> str:
+    lines = ["| E | S | d | dtype | impl | ms fwd+bwd | x floor time | x DeepSpeed time | peak MiB | x floor mem |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    keyed = {(r["E"], r["S"], r["d"], r["dtype"], r["impl"]): r for r in results}
+    for r in results:
+        row = (r["E"], r["S"], r["d"], r["dtype"])
+        floor, ds = keyed.get(row + ("floor",), {}), keyed.get(row + ("deepspeed",), {})
+        lines.append(f"| {r['E']} | {r['S']} | {r['d']} | {r['dtype']} | {r['impl']} | {_fmt_time(r)} | "
+                     f"{_ratio(r, floor, 'time_s')} | {_ratio(r, ds, 'time_s')} | {_fmt_mem(r)} | "
+                     f"{_ratio(r, floor, 'peak_bytes')} |")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--worker", nargs=5, metavar=("IMPL", "E", "S", "D", "DTYPE"))
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--impls", default=",".join(IMPLS))
+    p.add_argument("--rows", default="", help="E:S:d,... overrides the row list")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--timeout", type=int, default=900, help="seconds per implementation and row")
+    p.add_argument("--mem-limit-gb", type=float, default=20.0)
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "moe_layer.json"))
+    args = p.parse_args()
+    if args.worker:
+        impl, E, S, d, dtype = args.worker
+        _worker(impl, int(E), int(S), int(d), dtype, args.warmup, args.repeats, int(args.mem_limit_gb * 2**30))
+        return
+    rows = QUICK_ROWS if args.quick else ROWS
+    if args.rows:
+        rows = [tuple(int(v) for v in r.split(":")) for r in args.rows.split(",")]
+    results = []
+    for E, S, d in rows:
+        for dtype in args.dtypes.split(","):
+            for impl in args.impls.split(","):
+                if impl == "moe_scale_hier" and E < HIER_MIN_EXPERTS:
+                    continue
+                r = _run_one(impl, E, S, d, dtype, args)
+                print(f"  {impl:15s} E={E:5d} S={S:6d} d={d:4d} {dtype:9s} {_fmt_time(r):>10s} ms  "
+                      f"{_fmt_mem(r):>8s} MiB", file=sys.stderr, flush=True)
+                results.append(r)
+    print(_table(results))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"k": K, "capacity_factor": CAPACITY_FACTOR, "rows": results}, indent=1))
+    print(f"\nwrote {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
