@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moe_scale.moe.grouped_gemm import PaddedLayout, choose_method, grouped_linear
+from moe_scale.moe.grouped_gemm import choose_method, grouped_linear
+from moe_scale.moe.grouped_mlp import grouped_mlp
 
 ACTIVATIONS = ("relu", "gelu", "swiglu")
 
@@ -68,32 +69,25 @@ class GroupedExperts(nn.Module):
         dtype = x_Md.dtype
         w1, w2 = self.w1.to(dtype), self.w2.to(dtype)
         w3 = self.w3.to(dtype) if self.w3 is not None else None
+        b1 = self.b1.to(dtype) if self.b1 is not None else None
+        b2 = self.b2.to(dtype) if self.b2 is not None else None
         method = choose_method(counts, x_Md.device, dtype, self.method)
-        if method == "bmm":
-            return self._forward_padded(x_Md, counts, w1, w2, w3)
+        if method in ("loop", "bmm"):
+            return grouped_mlp(x_Md, w1, w2, w3, b1, b2, counts, method, self.activation)
+        # torch._grouped_mm (CUDA) composes with autograd directly.
         h = grouped_linear(x_Md, w1, counts, method)
         gate = grouped_linear(x_Md, w3, counts, method) if w3 is not None else None
-        if self.b1 is not None:
-            h = h + self._per_row(self.b1, counts, dtype)
+        if b1 is not None:
+            h = h + self._per_row(b1, counts)
         y = grouped_linear(self._act(h, gate), w2, counts, method)
-        if self.b2 is not None:
-            y = y + self._per_row(self.b2, counts, dtype)
+        if b2 is not None:
+            y = y + self._per_row(b2, counts)
         return y
 
-    def _forward_padded(self, x_Md: Tensor, counts: list[int], w1, w2, w3) -> Tensor:
-        # Pad once for the whole MLP: padded rows are zero and are dropped by unpad.
-        layout = PaddedLayout(counts, x_Md.device)
-        x = layout.pad(x_Md)
-        h = torch.bmm(x, w1) if self.b1 is None else torch.baddbmm(self.b1.to(x.dtype)[:, None], x, w1)
-        gate = torch.bmm(x, w3) if w3 is not None else None
-        h = self._act(h, gate)
-        y = torch.bmm(h, w2) if self.b2 is None else torch.baddbmm(self.b2.to(x.dtype)[:, None], h, w2)
-        return layout.unpad(y)
-
     @staticmethod
-    def _per_row(bias_En: Tensor, counts: list[int], dtype) -> Tensor:
+    def _per_row(bias_En: Tensor, counts: list[int]) -> Tensor:
         counts_E = torch.tensor(counts, device=bias_En.device)
-        return torch.repeat_interleave(bias_En.to(dtype), counts_E, dim=0)
+        return torch.repeat_interleave(bias_En, counts_E, dim=0)
 
     def extra_repr(self) -> str:
         return (

@@ -47,6 +47,35 @@ def choose_method(counts: list[int], device: torch.device, dtype: torch.dtype, m
     return "bmm" if padded <= (1.0 + _MAX_PAD_OVERHEAD) * rows else "loop"
 
 
+class _ScatterRows(torch.autograd.Function):
+    """out = zeros(n, d); out[slot] = x, with distinct slots: the backward is a gather."""
+
+    @staticmethod
+    def forward(ctx, x_Md: Tensor, slot_M: Tensor, num_rows: int):
+        ctx.save_for_backward(slot_M)
+        return x_Md.new_zeros(num_rows, x_Md.shape[-1]).index_copy_(0, slot_M, x_Md)
+
+    @staticmethod
+    def backward(ctx, grad_nd):
+        (slot_M,) = ctx.saved_tensors
+        return grad_nd.index_select(0, slot_M), None, None
+
+
+class _GatherRows(torch.autograd.Function):
+    """out = x[slot] with distinct slots: the backward writes rows back without accumulation."""
+
+    @staticmethod
+    def forward(ctx, x_nd: Tensor, slot_M: Tensor):
+        ctx.save_for_backward(slot_M)
+        ctx.num_rows = x_nd.shape[0]
+        return x_nd.index_select(0, slot_M)
+
+    @staticmethod
+    def backward(ctx, grad_Md):
+        (slot_M,) = ctx.saved_tensors
+        return grad_Md.new_zeros(ctx.num_rows, grad_Md.shape[-1]).index_copy_(0, slot_M, grad_Md), None
+
+
 class PaddedLayout:
     """Maps rows sorted by group to slots of a zero-padded `[G, C, ...]` block and back."""
 
@@ -59,14 +88,23 @@ class PaddedLayout:
         rank_M = torch.arange(group_M.numel(), device=device) - starts_G[group_M]
         self.slot_M = group_M * self.capacity + rank_M
 
+    def pad_(self, x_Mk: Tensor) -> Tensor:
+        """`pad` outside autograd."""
+        padded = x_Mk.new_zeros(self.groups * self.capacity, x_Mk.shape[-1])
+        return padded.index_copy_(0, self.slot_M, x_Mk).view(self.groups, self.capacity, -1)
+
+    def unpad_(self, x_GCn: Tensor) -> Tensor:
+        """`unpad` outside autograd."""
+        return x_GCn.reshape(-1, x_GCn.shape[-1]).index_select(0, self.slot_M)
+
     def pad(self, x_Mk: Tensor) -> Tensor:
         """`[M, k]` -> `[G, C, k]`, zeros in unused slots."""
-        padded = x_Mk.new_zeros(self.groups * self.capacity, x_Mk.shape[-1])
-        return padded.index_copy(0, self.slot_M, x_Mk).view(self.groups, self.capacity, -1)
+        padded = _ScatterRows.apply(x_Mk, self.slot_M, self.groups * self.capacity)
+        return padded.view(self.groups, self.capacity, -1)
 
     def unpad(self, x_GCn: Tensor) -> Tensor:
         """`[G, C, n]` -> `[M, n]`."""
-        return x_GCn.reshape(-1, x_GCn.shape[-1]).index_select(0, self.slot_M)
+        return _GatherRows.apply(x_GCn.reshape(-1, x_GCn.shape[-1]), self.slot_M)
 
 
 def _loop(x_Mk: Tensor, w_Gkn: Tensor, counts: list[int]) -> Tensor:
