@@ -148,7 +148,7 @@ class _Unpermute(torch.autograd.Function):
         grad_y = grad_w = None
         if ctx.needs_input_grad[0]:
             w_M = weight_Sk.to(grad_Sd.dtype)[token_idx_M, slot_M]
-            grad_y = grad_Sd.index_select(0, token_idx_M) * w_M[:, None]
+            grad_y = grad_Sd.index_select(0, token_idx_M).mul_(w_M[:, None])
         if ctx.needs_input_grad[1]:
             ext = torch.cat([y_Md, y_Md.new_zeros(1, y_Md.shape[-1])])
             gathered = ext.index_select(0, pos_Sk.reshape(-1)).view(S, k, -1)

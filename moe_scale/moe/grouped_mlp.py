@@ -133,7 +133,7 @@ class _GroupedMLP(torch.autograd.Function):
         g_a = mm_t(g_y, w2)
         g_h3 = g_w3 = None
         if act == "relu":
-            g_h = g_a.mul_(a > 0)
+            g_h = torch.ops.aten.threshold_backward(g_a, a, 0)
         elif act == "gelu":
             g_h = torch.ops.aten.gelu_backward(g_a, h)
         else:
