@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_scale.moe.grouped_gemm import grouped_linear
-from moe_scale.moe.topk_softmax import topk_softmax_router
+from moe_scale.moe.topk_softmax import router_dtype, topk_softmax_router
 
 
 @dataclass
@@ -221,7 +221,8 @@ class ExpertChoiceRouter(nn.Module):
 
     def forward(self, x_Sd: Tensor, *, capacity: int, **_) -> Routing:
         S, E = x_Sd.shape[0], self.num_experts
-        logits_SE = (x_Sd @ self.w_gate.to(x_Sd.dtype)).float()
+        logits_SE = x_Sd @ self.w_gate.to(x_Sd.dtype)
+        logits_SE = logits_SE.to(router_dtype(logits_SE.dtype))
         scores_SE = torch.softmax(logits_SE, dim=-1)
         C = min(capacity, S)
         weight_CE, token_CE = torch.topk(scores_SE, C, dim=0)

@@ -28,17 +28,23 @@ def _token_chunks(num_tokens: int, num_experts: int) -> list[tuple[int, int]]:
     return [(s, min(s + step, num_tokens)) for s in range(0, num_tokens, step)]
 
 
+def router_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The router works in float32 at least: bf16 / fp16 inputs are upcast, float64 is kept."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class _TopKSoftmaxRouter(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_Sd: Tensor, w_dE: Tensor, k: int, renormalize: bool):
         S, E = x_Sd.shape[0], w_dE.shape[1]
+        acc = router_dtype(x_Sd.dtype)
         logits_SE = x_Sd @ w_dE
-        weight_Sk = x_Sd.new_empty(S, k, dtype=torch.float32)
+        weight_Sk = x_Sd.new_empty(S, k, dtype=acc)
         index_Sk = torch.empty(S, k, dtype=torch.long, device=x_Sd.device)
-        lse_S = x_Sd.new_empty(S, dtype=torch.float32)
-        prob_sum_E = torch.zeros(E, dtype=torch.float32, device=x_Sd.device)
+        lse_S = x_Sd.new_empty(S, dtype=acc)
+        prob_sum_E = torch.zeros(E, dtype=acc, device=x_Sd.device)
         for s, e in _token_chunks(S, E):
-            block = logits_SE[s:e].float()
+            block = logits_SE[s:e].to(acc)
             lse = torch.logsumexp(block, dim=-1)
             top_val, top_idx = torch.topk(block, k, dim=-1)
             prob_sum_E += torch.exp(block - lse[:, None]).sum(0)
@@ -57,14 +63,15 @@ class _TopKSoftmaxRouter(torch.autograd.Function):
     def backward(ctx, g_weight_Sk, _g_index, g_prob_sum_E, g_lse_sq):
         x_Sd, w_dE, logits_SE, lse_S, weight_Sk, index_Sk = ctx.saved_tensors
         S, E = logits_SE.shape
-        g_weight_Sk = torch.zeros_like(weight_Sk) if g_weight_Sk is None else g_weight_Sk.float()
-        g_prob_E = torch.zeros(E, device=x_Sd.device) if g_prob_sum_E is None else g_prob_sum_E
-        g_lse_sq = torch.zeros((), device=x_Sd.device) if g_lse_sq is None else g_lse_sq
+        acc = weight_Sk.dtype
+        g_weight_Sk = torch.zeros_like(weight_Sk) if g_weight_Sk is None else g_weight_Sk.to(acc)
+        g_prob_E = torch.zeros(E, dtype=acc, device=x_Sd.device) if g_prob_sum_E is None else g_prob_sum_E
+        g_lse_sq = torch.zeros((), dtype=acc, device=x_Sd.device) if g_lse_sq is None else g_lse_sq
         wg_Sk = weight_Sk * g_weight_Sk
         if ctx.renormalize:
             # d softmax(top_val): w_j (g_j - sum_i w_i g_i), landing on the chosen logits only.
             sparse_Sk = wg_Sk - weight_Sk * wg_Sk.sum(-1, keepdim=True)
-            dense_shift_S = torch.zeros(S, device=x_Sd.device)
+            dense_shift_S = torch.zeros(S, dtype=acc, device=x_Sd.device)
         else:
             # w_j = p[idx_j]: chosen logit gets w_j g_j, every logit gets -p sum_j w_j g_j.
             sparse_Sk = wg_Sk
@@ -72,9 +79,9 @@ class _TopKSoftmaxRouter(torch.autograd.Function):
         need_x = ctx.needs_input_grad[0]
         need_w = ctx.needs_input_grad[1]
         grad_x = torch.empty_like(x_Sd) if need_x else None
-        grad_w = torch.zeros_like(w_dE, dtype=torch.float32) if need_w else None
+        grad_w = torch.zeros_like(w_dE, dtype=acc) if need_w else None
         for s, e in _token_chunks(S, E):
-            prob = torch.exp(logits_SE[s:e].float() - lse_S[s:e, None])
+            prob = torch.exp(logits_SE[s:e].to(acc) - lse_S[s:e, None])
             # prob_sum term: p (gP - p.gP); z term: 2 lse p g_z; dense part of the weight term.
             coef = (2.0 * g_lse_sq) * lse_S[s:e] - prob @ g_prob_E - dense_shift_S[s:e]
             grad_logits = prob * (g_prob_E[None, :] + coef[:, None])
@@ -83,7 +90,7 @@ class _TopKSoftmaxRouter(torch.autograd.Function):
             if need_x:
                 grad_x[s:e] = grad_logits @ w_dE.t()
             if need_w:
-                grad_w += (x_Sd[s:e].t() @ grad_logits).float()
+                grad_w += (x_Sd[s:e].t() @ grad_logits).to(acc)
         if grad_w is not None:
             grad_w = grad_w.to(w_dE.dtype)
         return grad_x, grad_w, None, None
