@@ -144,11 +144,12 @@ class NoisyTopKRouter(nn.Module):
         noise_raw_SE = x_Sd @ self.w_noise if self.training else None
         index_Sk, gates_Sk, prob_SE = noisy_topk(clean_SE, noise_raw_SE, self.k, self.training)
         load_E = _load(index_Sk, prob_SE, self.num_experts)
-        lse_S = torch.logsumexp(clean_SE.float(), dim=-1)
+        logits_SE = clean_SE.to(router_dtype(clean_SE.dtype))
+        lse_S = torch.logsumexp(logits_SE, dim=-1)
         stats = RouterStats(
             importance_E=_importance(index_Sk, gates_Sk, self.num_experts),
             load_E=load_E,
-            prob_mean_E=torch.softmax(clean_SE.float(), dim=-1).mean(0),
+            prob_mean_E=torch.softmax(logits_SE, dim=-1).mean(0),
             top1_frac_E=_top1_fraction(index_Sk, self.num_experts),
             z_loss=(lse_S * lse_S).mean(),
         )
@@ -317,7 +318,7 @@ class HierarchicalRouter(nn.Module):
         )
         tokens_per_group = counts_a.clamp(min=1).to(inner_load_ab.dtype)
         load_E = (group_load_a[:, None] * inner_load_ab / tokens_per_group[:, None]).reshape(-1)
-        lse_S = torch.logsumexp(clean_Sa.float(), dim=-1)
+        lse_S = torch.logsumexp(clean_Sa.to(router_dtype(clean_Sa.dtype)), dim=-1)
         top1_E = torch.bincount(expert_N[:S], minlength=self.num_experts).float() / max(S, 1)
         stats = RouterStats(
             importance_E=importance_E,
