@@ -258,7 +258,9 @@ class HashRouter(nn.Module):
             ids = torch.arange(x_Sd.shape[0], device=x_Sd.device)
         ids = ids.reshape(-1)
         if ids.numel() != x_Sd.shape[0]:
-            raise ValueError(f"hash routing needs one id per token: got {ids.numel()} ids for {x_Sd.shape[0]} tokens")
+            raise ValueError(
+                f"hash routing needs one id per token: got {ids.numel()} token_ids for {x_Sd.shape[0]} tokens"
+            )
         index_S1 = hash_experts(ids, self.num_experts)[:, None]
         return _flatten_choices(index_S1, x_Sd.new_ones(index_S1.shape), self.num_experts, RouterStats())
 
