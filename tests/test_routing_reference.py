@@ -42,7 +42,8 @@ POLICIES = {
 DROPS = {
     "dropless": dict(dropless=True),
     "position": dict(capacity_factor=0.5, eval_capacity_factor=0.5, min_capacity=1, drop_policy="position"),
-    "probability": dict(capacity_factor=0.5, eval_capacity_factor=0.5, min_capacity=1, drop_policy="probability"),
+    # 0.6: k*S/E*cf is not an integer, so the capacity rounds up
+    "probability": dict(capacity_factor=0.6, eval_capacity_factor=0.6, min_capacity=1, drop_policy="probability"),
 }
 CASES = [
     (p, dmode)
@@ -164,3 +165,13 @@ def test_reference_other_activations(activation):
     g = torch.randn(y.shape, dtype=torch.float64)
     for got, want in zip(grads(y, x, layer, g), grads(ref.y_Sd, x, layer, g)):
         torch.testing.assert_close(got, want, **TIGHT)
+
+
+def test_capacity_formula():
+    """ceil(k * S / E * cf) with the train or eval factor, floored at min_capacity, k = assignments per token."""
+    layer = MoELayer(D, 8, k=2, capacity_factor=1.25, eval_capacity_factor=0.3, min_capacity=4)
+    assert layer.train().capacity(100) == 32  # ceil(2 * 100 / 8 * 1.25) = ceil(31.25)
+    assert layer.eval().capacity(100) == 8  # ceil(7.5)
+    assert layer.eval().capacity(40) == 4  # ceil(3.0) = 3, floored at min_capacity
+    hier = MoELayer(D, 8, router="hierarchical", k=1, hierarchical_groups=4, hierarchical_k_groups=2)
+    assert hier.train().capacity(100) == 32  # 2 groups x 1 expert per token
