@@ -118,7 +118,7 @@ class MoELayer(nn.Module):
     ) -> tuple[Tensor, MoEStats]:
         d = self.cfg.d_model
         if x.shape[-1] != d:
-            raise ValueError(f"MoELayer expects inputs [..., {d}], got {tuple(x.shape)}")
+            raise ValueError(f"MoELayer(d_model={d}) expects inputs [..., {d}], got {tuple(x.shape)}")
         x_Sd = x.reshape(-1, d)
         S = x_Sd.shape[0]
         capacity = self.capacity(S)

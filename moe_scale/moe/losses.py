@@ -19,7 +19,7 @@ from moe_scale.moe.routing import RouterStats
 
 def cv_squared(v_E: Tensor, eps: float = 1e-10) -> Tensor:
     """Squared coefficient of variation, var / mean^2 (population variance, as in the paper's code)."""
-    v = v_E.float()
+    v = v_E.to(torch.promote_types(v_E.dtype, torch.float32))
     if v.numel() <= 1:
         return v.new_zeros(())
     return v.var(unbiased=False) / (v.mean() ** 2 + eps)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_scale.moe.grouped_gemm import grouped_linear
-from moe_scale.moe.topk_softmax import topk_softmax_router
+from moe_scale.moe.topk_softmax import router_dtype, topk_softmax_router
 
 
 @dataclass
@@ -151,11 +151,12 @@ class NoisyTopKRouter(nn.Module):
         noise_raw_SE = x_Sd @ self.w_noise if self.training else None
         index_Sk, gates_Sk, prob_SE = noisy_topk(clean_SE, noise_raw_SE, self.k, self.training)
         load_E = _load(index_Sk, prob_SE, self.num_experts)
-        lse_S = torch.logsumexp(clean_SE.float(), dim=-1)
+        logits_SE = clean_SE.to(router_dtype(clean_SE.dtype))
+        lse_S = torch.logsumexp(logits_SE, dim=-1)
         stats = RouterStats(
             importance_E=_importance(index_Sk, gates_Sk, self.num_experts),
             load_E=load_E,
-            prob_mean_E=torch.softmax(clean_SE.float(), dim=-1).mean(0),
+            prob_mean_E=torch.softmax(logits_SE, dim=-1).mean(0),
             top1_frac_E=_top1_fraction(index_Sk, self.num_experts),
             z_loss=(lse_S * lse_S).mean(),
         )
@@ -225,7 +226,8 @@ class ExpertChoiceRouter(nn.Module):
 
     def forward(self, x_Sd: Tensor, *, capacity: int, **_) -> Routing:
         S, E = x_Sd.shape[0], self.num_experts
-        logits_SE = (x_Sd @ self.w_gate.to(x_Sd.dtype)).float()
+        logits_SE = x_Sd @ self.w_gate.to(x_Sd.dtype)
+        logits_SE = logits_SE.to(router_dtype(logits_SE.dtype))
         scores_SE = torch.softmax(logits_SE, dim=-1)
         C = min(capacity, S)
         weight_CE, token_CE = torch.topk(scores_SE, C, dim=0)
@@ -260,7 +262,9 @@ class HashRouter(nn.Module):
             ids = torch.arange(x_Sd.shape[0], device=x_Sd.device)
         ids = ids.reshape(-1)
         if ids.numel() != x_Sd.shape[0]:
-            raise ValueError(f"hash routing needs one id per token: got {ids.numel()} ids for {x_Sd.shape[0]} tokens")
+            raise ValueError(
+                f"hash routing needs one id per token: got {ids.numel()} token_ids for {x_Sd.shape[0]} tokens"
+            )
         index_S1 = hash_experts(ids, self.num_experts)[:, None]
         return _flatten_choices(index_S1, x_Sd.new_ones(index_S1.shape), self.num_experts, RouterStats())
 
@@ -320,7 +324,7 @@ class HierarchicalRouter(nn.Module):
         )
         tokens_per_group = counts_a.clamp(min=1).to(inner_load_ab.dtype)
         load_E = (group_load_a[:, None] * inner_load_ab / tokens_per_group[:, None]).reshape(-1)
-        lse_S = torch.logsumexp(clean_Sa.float(), dim=-1)
+        lse_S = torch.logsumexp(clean_Sa.to(router_dtype(clean_Sa.dtype)), dim=-1)
         top1_E = torch.bincount(expert_N[:S], minlength=self.num_experts).float() / max(S, 1)
         stats = RouterStats(
             importance_E=importance_E,

@@ -28,8 +28,8 @@ def _token_chunks(num_tokens: int, num_experts: int) -> list[tuple[int, int]]:
     return [(s, min(s + step, num_tokens)) for s in range(0, num_tokens, step)]
 
 
-def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Softmax statistics in at least float32 (bf16 logits are promoted; float64 stays)."""
+def router_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The router works in float32 at least: bf16 / fp16 inputs are upcast, float64 is kept."""
     return torch.promote_types(dtype, torch.float32)
 
 
@@ -37,7 +37,7 @@ class _TopKSoftmaxRouter(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_Sd: Tensor, w_dE: Tensor, k: int, renormalize: bool):
         S, E = x_Sd.shape[0], w_dE.shape[1]
-        acc = _accumulate_dtype(x_Sd.dtype)
+        acc = router_dtype(x_Sd.dtype)
         logits_SE = x_Sd @ w_dE
         weight_Sk = x_Sd.new_empty(S, k, dtype=acc)
         index_Sk = torch.empty(S, k, dtype=torch.long, device=x_Sd.device)

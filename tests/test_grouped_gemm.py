@@ -1,0 +1,169 @@
+"""Grouped GEMM methods agree (forward and backward, empty groups included), and
+GroupedExperts equals a per-expert nn.Linear MLP with nn.Linear's initialisation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_scale.moe import GroupedExperts
+from moe_scale.moe.grouped_gemm import choose_method, grouped_linear
+
+COUNTS = {
+    "empty-groups": [3, 0, 5, 0, 1],
+    "one-group": [0, 0, 7, 0],
+    "all-empty": [0, 0, 0],
+    "uneven": [1, 6, 2, 9],
+}
+
+
+def _per_group(x_Mk, w_Gkn, counts):
+    """Row by row: row m of group g is x[m] @ w[g]."""
+    group_M = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    rows = [x_Mk[m] @ w_Gkn[int(group_M[m])] for m in range(x_Mk.shape[0])]
+    return torch.stack(rows) if rows else None
+
+
+@pytest.mark.parametrize("method", ["loop", "bmm", "auto"])
+@pytest.mark.parametrize("counts", list(COUNTS.values()), ids=list(COUNTS))
+def test_grouped_linear_matches_per_row_reference(method, counts):
+    g = torch.Generator().manual_seed(0)
+    M, K, N = sum(counts), 5, 3
+    x = torch.randn(M, K, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(len(counts), K, N, dtype=torch.float64, generator=g, requires_grad=True)
+    up = torch.randn(M, N, dtype=torch.float64, generator=g)
+
+    y = grouped_linear(x, w, counts, method)
+    assert y.shape == (M, N)
+    # The graph stays connected even with no rows: all-zero gradients, not None.
+    gx, gw = torch.autograd.grad((y * up).sum(), (x, w))
+    ref = _per_group(x, w, counts)
+    if ref is None:
+        assert torch.count_nonzero(gw) == 0
+        return
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    rx, rw = torch.autograd.grad((ref * up).sum(), (x, w), allow_unused=True)
+    torch.testing.assert_close(gx, rx, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gw, rw if rw is not None else torch.zeros_like(w), rtol=1e-12, atol=1e-12)
+    for e, c in enumerate(counts):
+        if c == 0:
+            assert torch.count_nonzero(gw[e]) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_grouped_mm_matches_loop_where_available(dtype):
+    counts = [3, 0, 5, 0, 1]
+    g = torch.Generator().manual_seed(1)
+    # 16-element rows: _grouped_mm needs 16-byte aligned strides.
+    x = torch.randn(sum(counts), 16, generator=g).to(dtype)
+    w = torch.randn(len(counts), 16, 8, generator=g).to(dtype)
+    up = torch.randn(sum(counts), 8, generator=g).to(dtype)
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    try:
+        y = grouped_linear(xg, wg, counts, "grouped_mm")
+        (y * up).sum().backward()
+    except RuntimeError as err:
+        pytest.skip(f"torch._grouped_mm unavailable for {dtype} here: {err}")
+    xl, wl = x.float().requires_grad_(), w.float().requires_grad_()
+    ref = grouped_linear(xl, wl, counts, "loop")
+    (ref * up.float()).sum().backward()
+    tol = dict(rtol=2e-2, atol=5e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y.float(), ref, **tol)
+    torch.testing.assert_close(xg.grad.float(), xl.grad, **tol)
+    torch.testing.assert_close(wg.grad.float(), wl.grad, **tol)
+    assert torch.count_nonzero(wg.grad[1]) == 0 and torch.count_nonzero(wg.grad[3]) == 0
+
+
+def test_choose_method_follows_the_documented_rules():
+    cpu = torch.device("cpu")
+    assert choose_method([200] * 4, cpu, torch.float32) == "loop"  # big groups amortise the loop
+    assert choose_method([5] * 100, cpu, torch.float32) == "bmm"  # many small, little padding
+    assert choose_method([1000] + [1] * 99, cpu, torch.float32) == "loop"  # padding would explode
+    assert choose_method([0, 0], cpu, torch.float32) == "loop"
+    assert choose_method([5] * 100, cpu, torch.bfloat16) == "bmm"  # _grouped_mm only auto on CUDA
+    assert choose_method([5] * 100, cpu, torch.float32, "loop") == "loop"
+
+
+def _linear_reference(experts: GroupedExperts):
+    """The same experts as nn.Linear modules: lin1 (+ gate lin3 for SwiGLU), lin2."""
+    bias = experts.b1 is not None
+    mods = []
+    for e in range(experts.num_experts):
+        lin1 = nn.Linear(experts.d_model, experts.d_hidden, bias=bias).double()
+        lin2 = nn.Linear(experts.d_hidden, experts.d_model, bias=bias).double()
+        lin3 = nn.Linear(experts.d_model, experts.d_hidden, bias=False).double() if experts.w3 is not None else None
+        with torch.no_grad():
+            lin1.weight.copy_(experts.w1[e].t())
+            lin2.weight.copy_(experts.w2[e].t())
+            if bias:
+                lin1.bias.copy_(experts.b1[e])
+                lin2.bias.copy_(experts.b2[e])
+            if lin3 is not None:
+                lin3.weight.copy_(experts.w3[e].t())
+        mods.append((lin1, lin2, lin3))
+    return mods
+
+
+def _run_reference(mods, activation, x_Md, counts):
+    outs = []
+    for (lin1, lin2, lin3), x in zip(mods, torch.split(x_Md, counts)):
+        h = lin1(x)
+        if activation == "relu":
+            h = F.relu(h)
+        elif activation == "gelu":
+            h = F.gelu(h)
+        else:
+            h = F.silu(h) * lin3(x)
+        outs.append(lin2(h))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("method", ["loop", "bmm"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu"])
+def test_grouped_experts_equal_per_expert_linear(activation, bias, method):
+    torch.manual_seed(0)
+    counts = [4, 0, 7, 1, 3]
+    experts = GroupedExperts(len(counts), 6, 10, activation=activation, bias=bias, method=method).double()
+    mods = _linear_reference(experts)
+    x = torch.randn(sum(counts), 6, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(sum(counts), 6, dtype=torch.float64)
+
+    y = experts(x, counts)
+    ref = _run_reference(mods, activation, x, counts)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    (y * up).sum().backward()
+    x_grad = x.grad.clone()
+    x.grad = None
+    (ref * up).sum().backward()
+    torch.testing.assert_close(x_grad, x.grad, rtol=1e-12, atol=1e-12)
+    pairs = [("w1", 0, "weight"), ("w2", 1, "weight")]
+    pairs += [("b1", 0, "bias"), ("b2", 1, "bias")] if bias else []
+    pairs += [("w3", 2, "weight")] if activation == "swiglu" else []
+    for name, which, attr in pairs:
+        got = getattr(experts, name).grad
+        for e, m in enumerate(mods):
+            want = getattr(m[which], attr).grad
+            want = want.t() if attr == "weight" else want
+            torch.testing.assert_close(got[e], want, rtol=1e-12, atol=1e-12, msg=lambda s, n=name, e=e: f"{n}[{e}]: {s}")
+
+
+def test_grouped_experts_init_matches_nn_linear_bounds():
+    """U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for every weight and bias, independently per expert."""
+    torch.manual_seed(0)
+    E, d, h = 8, 64, 256
+    experts = GroupedExperts(E, d, h, activation="swiglu", bias=True)
+    for name, fan_in in (("w1", d), ("w3", d), ("b1", d), ("w2", h), ("b2", h)):
+        t = getattr(experts, name).detach()
+        bound = 1.0 / math.sqrt(fan_in)
+        assert t.abs().max() <= bound, name
+        assert t.abs().max() > 0.95 * bound, name  # fills the range: not a narrower init
+        if t.numel() >= 8192:
+            assert t.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05), name  # uniform
+        assert not torch.equal(t[0], t[1]), f"{name}: experts must be initialised independently"
+    linear = nn.Linear(d, h)
+    assert linear.weight.abs().max() <= 1 / math.sqrt(d) < 1.05 * linear.weight.abs().max()
