@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import tempfile
 import time
@@ -34,9 +35,14 @@ class RankFailure(RuntimeError):
         super().__init__(f"{len(errors)} rank(s) failed:\n{details}")
 
 
+# Imported once by the forkserver, not by every rank: torch._dynamo alone takes seconds and
+# DistributedDataParallel imports it.
+_PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "moe_scale.moe"]
+
+
 def _context():
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torch.distributed"])
+    ctx.set_forkserver_preload(_PRELOAD)
     return ctx
 
 
@@ -54,7 +60,9 @@ def _worker(fn, rank: int, world_size: int, store_path: str, collective_timeout_
             value = fn(rank, world_size, *args)
         finally:
             dist.destroy_process_group()
-        results.put((rank, True, value))
+        # Plain pickle copies tensors by value; the queue's pickler would share them through file
+        # descriptors that die with this process.
+        results.put((rank, True, pickle.dumps(value)))
     except BaseException:  # noqa: BLE001 - every failure goes back to the parent as text
         results.put((rank, False, traceback.format_exc()))
 
@@ -96,7 +104,7 @@ def run_local(
     errors = {r: text for r, (ok, text) in outcomes.items() if not ok}
     if errors:
         raise RankFailure(errors)
-    return [outcomes[r][1] for r in range(world_size)]
+    return [pickle.loads(outcomes[r][1]) for r in range(world_size)]
 
 
 def _collect(procs, results, timeout: float) -> dict[int, tuple[bool, Any]]:
