@@ -10,6 +10,8 @@ DeepSpeed does, and routing noise is drawn per process):
 - Output on rank r == reference output of shard r. Router gradient on rank r (a replicated,
   not yet reduced parameter) == reference gradient of shard r. Expert gradient of the block
   held by rank r == sum over the shards of r's EP group of the reference expert gradients.
+- EP=4 with the hierarchical all-to-all (2 simulated nodes x 2 ranks) is bitwise equal to the
+  flat EP=4 run.
 - Dropless routers without noise must also match the reference applied once to the full batch
   (all shards concatenated): outputs row for row, and expert gradients after the EDP sum.
 
@@ -110,11 +112,19 @@ def _check_case(rank: int, name: str, options: dict, full_batch: bool, shard_tok
     # Reference: the one-process layer applied to every shard with that shard's seed.
     refs = [_run(full, x, extra, seed=100 + r) for r, (x, extra) in enumerate(shards)]
     x, extra = shards[rank]
-    for ep in (1, 2, 4):
-        mesh = build_mesh(ep_size=ep)
+    flat_ep4 = None
+    for ep, a2a in ((1, "flat"), (2, "flat"), (4, "flat"), (4, "hierarchical")):
+        mesh = build_mesh(ep_size=ep, ranks_per_node=2, a2a=a2a)  # hierarchical: 2 nodes x 2 ranks
         layer = parallelize(copy.deepcopy(full), mesh)
         y, grads, gx = _run(layer, x, extra, seed=100 + rank)
-        tag = f"{name} EP={ep} rank {rank}"
+        tag = f"{name} EP={ep} {a2a} rank {rank}"
+        if ep == 4 and a2a == "flat":
+            flat_ep4 = (y, grads, gx)
+        if a2a == "hierarchical":  # the same rows in the same order: bitwise equal to flat
+            same = torch.equal(y, flat_ep4[0]) and torch.equal(gx, flat_ep4[2])
+            same = same and all(torch.equal(g, flat_ep4[1][n]) for n, g in grads.items())
+            if not same:
+                failures.append(f"{tag}: hierarchical differs from flat")
         _compare(f"{tag} output", y, refs[rank][0], failures)
         _compare(f"{tag} input grad", gx, refs[rank][2], failures)
         group = range(rank - mesh.ep_rank, rank - mesh.ep_rank + ep)
