@@ -24,6 +24,7 @@ sleeps waiting for a peer that the OS has not scheduled. Wall time and a2a wall 
 reported next to it for completeness; they are inflated at 4 ranks on 2 cores.
 
     python benchmarks/expert_parallel.py                    # 1, 2, 4 ranks, both implementations
+    python benchmarks/expert_parallel.py --experts-per-rank 64 --d-hidden 256   # many small experts
     python benchmarks/expert_parallel.py --ranks 1 2 --impl moe_scale --steps 5
 """
 
@@ -209,18 +210,20 @@ def main(argv=None) -> int:
     parser.add_argument("--impl", nargs="+", default=["moe_scale", "deepspeed"], choices=["moe_scale", "deepspeed"])
     for field, value in asdict(Setup()).items():
         parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
-    parser.add_argument("--out", type=Path, default=RESULTS / "expert_parallel.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON path (default results/expert_parallel_<experts/rank>x<d_hidden>.json; .md beside)")
     args = parser.parse_args(argv)
     setup = Setup(**{f: getattr(args, f) for f in asdict(Setup())})
+    out = args.out or RESULTS / f"expert_parallel_{setup.experts_per_rank}x{setup.d_hidden}.json"
     rows = run(args.ranks, args.impl, setup)
     table = markdown(rows, setup)
     print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(setup=asdict(setup), torch=torch.__version__, machine=platform.machine(), cores=os.cpu_count(),
                 load_average=os.getloadavg(), when=time.strftime("%Y-%m-%d %H:%M:%S"))
-    args.out.write_text(json.dumps(dict(meta=meta, rows=rows, table=table), indent=2))
-    args.out.with_suffix(".md").write_text(table + "\n")
-    print(f"wrote {args.out}")
+    out.write_text(json.dumps(dict(meta=meta, rows=rows, table=table), indent=2))
+    out.with_suffix(".md").write_text(table + "\n")
+    print(f"wrote {out}")
     return 0
 
 

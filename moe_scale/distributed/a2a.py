@@ -107,11 +107,36 @@ def transpose_blocks_index(sizes_AB: Tensor) -> Tensor:
     return torch.arange(shift.numel(), device=sizes_AB.device) + shift
 
 
-def transpose_blocks(x: Tensor, sizes_AB: Tensor) -> Tensor:
-    """Blocks of `x` in (a, b) order -> (b, a) order (identity when A or B is 1)."""
-    if 1 in sizes_AB.shape:
-        return x
-    return x.index_select(0, transpose_blocks_index(sizes_AB).to(x.device))
+class _Permute(torch.autograd.Function):
+    """y = x[index] for a permutation `index`; the backward gathers with its inverse (no scatter)."""
+
+    @staticmethod
+    def forward(ctx, x, index, inverse):
+        ctx.inverse = inverse
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        return grad_y.index_select(0, ctx.inverse), None, None
+
+
+class BlockTranspose:
+    """Reorders rows from blocks in (a, b) order to (b, a) order, and back (differentiable).
+
+    sizes_AB `[A, B]`: rows of each block. Identity (no copy) when A or B is 1.
+    """
+
+    def __init__(self, sizes_AB: Tensor, device: torch.device):
+        self.identity = 1 in sizes_AB.shape
+        if not self.identity:
+            self.index = transpose_blocks_index(sizes_AB).to(device)
+            self.inverse = transpose_blocks_index(sizes_AB.t()).to(device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x if self.identity else _Permute.apply(x, self.index, self.inverse)
+
+    def reverse(self, y: Tensor) -> Tensor:
+        return y if self.identity else _Permute.apply(y, self.inverse, self.index)
 
 
 def _rows(counts_XH: Tensor, header: int) -> Tensor:
@@ -159,6 +184,8 @@ class HierarchicalPlan:
     send_NL: Tensor
     mid_LN: Tensor
     recv_NL: Tensor
+    by_local: BlockTranspose  # (n', l') -> (l', n') before the intra-node stage
+    by_node: BlockTranspose  # (l, n') -> (n', l) before the inter-node stage
 
 
 class HierarchicalExchange:
@@ -175,18 +202,21 @@ class HierarchicalExchange:
         mid_LNH = all_to_all(by_local, self.intra, [N] * L, [N] * L, self.counters).view(L, N, H)
         by_node = mid_LNH.transpose(0, 1).reshape(N * L, H)
         recv_RH = all_to_all(by_node, self.inter, [L] * N, [L] * N, self.counters, inter_node=True)
+        send_NL, mid_LN = _rows(send_RH, header).view(N, L), _rows(mid_LNH, header)
         plan = HierarchicalPlan(
-            send_NL=_rows(send_RH, header).view(N, L),
-            mid_LN=_rows(mid_LNH, header),
+            send_NL=send_NL,
+            mid_LN=mid_LN,
             recv_NL=_rows(recv_RH, header).view(N, L),
+            by_local=BlockTranspose(send_NL, send_RH.device),
+            by_node=BlockTranspose(mid_LN, send_RH.device),
         )
         return recv_RH, plan
 
     def forward(self, x: Tensor, plan: HierarchicalPlan) -> Tensor:
         """Rows sorted by destination rank -> rows sorted by source rank (as `FlatExchange`)."""
-        x = transpose_blocks(x, plan.send_NL)  # (n', l') -> (l', n')
+        x = plan.by_local.forward(x)
         x = exchange(x, self.intra, plan.mid_LN.sum(1).tolist(), plan.send_NL.sum(0).tolist(), self.counters)
-        x = transpose_blocks(x, plan.mid_LN)  # (l, n') -> (n', l)
+        x = plan.by_node.forward(x)
         return exchange(
             x, self.inter, plan.recv_NL.sum(1).tolist(), plan.mid_LN.sum(0).tolist(), self.counters, inter_node=True
         )
@@ -196,6 +226,6 @@ class HierarchicalExchange:
         y = exchange(
             y, self.inter, plan.mid_LN.sum(0).tolist(), plan.recv_NL.sum(1).tolist(), self.counters, inter_node=True
         )
-        y = transpose_blocks(y, plan.mid_LN.t())  # (n', l) -> (l, n')
+        y = plan.by_node.reverse(y)
         y = exchange(y, self.intra, plan.send_NL.sum(0).tolist(), plan.mid_LN.sum(1).tolist(), self.counters)
-        return transpose_blocks(y, plan.send_NL.t())  # (l', n') -> (n', l')
+        return plan.by_local.reverse(y)

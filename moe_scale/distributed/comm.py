@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from moe_scale.distributed.a2a import A2ACounters, FlatExchange, HierarchicalExchange, transpose_blocks
+from moe_scale.distributed.a2a import A2ACounters, BlockTranspose, FlatExchange, HierarchicalExchange
 
 
 class LocalComm:
@@ -45,7 +45,7 @@ _OK, _BAD_LEN, _NEGATIVE, _BAD_SUM, _BAD_DIM, _BAD_DTYPE = range(6)
 @dataclass
 class _Handle:
     plan: Any
-    recv_RE: Tensor  # rows received from source rank i for local expert e
+    by_expert: BlockTranspose  # (source rank, local expert) -> (local expert, source rank)
     rows: int
     d: int
 
@@ -88,9 +88,9 @@ class AllToAllComm:
         recv_RH, plan = self.exchange.exchange_counts(send_RH, _HEADER)
         self._check(recv_RH, x_Md)
         recv_RE = recv_RH[:, _HEADER:]
-        x_src = self.exchange.forward(x_Md, plan)  # blocks (source rank, local expert)
-        x_local = transpose_blocks(x_src, recv_RE)  # blocks (local expert, source rank)
-        return x_local, recv_RE.sum(0).tolist(), _Handle(plan, recv_RE, x_local.shape[0], x_Md.shape[-1])
+        by_expert = BlockTranspose(recv_RE, x_Md.device)
+        x_local = by_expert.forward(self.exchange.forward(x_Md, plan))
+        return x_local, recv_RE.sum(0).tolist(), _Handle(plan, by_expert, x_local.shape[0], x_Md.shape[-1])
 
     def combine(self, y_local: Tensor, handle: _Handle) -> Tensor:
         """y_local `[M_local, d]` in `dispatch`'s output order -> y_Md `[M, d]` in its input order."""
@@ -99,8 +99,7 @@ class AllToAllComm:
                 f"combine expects the experts' output [{handle.rows}, {handle.d}] (one row per dispatched "
                 f"row), got {tuple(y_local.shape)}"
             )
-        y_src = transpose_blocks(y_local, handle.recv_RE.t())
-        return self.exchange.reverse(y_src, handle.plan)
+        return self.exchange.reverse(handle.by_expert.reverse(y_local), handle.plan)
 
     def _header_and_counts(self, x_Md: Tensor, counts_E: Tensor) -> Tensor:
         R, El = self.ep_size, self.num_local_experts
