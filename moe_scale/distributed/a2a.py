@@ -13,8 +13,8 @@ hierarchical  Tutel's 2DH for an EP group of N nodes x L ranks: an all-to-all in
               nodes. Each rank then sends N-1 inter-node messages instead of R-L, each L times
               larger. The rows arrive in the same order as with `flat`: bitwise the same result.
 
-Every reordering is a block transpose done with `index_select`, so both exchanges are
-differentiable (the backward runs the inverse exchange) and never depend on arrival order.
+Every reordering is a block transpose done as a gather (`BlockTranspose`), so both exchanges
+are differentiable (the backward runs the inverse exchange) and never depend on arrival order.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ class A2ACounters:
 
     bytes_sent      bytes this rank sent to other ranks (its own block excluded)
     inter_bytes     the part of bytes_sent that crossed nodes (hierarchical exchange only)
-    seconds         wall time inside all-to-all calls
+    seconds         host wall time inside all-to-all calls (gloo: the transfer; NCCL: the launch
+                    only, the transfer runs on the stream)
     calls           all-to-all calls
     """
 
@@ -89,6 +90,7 @@ class AllToAll(torch.autograd.Function):
 
 
 def exchange(x, group, out_rows, in_rows, counters=None, inter_node=False) -> Tensor:
+    """Differentiable `all_to_all` (same arguments)."""
     return AllToAll.apply(x, group, list(out_rows), list(in_rows), counters, inter_node)
 
 
