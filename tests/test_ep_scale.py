@@ -25,7 +25,7 @@ def _scale_main(rank: int, world: int) -> dict:
     # Built on the meta device: the full [4096, d, h] weights are never allocated anywhere.
     with torch.device("meta"):
         layer = MoELayer(D, E, d_hidden=H, router="topk", k=2, capacity_factor=2.0, aux_loss=dict(switch=0.01),
-                         grouped_gemm="bmm")
+                         grouped_gemm="bmm")  # ~0.1 rows per expert: one padded batched GEMM
     layer.router.to_empty(device="cpu")
     torch.manual_seed(0)
     torch.nn.init.normal_(layer.router.w_gate, std=D**-0.5)
@@ -54,7 +54,9 @@ def test_4096_experts_over_4_ranks():
     for rank, r in enumerate(results):
         assert r["local_experts"] == E // WORLD and r["offset"] == rank * E // WORLD
         assert r["expert_bytes"] / 2**20 == pytest.approx(full_expert_mb / WORLD)
-        assert r["finite"] and r["grad_norm"] > 0 and r["a2a_calls"] == 5  # counts, rows out and back, and both again in backward but counts
-        # Weights + grads of E/4 experts (128 MiB) and activations; one unsharded copy of the
-        # weights alone would be 256 MiB, weights + grads 512 MiB.
-        assert r["peak_growth_mb"] < 0.75 * full_expert_mb, r
+        # 5 all-to-alls: counts, rows out, rows back; in backward rows out and back again.
+        assert r["finite"] and r["grad_norm"] > 0 and r["a2a_calls"] == 5
+        # Weights + grads of E/4 experts are 128 MiB, plus activations and allocator slack
+        # (measured 175-190 MiB). Unsharded, the weights alone would be 256 MiB and weights +
+        # grads 512 MiB per rank.
+        assert 2 * r["expert_bytes"] / 2**20 <= r["peak_growth_mb"] < full_expert_mb, r
