@@ -108,7 +108,9 @@ class PaddedLayout:
 
 
 def _loop(x_Mk: Tensor, w_Gkn: Tensor, counts: list[int]) -> Tensor:
-    pieces = [x @ w_Gkn[g] for g, x in enumerate(torch.split(x_Mk, counts)) if counts[g]]
+    # unbind, not w_Gkn[g]: each select's backward would allocate and add a full [G, k, n] grad.
+    w_g = w_Gkn.unbind(0)
+    pieces = [x @ w_g[g] for g, x in enumerate(torch.split(x_Mk, counts)) if counts[g]]
     if not pieces:  # no rows at all: an empty product keeps the autograd graph connected
         return x_Mk @ w_Gkn[0]
     return torch.cat(pieces)

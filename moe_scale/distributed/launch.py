@@ -1,0 +1,131 @@
+"""Run a function on N local processes joined in a gloo process group (tests, benchmarks).
+
+`run_local(fn, world_size, *args)` starts `world_size` processes from a forkserver that has
+imported torch once, so a process starts in well under a second. They rendezvous through a
+`FileStore` in a fresh temporary directory (no port is ever chosen), call
+`fn(rank, world_size, *args)` and send its return value back. A rank that raises, dies or
+outlives `timeout` fails the whole run with every rank's traceback; the others are killed, so
+a hang is reported as a failure instead of blocking the caller.
+
+Multi-node jobs use a real launcher (torchrun, deepspeed); this is the one-box path.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import queue
+import tempfile
+import time
+import traceback
+from datetime import timedelta
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+
+class RankFailure(RuntimeError):
+    """One or more ranks raised, died or timed out; `errors[rank]` holds each failure's text."""
+
+    def __init__(self, errors: dict[int, str]):
+        self.errors = errors
+        details = "\n".join(f"--- rank {r} ---\n{text}" for r, text in sorted(errors.items()))
+        super().__init__(f"{len(errors)} rank(s) failed:\n{details}")
+
+
+# Imported once by the forkserver, not by every rank: torch._dynamo alone takes seconds and
+# DistributedDataParallel imports it.
+_PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "moe_scale.moe"]
+
+
+def _context():
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    return ctx
+
+
+def _worker(fn, rank: int, world_size: int, store_path: str, collective_timeout_s: float,
+            threads: int, args: tuple, results) -> None:
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+    try:
+        store = dist.FileStore(store_path, world_size)
+        dist.init_process_group(
+            "gloo", store=store, rank=rank, world_size=world_size,
+            timeout=timedelta(seconds=collective_timeout_s),
+        )
+        try:
+            value = fn(rank, world_size, *args)
+        finally:
+            dist.destroy_process_group()
+        # Plain pickle copies tensors by value; the queue's pickler would share them through file
+        # descriptors that die with this process.
+        results.put((rank, True, pickle.dumps(value)))
+    except BaseException:  # noqa: BLE001 - every failure goes back to the parent as text
+        results.put((rank, False, traceback.format_exc()))
+
+
+def run_local(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout: float = 120.0,
+    collective_timeout: float = 60.0,
+    threads_per_rank: int = 1,
+) -> list[Any]:
+    """`[fn(rank, world_size, *args) for rank in range(world_size)]`, each in its own process.
+
+    fn and args must be picklable (a module-level function). `timeout` bounds the whole run;
+    `collective_timeout` is the gloo timeout inside the ranks, so a collective that one rank
+    never joins raises there too. Ranks run with `threads_per_rank` intra-op threads.
+    """
+    ctx = _context()
+    results = ctx.Queue()
+    with tempfile.TemporaryDirectory(prefix="moe_scale_store_") as tmp:
+        store_path = os.path.join(tmp, "store")
+        procs = [
+            ctx.Process(
+                target=_worker,
+                args=(fn, rank, world_size, store_path, collective_timeout, threads_per_rank, args, results),
+                daemon=True,
+            )
+            for rank in range(world_size)
+        ]
+        for p in procs:
+            p.start()
+        outcomes = _collect(procs, results, timeout)
+        for p in procs:
+            p.join(timeout=5.0)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    errors = {r: text for r, (ok, text) in outcomes.items() if not ok}
+    if errors:
+        raise RankFailure(errors)
+    return [pickle.loads(outcomes[r][1]) for r in range(world_size)]
+
+
+def _collect(procs, results, timeout: float) -> dict[int, tuple[bool, Any]]:
+    """Wait for one (ok, value-or-traceback) per rank; dead or late ranks become failures."""
+    outcomes: dict[int, tuple[bool, Any]] = {}
+    dead_since: dict[int, float] = {}
+    deadline = time.monotonic() + timeout
+    while len(outcomes) < len(procs) and time.monotonic() < deadline:
+        try:
+            rank, ok, payload = results.get(timeout=0.5)
+            outcomes[rank] = (ok, payload)
+            continue
+        except queue.Empty:
+            pass
+        now = time.monotonic()
+        for r, p in enumerate(procs):
+            if r in outcomes or p.is_alive():
+                continue
+            # A rank's result can still be in flight just after it exits: allow a grace period.
+            if now - dead_since.setdefault(r, now) > 3.0:
+                outcomes[r] = (False, f"process exited with code {p.exitcode} without reporting")
+    for r in range(len(procs)):
+        outcomes.setdefault(r, (False, f"no result within the {timeout:.0f}s timeout (hang?)"))
+    return outcomes
