@@ -2,9 +2,11 @@
 
 Autograd through `softmax(x @ W)` followed by `topk` keeps several `[S, E]` tensors for
 backward (logits, probabilities, their gradients). At thousands of experts those dominate the
-layer's memory. This function computes everything the gate and its losses need in one pass
-and keeps only the logits `[S, E]` for backward; the backward pass rebuilds probabilities and
-their gradient chunk by chunk over tokens, so peak memory is one `[S, E]` tensor plus a chunk.
+layer's memory. This function works chunk by chunk over tokens: it computes a chunk of logits,
+everything the gate and its losses need from it, and keeps only the probabilities. The full
+logits never exist; backward rebuilds the logit gradient a chunk at a time from the saved
+probabilities (no exp) and feeds it straight into the two matmul gradients. Peak memory is
+one `[S, E]` tensor (in the input dtype) plus a cache-sized chunk.
 
 Outputs (all per call, S tokens, E experts, k choices):
     weight_Sk     combine weights of the k chosen experts (differentiable)
@@ -18,13 +20,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# Elements of an [chunk, E] block processed at once; big enough for efficient GEMMs, small
-# enough to stay in cache-friendly sizes and keep the transient memory far below [S, E].
-_CHUNK_ELEMENTS = 1 << 22
+# Elements of a [chunk, E] block processed at once: about 1 MiB in float32, so a block stays
+# in L2 across the several passes over it, and the chunk GEMMs are still large enough.
+_CHUNK_ELEMENTS = 1 << 18
 
 
 def _token_chunks(num_tokens: int, num_experts: int) -> list[tuple[int, int]]:
-    step = max(1, _CHUNK_ELEMENTS // max(num_experts, 1))
+    step = max(64, _CHUNK_ELEMENTS // max(num_experts, 1))
     return [(s, min(s + step, num_tokens)) for s in range(0, num_tokens, step)]
 
 
@@ -38,31 +40,37 @@ class _TopKSoftmaxRouter(torch.autograd.Function):
     def forward(ctx, x_Sd: Tensor, w_dE: Tensor, k: int, renormalize: bool):
         S, E = x_Sd.shape[0], w_dE.shape[1]
         acc = router_dtype(x_Sd.dtype)
-        logits_SE = x_Sd @ w_dE
+        prob_SE = x_Sd.new_empty(S, E)
         weight_Sk = x_Sd.new_empty(S, k, dtype=acc)
         index_Sk = torch.empty(S, k, dtype=torch.long, device=x_Sd.device)
         lse_S = x_Sd.new_empty(S, dtype=acc)
         prob_sum_E = torch.zeros(E, dtype=acc, device=x_Sd.device)
         for s, e in _token_chunks(S, E):
-            block = logits_SE[s:e].to(acc)
-            lse = torch.logsumexp(block, dim=-1)
+            # One exp pass per chunk: topk yields the row max, the exp'd block becomes p in place.
+            block = (x_Sd[s:e] @ w_dE).to(acc)
             top_val, top_idx = torch.topk(block, k, dim=-1)
-            prob_sum_E += torch.exp(block - lse[:, None]).sum(0)
+            row_max = top_val[:, :1]
+            block.sub_(row_max).exp_()
+            denom = block.sum(-1, keepdim=True)
+            lse = (row_max + denom.log()).squeeze(-1)
+            block.div_(denom)
+            prob_sum_E += block.sum(0)
+            prob_SE[s:e] = block
             if renormalize:
                 weight_Sk[s:e] = torch.softmax(top_val, dim=-1)
             else:
                 weight_Sk[s:e] = torch.exp(top_val - lse[:, None])
             index_Sk[s:e] = top_idx
             lse_S[s:e] = lse
-        ctx.save_for_backward(x_Sd, w_dE, logits_SE, lse_S, weight_Sk, index_Sk)
+        ctx.save_for_backward(x_Sd, w_dE, prob_SE, lse_S, weight_Sk, index_Sk)
         ctx.renormalize = renormalize
         ctx.mark_non_differentiable(index_Sk)
         return weight_Sk, index_Sk, prob_sum_E, (lse_S * lse_S).sum()
 
     @staticmethod
     def backward(ctx, g_weight_Sk, _g_index, g_prob_sum_E, g_lse_sq):
-        x_Sd, w_dE, logits_SE, lse_S, weight_Sk, index_Sk = ctx.saved_tensors
-        S, E = logits_SE.shape
+        x_Sd, w_dE, prob_SE, lse_S, weight_Sk, index_Sk = ctx.saved_tensors
+        S, E = prob_SE.shape
         acc = weight_Sk.dtype
         g_weight_Sk = torch.zeros_like(weight_Sk) if g_weight_Sk is None else g_weight_Sk.to(acc)
         g_prob_E = torch.zeros(E, dtype=acc, device=x_Sd.device) if g_prob_sum_E is None else g_prob_sum_E.to(acc)
@@ -81,7 +89,7 @@ class _TopKSoftmaxRouter(torch.autograd.Function):
         grad_x = torch.empty_like(x_Sd) if need_x else None
         grad_w = torch.zeros_like(w_dE, dtype=acc) if need_w else None
         for s, e in _token_chunks(S, E):
-            prob = torch.exp(logits_SE[s:e].to(acc) - lse_S[s:e, None])
+            prob = prob_SE[s:e].to(acc)
             # prob_sum term: p (gP - p.gP); z term: 2 lse p g_z; dense part of the weight term.
             coef = (2.0 * g_lse_sq) * lse_S[s:e] - prob @ g_prob_E - dense_shift_S[s:e]
             grad_logits = prob * (g_prob_E[None, :] + coef[:, None])
