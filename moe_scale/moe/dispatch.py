@@ -112,7 +112,7 @@ def _gather_sum(rows_Md: Tensor, pos_Sk: Tensor) -> Tensor:
     ext = torch.cat([rows_Md, rows_Md.new_zeros(1, rows_Md.shape[-1])])
     if k == 1:
         return ext.index_select(0, pos_Sk[:, 0])
-    return ext.index_select(0, pos_Sk.reshape(-1)).view(S, k, -1).sum(1)
+    return ext.index_select(0, pos_Sk.reshape(-1)).view(S, k, rows_Md.shape[-1]).sum(1)
 
 
 class _Permute(torch.autograd.Function):
@@ -136,7 +136,7 @@ class _Unpermute(torch.autograd.Function):
         if k == 1:
             out = ext.index_select(0, pos_Sk[:, 0]) * w
         else:
-            gathered = ext.index_select(0, pos_Sk.reshape(-1)).view(S, k, -1)
+            gathered = ext.index_select(0, pos_Sk.reshape(-1)).view(S, k, y_Md.shape[-1])
             out = torch.bmm(w[:, None, :], gathered)[:, 0]
         ctx.save_for_backward(y_Md, weight_Sk, pos_Sk, token_idx_M, slot_M)
         return out
@@ -151,7 +151,7 @@ class _Unpermute(torch.autograd.Function):
             grad_y = grad_Sd.index_select(0, token_idx_M).mul_(w_M[:, None])
         if ctx.needs_input_grad[1]:
             ext = torch.cat([y_Md, y_Md.new_zeros(1, y_Md.shape[-1])])
-            gathered = ext.index_select(0, pos_Sk.reshape(-1)).view(S, k, -1)
+            gathered = ext.index_select(0, pos_Sk.reshape(-1)).view(S, k, y_Md.shape[-1])
             grad_w = torch.bmm(gathered, grad_Sd[:, :, None])[:, :, 0].to(weight_Sk.dtype)
         return grad_y, grad_w, None, None, None
 
