@@ -199,6 +199,7 @@ class TrainConfig:
 
 BACKENDS = ("torch", "deepspeed")
 DIST_BACKENDS = ("auto", "gloo", "nccl")
+A2A_MODES = ("flat", "hierarchical")
 
 
 @dataclass
@@ -208,11 +209,13 @@ class ParallelConfig:
     backend      torch: DDP for dense params + expert-data-parallel all-reduce for experts;
                  deepspeed: `deepspeed.initialize` with MoE parameter groups
     ep_size      expert-parallel group size; must divide moe.num_experts and the world size
+    a2a          flat or hierarchical all-to-all (within nodes, then across; same result)
     dist_backend auto: nccl on CUDA, gloo on CPU
     """
 
     backend: str = "torch"
     ep_size: int = 1
+    a2a: str = "flat"
     dist_backend: str = "auto"
     deepspeed_config: str | None = None
     timeout_s: int = 600
@@ -220,6 +223,7 @@ class ParallelConfig:
     def __post_init__(self):
         _choice("parallel.backend", self.backend, BACKENDS)
         _choice("parallel.dist_backend", self.dist_backend, DIST_BACKENDS)
+        _choice("parallel.a2a", self.a2a, A2A_MODES)
         _check(self.ep_size >= 1, f"parallel.ep_size must be >= 1, got {self.ep_size}")
         _check(self.timeout_s >= 1, f"parallel.timeout_s must be >= 1, got {self.timeout_s}")
         if self.backend == "deepspeed":
