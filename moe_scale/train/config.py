@@ -294,10 +294,10 @@ class Config:
             _check(m.moe_every <= m.n_layers,
                    f"model.moe_every={m.moe_every} > model.n_layers={m.n_layers} leaves no MoE layer; "
                    f"use model.moe_every=0 for a dense model")
-            self.moe_config()
             _check(self.moe.router != "min_loss",
                    "moe.router=min_loss needs per-expert losses, which the LM does not compute; "
                    "choose another router (topk, switch, noisy_topk, expert_choice, hash, hierarchical)")
+            self.moe_config()
             _check(self.moe.num_experts % self.parallel.ep_size == 0,
                    f"parallel.ep_size={self.parallel.ep_size} must divide moe.num_experts={self.moe.num_experts}")
         else:
