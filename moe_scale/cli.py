@@ -8,6 +8,7 @@ import traceback
 
 
 def _train(args: argparse.Namespace) -> int:
+    from moe_scale.train.checkpoint import CheckpointError
     from moe_scale.train.config import ConfigError, load_config
     from moe_scale.train.runtime import close_runtime
     from moe_scale.train.trainer import Trainer
@@ -17,7 +18,9 @@ def _train(args: argparse.Namespace) -> int:
     try:
         trainer = Trainer(cfg)
         result = trainer.fit()
-    except ConfigError:
+    except (ConfigError, CheckpointError):
+        if _env_rank() != "0":
+            return 2  # every rank meets the same error; rank 0 reports it
         raise
     except Exception:
         rank = trainer.rt.rank if trainer is not None else _env_rank()
@@ -84,11 +87,12 @@ def main(argv: list[str] | None = None) -> int:
         losses = run_demo(steps=args.steps, num_experts=args.experts, router=args.router)
         print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f}")
         return 0
+    from moe_scale.train.checkpoint import CheckpointError
     from moe_scale.train.config import ConfigError
 
     try:
         return {"train": _train, "plan": _plan, "report": _report}[args.command](args)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, CheckpointError, FileNotFoundError) as err:
         print(f"moe-scale {args.command}: {err}", file=sys.stderr)
         return 2
 

@@ -45,6 +45,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -350,12 +351,11 @@ class Checkpointer:
         state = {"model": model_sd}
         if optimizer is not None:
             state["optim"] = optim_sd
+        SafeFileSystemReader(path).read_metadata()  # a refused .metadata is a CheckpointError of its own
         try:
             with _quiet_single_process():
                 dcp.load(state, storage_reader=SafeFileSystemReader(path), no_dist=not self._collective())
-        except CheckpointError:
-            raise
-        except Exception as err:  # DCP wraps per-rank failures; name the checkpoint and the likely cause
+        except (Exception, CheckpointException) as err:  # DCP's CheckpointException is a BaseException
             raise CheckpointError(f"cannot load checkpoint {path} into this model: {err}".strip()) from err
         model_sd = _local(state["model"])
         if optimizer is not None:
