@@ -167,3 +167,86 @@ def test_loading_never_executes_code_from_the_checkpoint(saved, tmp_path):
 def test_resume_never_refuses_to_overwrite_a_run(saved, tmp_path):
     with pytest.raises(ConfigError, match="already holds checkpoints and checkpoint.resume=never"):
         _trainer(tmp_path, "checkpoint.resume=never")
+
+
+# ---- expert parallelism: experts keyed by global index ---------------------------------------
+# The EP runtime (issue 3) shards each expert stack over the EP ranks; here a rank keeps its
+# block of the stack by slicing, which is all the checkpoint code sees of it.
+
+
+def _ep_model_and_optimizer(rank: int = 0, ep: int = 1):
+    from moe_scale.models.lm import MoELM
+    from moe_scale.moe import GroupedExperts, MoEConfig
+
+    torch.manual_seed(0)
+    model = MoELM(d_model=16, n_layers=2, n_heads=2, max_seq_len=8, moe=MoEConfig(d_model=16, num_experts=4))
+    for module in model.modules():
+        if isinstance(module, GroupedExperts):
+            n = module.num_experts // ep
+            for name in ("w1", "w2"):
+                block = getattr(module, name).data[rank * n : (rank + 1) * n].clone()
+                setattr(module, name, torch.nn.Parameter(block))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1)
+    for p in model.parameters():
+        p.grad = torch.sin(3 * p.detach())  # elementwise: an expert's grad does not depend on the sharding
+    opt.step()
+    return model, opt
+
+
+def _ep_rank(rank, world, store_path, root, results):
+    """Save this rank's expert blocks at EP=2 to ROOT/ep2, then load ROOT/ep1 (saved at EP=1)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from moe_scale.train.checkpoint import Checkpointer, ExpertSharding
+    from moe_scale.train.optim import expert_param_names
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
+    try:
+        mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("edp", "ep"))
+        model, opt = _ep_model_and_optimizer(rank, world)
+        sharding = ExpertSharding(mesh, expert_param_names(model))
+        Checkpointer(Path(root) / "ep2", rank=rank, world_size=world, sharding=sharding).save(1, model, opt, {"step": 1})
+        expected = {n: p.detach().clone() for n, p in model.named_parameters()}
+        states = {n: {k: v.clone() for k, v in opt.state[p].items()} for n, p in model.named_parameters()}
+        for p in model.parameters():
+            p.data.zero_()
+        opt.state.clear()
+        ck = Checkpointer(Path(root) / "ep1", rank=rank, world_size=world, sharding=sharding)
+        ck.load(Path(root) / "ep1" / "step_00000001", model, opt)
+        ok = all(torch.equal(p, expected[n]) and torch.equal(opt.state[p]["exp_avg_sq"], states[n]["exp_avg_sq"])
+                 for n, p in model.named_parameters())
+        results.put((rank, ok))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_experts_are_keyed_by_global_index_across_ep_sizes(tmp_path):
+    import torch.multiprocessing as mp
+
+    full_model, full_opt = _ep_model_and_optimizer()  # EP=1 reference after one step
+    Checkpointer(tmp_path / "ep1").save(1, full_model, full_opt, {"step": 1})
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_ep_rank, args=(r, 2, str(tmp_path / "store"), str(tmp_path), results))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        if p.is_alive():
+            p.kill()
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert sorted(results.get(timeout=5) for _ in range(2)) == [(0, True), (1, True)]  # EP=1 loaded at EP=2
+
+    model, opt = _ep_model_and_optimizer()
+    for p in model.parameters():
+        p.data.zero_()
+    opt.state.clear()
+    Checkpointer(tmp_path / "ep2").load(tmp_path / "ep2" / "step_00000001", model, opt, restore_rng_state=False)
+    for (name, p), q in zip(model.named_parameters(), full_model.parameters()):  # EP=2 loaded at EP=1
+        assert torch.equal(p, q), name
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt.state[p][key], full_opt.state[q][key]), (name, key)

@@ -225,9 +225,9 @@ def _with_global_experts(model_sd: dict, optim_sd: dict, sharding: ExpertShardin
 
     for name in sharding.param_names:
         model_sd[name] = wrap(model_sd[name])
-        for key, value in optim_sd["state"].get(name, {}).items():
-            if isinstance(value, torch.Tensor) and value.dim() > 0:
-                optim_sd["state"][name][key] = wrap(value)
+        if name in optim_sd["state"]:  # a new dict: the old one may be the optimizer's own state
+            optim_sd["state"][name] = {k: wrap(v) if isinstance(v, torch.Tensor) and v.dim() > 0 else v
+                                       for k, v in optim_sd["state"][name].items()}
 
 
 def _local(tree: Any) -> Any:
@@ -347,6 +347,9 @@ class Checkpointer:
         """Restore model and optimizer in place; return this rank's trainer state (RNG restored)."""
         path = Path(path)
         manifest = self._verify(path)
+        if optimizer is not None:
+            # DCP only creates missing optimizer state (to load into) when no gradient is set.
+            optimizer.zero_grad(set_to_none=True)
         model_sd, optim_sd = _state_dicts(model, optimizer, self.sharding)
         state = {"model": model_sd}
         if optimizer is not None:
