@@ -80,3 +80,36 @@ def read_jsonl(path) -> list[dict]:
     import json
 
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def read_wandb_history(run_file) -> list[dict]:
+    """History rows of an offline wandb run file (`run-ID.wandb`).
+
+    The file is wandb's LevelDB-style record log: a 7-byte header, then 32 KiB blocks of chunks
+    (crc32 4 bytes, length 2, type 1: full / first / middle / last), each record a protobuf
+    `Record`. Parsed here because wandb >= 0.19 no longer ships a Python reader for it.
+    """
+    import json
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = Path(run_file).read_bytes()
+    assert data[:4] == b":W&B", "not a wandb run file"
+    block, pos, pending, rows = 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block tail too short for a chunk header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind == 0 and length == 0:
+            break
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(pending)
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})
+    return rows

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -177,7 +178,7 @@ def _start_wandb(run_dir: Path, options: dict[str, Any], config: dict[str, Any])
     import wandb
 
     id_file = run_dir / "wandb_run_id"
-    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(6)
     id_file.write_text(run_id)
     (run_dir / "wandb").mkdir(exist_ok=True)
     return wandb.init(
