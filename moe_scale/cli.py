@@ -19,8 +19,6 @@ def _train(args: argparse.Namespace) -> int:
         trainer = Trainer(cfg)
         result = trainer.fit()
     except (ConfigError, CheckpointError):
-        if _env_rank() != "0":
-            return 2  # every rank meets the same error; rank 0 reports it
         raise
     except Exception:
         rank = trainer.rt.rank if trainer is not None else _env_rank()
@@ -60,6 +58,8 @@ def _report(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moe-scale", description="Mixture-of-Experts training")
+    # The deepspeed launcher passes --local_rank=N; the rank is read from the environment anyway.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="one-process MoE layer smoke run on CPU")
     demo.add_argument("--steps", type=int, default=300)
@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"train": _train, "plan": _plan, "report": _report}[args.command](args)
     except (ConfigError, CheckpointError, FileNotFoundError) as err:
-        print(f"moe-scale {args.command}: {err}", file=sys.stderr)
+        if _env_rank() == "0":  # every rank meets the same error; one message is enough
+            print(f"moe-scale {args.command}: {err}", file=sys.stderr)
         return 2
 
 

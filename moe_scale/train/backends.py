@@ -1,11 +1,11 @@
 """Gradient synchronisation and optimizer stepping: plain torch or DeepSpeed.
 
-Both backends expose the same four calls the trainer uses per optimizer step:
+Both backends expose the calls the trainer makes per optimizer step:
 
-    with backend.accumulate(last=...):   # skip gradient sync on all but the last micro-step
-        backend.backward(loss)
-    norm = backend.finish_grads()        # sync, then the global grad norm (inf/nan if any grad is)
-    backend.step(norm, lr)               # clip + optimizer step, or skip a non-finite step
+    with backend.accumulate(last=...):       # no gradient sync on all but the last micro-step
+        backend.backward(loss, last=...)
+    norm = backend.finish_grads()            # sync; the global grad norm (None: known after stepping)
+    stepped, norm = backend.step(lr, skip)   # clip + optimizer step, or no update when skip
 
 Gradient rule (ARCHITECTURE.md rule 3): dense parameters are averaged over the whole
 data-parallel world; an expert parameter is summed over its expert-data-parallel (EDP) group
@@ -81,12 +81,14 @@ class TorchBackend:
             for p in self.expert:
                 dist.broadcast(p.data, src=src, group=group)
 
+    requires_finite_loss = False  # a non-finite step is caught by the norm and skipped whole
+
     def accumulate(self, last: bool):
         if self.world > 1 and not last:
             return self.model.no_sync()
         return contextlib.nullcontext()
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
         loss.backward()
 
     def finish_grads(self) -> torch.Tensor:
@@ -97,7 +99,8 @@ class TorchBackend:
             for p in self.expert:
                 dist.all_reduce(p.grad, group=self.layout.edp_group)
                 p.grad.div_(self.world)
-        return self._grad_norm()
+        self._norm = self._grad_norm()
+        return self._norm
 
     def _grad_norm(self) -> torch.Tensor:
         def sq(params):
@@ -109,12 +112,12 @@ class TorchBackend:
             dist.all_reduce(expert_sq, group=self.layout.ep_group)
         return (dense_sq + expert_sq).sqrt()
 
-    def step(self, grad_norm: torch.Tensor, lr: float) -> bool:
-        """Clip and step; a non-finite norm skips the update. Returns whether it stepped."""
-        finite = bool(torch.isfinite(grad_norm))
-        if finite:
+    def step(self, lr: float, skip: bool) -> tuple[bool, float]:
+        """Clip to `grad_clip` and step, or (skip) drop the gradients without any update."""
+        norm = self._norm
+        if not skip:
             if self.grad_clip > 0:
-                scale = torch.clamp(self.grad_clip / (grad_norm + 1e-6), max=1.0)
+                scale = torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0)
                 for p in self.dense + self.expert:
                     if p.grad is not None:
                         p.grad.mul_(scale.to(p.grad.device))
@@ -122,7 +125,7 @@ class TorchBackend:
                 g["lr"] = lr * g.get("lr_scale", 1.0)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return finite
+        return not skip, float(norm)
 
 
 def deepspeed_config(path: str, *, micro_batch: int, grad_accum: int, grad_clip: float, bf16: bool,
@@ -138,11 +141,11 @@ def deepspeed_config(path: str, *, micro_batch: int, grad_accum: int, grad_clip:
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,
         "train_batch_size": micro_batch * grad_accum * world_size,
-        "gradient_clipping": 0.0,  # the trainer clips (it also checks the norm for inf/nan)
+        "gradient_clipping": grad_clip,
     }
     mapping = {"train_micro_batch_size_per_gpu": "data.batch_size", "gradient_accumulation_steps": "train.grad_accum",
                "train_batch_size": "data.batch_size x train.grad_accum x world size",
-               "gradient_clipping": "optim.grad_clip (the trainer clips; leave it out of the JSON)"}
+               "gradient_clipping": "optim.grad_clip"}
     for key, value in ours.items():
         if key in ds and ds[key] not in ("auto", value):
             raise ValueError(f"{path}: {key}={ds[key]} disagrees with {mapping[key]} = {value}; "
@@ -161,43 +164,42 @@ def deepspeed_config(path: str, *, micro_batch: int, grad_accum: int, grad_clip:
 class DeepSpeedBackend:
     """`deepspeed.initialize` with the AdamW dense/expert groups; ZeRO stage from the JSON config.
 
-    The engine reduces gradients (ZeRO-1/2 partitions optimizer state and gradients); the
-    trainer still computes the global grad norm first so that inf/nan steps are skipped on
-    every rank alike, and clips by scaling the gradients before the engine steps.
+    The engine reduces gradients (ZeRO-1/2 partition optimizer state, ZeRO-2 gradients too),
+    clips them (`gradient_clipping` = optim.grad_clip) and steps at the accumulation boundary;
+    `engine.step()` is called after every micro-batch, as DeepSpeed expects. The global norm
+    is only known after the step, so inf/nan is caught on the loss instead: the trainer
+    back-propagates a zero loss for a micro-batch whose loss is not finite on some rank (the
+    engine's hooks and buckets still run, nothing is added), and that step runs with lr = 0:
+    the parameters do not change (AdamW's moment estimates do see the other micro-batches).
+
+    With ep_size = 1 expert parameters are ordinary data-parallel parameters for DeepSpeed
+    (every rank holds every expert). DeepSpeed recognises expert-parallel layers only by its
+    own `deepspeed.moe.layer.MoE` class, so ep_size > 1 is refused in the config for now.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any],
-                 grad_clip: float):
+    requires_finite_loss = True
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any]):
         import deepspeed
 
-        self.grad_clip = grad_clip
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.model = self.engine
         self.module = self.engine.module
-        self._micro = 0
 
     def accumulate(self, last: bool):
         return contextlib.nullcontext()
 
-    def backward(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss)
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)  # the trainer already divided by grad_accum
+        if not last:
+            self.engine.step()  # not a boundary: only advances the engine's micro-step count
 
-    def finish_grads(self) -> torch.Tensor:
-        # ZeRO-1/2 hold the reduced gradients in partitioned buffers; the engine's own norm
-        # over them is global (it all-reduces the partial squares).
-        norm = self.optimizer.get_global_grad_norm() if hasattr(self.optimizer, "get_global_grad_norm") else None
-        if norm is None:
-            norm = self._norm_from_grads()
-        return torch.as_tensor(float(norm))
+    def finish_grads(self) -> None:
+        return None
 
-    def _norm_from_grads(self) -> float:
-        grads = [p.grad.detach().float() for p in self.module.parameters() if p.grad is not None]
-        sq = torch.stack([g.pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())
-        return float(sq.sqrt())
-
-    def step(self, grad_norm: torch.Tensor, lr: float) -> bool:
-        finite = bool(torch.isfinite(grad_norm))
+    def step(self, lr: float, skip: bool) -> tuple[bool, float]:
         for g in self.optimizer.param_groups:
-            g["lr"] = (lr if finite else 0.0) * g.get("lr_scale", 1.0)
+            g["lr"] = (0.0 if skip else lr) * g.get("lr_scale", 1.0)
         self.engine.step()
-        return finite
+        norm = self.engine.get_global_grad_norm()
+        return not skip, float(norm) if norm is not None else float("nan")

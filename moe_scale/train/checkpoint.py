@@ -13,6 +13,10 @@ parallelism each rank holds a block of that axis; `save`/`load` then present exp
 parameters and their optimizer state as DTensors sharded on the EP mesh dimension, so DCP
 stores them by global expert index and a checkpoint taken at one EP size loads at another.
 
+Under DeepSpeed ZeRO-1/2 the optimizer state lives in flat fp32 partitions, one per rank:
+they are saved by DCP under a per-rank key (`zero.rank_R`), so such a checkpoint resumes
+with the same world size and ZeRO stage; the model weights are stored by name as above.
+
 Saving: DCP writes (and fsyncs) its files into the temporary directory, each rank writes its
 JSON state, the files are hashed into the manifest, and rank 0 renames the directory into
 place and fsyncs the parent: a checkpoint is visible only when complete. The last
@@ -49,7 +53,9 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
+    get_model_state_dict,
     get_state_dict,
+    set_model_state_dict,
     set_state_dict,
 )
 
@@ -242,14 +248,41 @@ def _local(tree: Any) -> Any:
     return tree
 
 
-def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | None, sharding: ExpertSharding | None):
+def is_zero_optimizer(optimizer: Any) -> bool:
+    """A DeepSpeed ZeRO-1/2 optimizer (flat fp32 partitions per rank)."""
+    return hasattr(optimizer, "single_partition_of_fp32_groups")
+
+
+def _zero_state(optimizer: Any) -> dict[str, Any]:
+    """This rank's fp32 master partitions and the AdamW state over them (created empty if need be)."""
+    base = optimizer.optimizer.state_dict()["state"]
+    state = {}
+    for i, part in enumerate(optimizer.single_partition_of_fp32_groups):
+        s = base.get(i) or {"step": torch.zeros(()), "exp_avg": torch.zeros_like(part),
+                            "exp_avg_sq": torch.zeros_like(part)}
+        state[str(i)] = {k: v if isinstance(v, torch.Tensor) else torch.tensor(v) for k, v in s.items()}
+    return {"fp32": {str(i): p for i, p in enumerate(optimizer.single_partition_of_fp32_groups)}, "state": state}
+
+
+def _set_zero_state(optimizer: Any, loaded: dict[str, Any]) -> None:
+    with torch.no_grad():
+        for i, part in enumerate(optimizer.single_partition_of_fp32_groups):
+            part.copy_(loaded["fp32"][str(i)])
+    groups = optimizer.optimizer.state_dict()["param_groups"]
+    state = {int(i): dict(s) for i, s in loaded["state"].items()}
+    optimizer.optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _state_dicts(model: nn.Module, optimizer: Any, sharding: ExpertSharding | None, rank: int):
+    """DCP state: {"model": ..., "optim": ...} (FQN keys) or {"model": ..., "zero": {"rank_R": ...}}."""
     options = StateDictOptions(ignore_frozen_params=False)
     if optimizer is None:
-        model_sd, optim_sd = get_state_dict(model, [], options=options)[0], {"state": {}}
-    else:
-        model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
+        return {"model": get_model_state_dict(model, options=options)}
+    if is_zero_optimizer(optimizer):
+        return {"model": get_model_state_dict(model, options=options), "zero": {f"rank_{rank}": _zero_state(optimizer)}}
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
     _with_global_experts(model_sd, optim_sd, sharding)
-    return model_sd, optim_sd
+    return {"model": model_sd, "optim": optim_sd}
 
 
 def encode_rng() -> dict[str, str]:
@@ -312,9 +345,8 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
         self._barrier()
-        model_sd, optim_sd = _state_dicts(model, optimizer, self.sharding)
         with _quiet_single_process():
-            dcp.save({"model": model_sd, "optim": optim_sd},
+            dcp.save(_state_dicts(model, optimizer, self.sharding, self.rank),
                      storage_writer=FileSystemWriter(tmp, sync_files=True), no_dist=not self._collective())
         state = {**trainer_state, "rng": encode_rng(), "rank": self.rank, "world_size": self.world_size}
         _write_durable(tmp / f"rank_{self.rank}.json", json.dumps(state))
@@ -347,24 +379,32 @@ class Checkpointer:
         """Restore model and optimizer in place; return this rank's trainer state (RNG restored)."""
         path = Path(path)
         manifest = self._verify(path)
-        if optimizer is not None:
+        zero = is_zero_optimizer(optimizer)
+        if zero and manifest.get("world_size") != self.world_size:
+            raise CheckpointError(f"{path} holds DeepSpeed ZeRO partitions of {manifest.get('world_size')} ranks; "
+                                  f"resume it with that many ranks (this job has {self.world_size})")
+        if optimizer is not None and not zero:
             # DCP only creates missing optimizer state (to load into) when no gradient is set.
             optimizer.zero_grad(set_to_none=True)
-        model_sd, optim_sd = _state_dicts(model, optimizer, self.sharding)
-        state = {"model": model_sd}
-        if optimizer is not None:
-            state["optim"] = optim_sd
-        SafeFileSystemReader(path).read_metadata()  # a refused .metadata is a CheckpointError of its own
+        state = _state_dicts(model, optimizer, self.sharding, self.rank)
+        metadata = SafeFileSystemReader(path).read_metadata()  # a refused .metadata is a CheckpointError itself
+        if optimizer is not None and not any(k.startswith("zero." if zero else "optim.")
+                                             for k in metadata.state_dict_metadata):
+            raise CheckpointError(f"{path} was saved with {'torch' if zero else 'DeepSpeed ZeRO'} optimizer state; "
+                                  f"resume it with the same parallel.backend")
         try:
             with _quiet_single_process():
                 dcp.load(state, storage_reader=SafeFileSystemReader(path), no_dist=not self._collective())
         except (Exception, CheckpointException) as err:  # DCP's CheckpointException is a BaseException
             raise CheckpointError(f"cannot load checkpoint {path} into this model: {err}".strip()) from err
         model_sd = _local(state["model"])
-        if optimizer is not None:
+        if zero:
+            set_model_state_dict(model, model_sd)
+            _set_zero_state(optimizer, state["zero"][f"rank_{self.rank}"])
+        elif optimizer is not None:
             set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=_local(state["optim"]))
         else:
-            set_state_dict(model, [], model_state_dict=model_sd, optim_state_dict={})
+            set_model_state_dict(model, model_sd)
         name = f"rank_{self.rank}.json"
         exact = name in manifest["files"]
         trainer_state = json.loads((path / (name if exact else "rank_0.json")).read_text())

@@ -163,7 +163,7 @@ class Trainer:
         if p.backend == "deepspeed":
             ds = deepspeed_config(p.deepspeed_config, micro_batch=cfg.data.batch_size, grad_accum=t.grad_accum,
                                   grad_clip=o.grad_clip, bf16=self.bf16, world_size=rt.world_size)
-            self.backend = DeepSpeedBackend(model, optimizer, ds, o.grad_clip)
+            self.backend = DeepSpeedBackend(model, optimizer, ds)
         else:
             self.backend = TorchBackend(model, optimizer, self.layout, rt.device, o.grad_clip)
         self.model: nn.Module = self.backend.module
@@ -240,22 +240,29 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.rt.device)
         for micro in range(accum):
             x_BT, y_BT = (t.to(self.rt.device, non_blocking=True) for t in self.data.next_train_batch())
-            with self.backend.accumulate(last=micro == accum - 1):
+            last = micro == accum - 1
+            with self.backend.accumulate(last):
                 with self._autocast():
                     logits_BTV, stats = self.backend.model(x_BT)
                     loss = lm_loss(logits_BTV, y_BT)
                     aux = sum((s.aux_loss for s in stats), torch.zeros((), device=loss.device))
-                self.backend.backward((loss + aux) / accum)
+                total = (loss + aux) / accum
+                if self.backend.requires_finite_loss and not self._finite_everywhere(total):
+                    # DeepSpeed cannot drop accumulated gradients: back-propagate zero instead (its
+                    # hooks still run) and let the step below skip the update.
+                    total = sum(p.sum() for p in self.model.parameters()) * 0.0
+                self.backend.backward(total, last=last)
             self.moe_acc.add(stats)
             loss_sum += loss.detach()
         grad_norm = self.backend.finish_grads()
         loss_mean = loss_sum / accum
-        bad = torch.tensor(float(not (torch.isfinite(grad_norm) and torch.isfinite(loss_mean))))
-        if self.rt.distributed:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        bad = not bool(torch.isfinite(loss_mean))
+        if grad_norm is not None:
+            bad = bad or not bool(torch.isfinite(grad_norm))
+        bad = self._any_rank(bad)
         lr = lr_at(self.step, lr=self.cfg.optim.lr, min_lr=self.cfg.optim.min_lr,
                    warmup_steps=self.cfg.optim.warmup_steps, max_steps=self.cfg.train.max_steps)
-        stepped = self.backend.step(grad_norm if not bad else torch.tensor(math.inf), lr)
+        stepped, norm = self.backend.step(lr, skip=bad)
         self.step += 1
         self.tokens_seen += self.tokens_per_step
         if stepped:
@@ -267,8 +274,18 @@ class Trainer:
                 raise TrainingDiverged(
                     f"{self.consecutive_skips} consecutive steps had a non-finite loss or gradient (step {self.step}); "
                     f"lower optim.lr or check the data")
-        return StepResult(self.step, float(loss_mean), float(grad_norm), lr, stepped, self.tokens_per_step,
+        return StepResult(self.step, float(loss_mean), norm, lr, stepped, self.tokens_per_step,
                           time.perf_counter() - t0)
+
+    def _any_rank(self, flag: bool) -> bool:
+        if not self.rt.distributed:
+            return flag
+        t = torch.tensor(float(flag), device=self.rt.device if self.rt.device.type == "cuda" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def _finite_everywhere(self, loss: torch.Tensor) -> bool:
+        return not self._any_rank(not bool(torch.isfinite(loss.detach())))
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
