@@ -94,10 +94,10 @@ def _free_port() -> int:
 
 def test_deepspeed_launcher_two_cpu_processes(tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(_free_port()),
-           "--module", "moe_scale.cli", "train", str(CONFIGS / "lm_cpu_deepspeed.yaml"),
+    cmd = [str(REPO / "launcher" / "deepspeed.sh"), str(CONFIGS / "lm_cpu_deepspeed.yaml"),
            *tiny(run, "parallel.dist_backend=gloo", "train.max_steps=6", "train.eval_every=6")]
-    proc = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+    env = cli_env(NUM_GPUS="2", MASTER_PORT=str(_free_port()), PYTHON=sys.executable)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = read_jsonl(run / "metrics.jsonl")
     assert [r["step"] for r in rows if "loss" in r] == [5, 6] and any("val_loss" in r for r in rows)

@@ -111,6 +111,13 @@ def _torchrun(nproc, *args, timeout=240):
     return subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=timeout)
 
 
+def _torchrun_script(nproc, config, *overrides, timeout=240):
+    """launcher/torchrun.sh: one node, rendezvous on localhost:0 (a free port)."""
+    env = cli_env(NPROC_PER_NODE=str(nproc), PYTHON=sys.executable)
+    return subprocess.run([str(REPO / "launcher" / "torchrun.sh"), config, *overrides], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
 def test_ddp_on_two_processes_equals_one_process_with_the_whole_batch(tmp_path):
     """Dense grads through DDP, expert grads through the EDP all-reduce: the same update as one process."""
     # The switch loss is computed per rank (as in GShard and DeepSpeed) and is not additive: off here.
@@ -120,8 +127,8 @@ def test_ddp_on_two_processes_equals_one_process_with_the_whole_batch(tmp_path):
                           *tiny(tmp_path / "one", "data.batch_size=8", *common)],
                          cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=240)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = _torchrun(2, "-m", "moe_scale.cli", "train", str(CONFIGS / "lm_debug.yaml"),
-                    *tiny(tmp_path / "two", "data.batch_size=4", "parallel.dist_backend=gloo", *common))
+    two = _torchrun_script(2, str(CONFIGS / "lm_debug.yaml"),
+                           *tiny(tmp_path / "two", "data.batch_size=4", "parallel.dist_backend=gloo", *common))
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
     a = checkpoint_tensors(tmp_path / "one" / "checkpoints" / "step_00000004")
     b = checkpoint_tensors(tmp_path / "two" / "checkpoints" / "step_00000004")
