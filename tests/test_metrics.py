@@ -37,6 +37,9 @@ def wandb_run(tmp_path_factory):
                                                       "train.eval_every=10", "checkpoint.every=5"))
     Trainer(cfg).fit()
     mp.undo()
+    import wandb
+
+    wandb.teardown()  # stops wandb's service process, which writes the run file in the background
     return run_dir
 
 

@@ -133,9 +133,8 @@ class MetricsLogger:
 
     def progress(self, step: int, loss: float, tokens_per_s: float) -> None:
         if self._bar is not None:
-            self._bar.n = step
             self._bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
-            self._bar.refresh()
+            self._bar.update(step - self._bar.n)  # redraws at most once per mininterval
 
     def write(self, line: str) -> None:
         if not self.enabled:

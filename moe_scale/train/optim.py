@@ -11,8 +11,10 @@ from moe_scale.moe import GroupedExperts
 
 
 def expert_param_names(model: nn.Module) -> set[str]:
-    """Names of the parameters of every `GroupedExperts` (stacked weights, global expert axis)."""
-    names = set()
+    """Names of the expert parameters: those of every `GroupedExperts` (stacked weights with a
+    global expert axis), and any parameter tagged `allreduce = False` (DeepSpeed's expert tag,
+    which expert parallelism sets on the shards it makes)."""
+    names = {n for n, p in model.named_parameters() if getattr(p, "allreduce", True) is False}
     for mod_name, module in model.named_modules():
         if isinstance(module, GroupedExperts):
             names.update(f"{mod_name}.{p}" if mod_name else p for p, _ in module.named_parameters())

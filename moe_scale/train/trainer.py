@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -104,40 +103,59 @@ class StepResult:
     stepped: bool
     tokens: int
     seconds: float
-    aux: dict[str, float] = field(default_factory=dict)
 
 
 class MoEAccumulator:
-    """Per-layer MoE counts summed over micro-steps and steps until the next log."""
+    """Per-layer MoE counts summed over micro-steps until the next log, kept on the device
+    (no host sync per step); `packed()` flattens them for one all-reduce."""
 
-    def __init__(self, num_layers: int, num_experts: int, ep_size: int, ep_rank: int, bytes_per_row: int):
-        self.L, self.E = num_layers, num_experts
-        self.local = range(ep_rank * num_experts // ep_size, (ep_rank + 1) * num_experts // ep_size)
+    def __init__(self, num_layers: int, num_experts: int, ep_size: int, ep_rank: int, bytes_per_row: int,
+                 device: torch.device):
+        self.L, self.E, self.device = num_layers, num_experts, device
+        local_E = torch.zeros(num_experts, dtype=torch.bool, device=device)
+        local_E[ep_rank * num_experts // ep_size : (ep_rank + 1) * num_experts // ep_size] = True
+        self.remote_E = ~local_E
         self.bytes_per_row = bytes_per_row
+        self.aux_names: list[str] = []
         self.reset()
 
     def reset(self) -> None:
-        self.tokens_LE = torch.zeros(self.L, self.E, dtype=torch.float64)
-        self.routed_LE = torch.zeros(self.L, self.E, dtype=torch.float64)
-        self.dropped_L = torch.zeros(self.L, dtype=torch.float64)
-        self.assign_L = torch.zeros(self.L, dtype=torch.float64)
-        self.a2a_bytes = torch.zeros((), dtype=torch.float64)
-        self.aux: dict[str, float] = {}
+        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=self.device)  # noqa: E731
+        self.tokens_LE, self.routed_LE = zeros(self.L, self.E), zeros(self.L, self.E)
+        self.dropped_L, self.assign_L = zeros(self.L), zeros(self.L)
+        self.a2a_bytes = zeros(())
+        self.aux = zeros(len(self.aux_names))
         self.calls = 0
 
     def add(self, stats: list[MoEStats]) -> None:
+        if not stats:
+            return
+        if not self.aux_names:  # every layer of a model reports the same losses
+            self.aux_names = sorted(stats[0].aux_losses)
+            self.aux = torch.zeros(len(self.aux_names), dtype=torch.float64, device=self.device)
         self.calls += 1
         for i, s in enumerate(stats):
-            tokens_E = s.tokens_per_expert_E.detach().double().cpu()
+            tokens_E = s.tokens_per_expert_E.detach().double()
             self.tokens_LE[i] += tokens_E
-            self.routed_LE[i] += s.routed_per_expert_E.detach().double().cpu()
-            self.dropped_L[i] += float(s.num_dropped)
+            self.routed_LE[i] += s.routed_per_expert_E.detach().double()
+            self.dropped_L[i] += s.num_dropped.detach().double()
             self.assign_L[i] += s.num_assignments
-            # rows leaving this EP rank: dispatch + combine, forward + backward
-            remote = tokens_E.sum() - tokens_E[self.local.start : self.local.stop].sum()
-            self.a2a_bytes += 4 * remote * self.bytes_per_row
-            for name, value in s.aux_losses.items():
-                self.aux[f"aux/{name}"] = self.aux.get(f"aux/{name}", 0.0) + float(value.detach()) / len(stats)
+            # rows that leave this EP rank: dispatch + combine, forward + backward
+            self.a2a_bytes += 4 * self.bytes_per_row * tokens_E[self.remote_E].sum()
+            for j, name in enumerate(self.aux_names):
+                self.aux[j] += s.aux_losses[name].detach().double() / len(stats)
+
+    def packed(self) -> torch.Tensor:
+        return torch.cat([self.tokens_LE.flatten(), self.routed_LE.flatten(), self.dropped_L, self.assign_L,
+                          self.a2a_bytes.reshape(1), self.aux])
+
+    def unpack(self, packed: torch.Tensor, world_size: int):
+        """Summed-over-ranks counts as numpy arrays, all-to-all bytes, and aux-loss means over ranks."""
+        L, E = self.L, self.E
+        tokens, routed, dropped, assign, a2a, aux = packed.cpu().split([L * E, L * E, L, L, 1, len(self.aux_names)])
+        aux_means = {f"aux/{n}": float(v) / max(self.calls, 1) / world_size for n, v in zip(self.aux_names, aux)}
+        return (tokens.reshape(L, E).numpy(), routed.reshape(L, E).numpy(), dropped.numpy(), assign.numpy(),
+                float(a2a), aux_means)
 
 
 class Trainer:
@@ -174,7 +192,7 @@ class Trainer:
         E = moe_layers[0].cfg.num_experts if moe_layers else 0
         elem = 2 if self.bf16 else 4
         self.moe_acc = MoEAccumulator(len(moe_layers), E, self.layout.ep_size, self.layout.ep_rank,
-                                      cfg.model.d_model * elem)
+                                      cfg.model.d_model * elem, rt.device)
         self.tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * t.grad_accum * rt.world_size
         self.step = 0
         self.skipped_steps = 0
@@ -316,23 +334,18 @@ class Trainer:
         if not (log_now or load_now):
             return
         acc = self.moe_acc
-        packed = torch.cat([torch.tensor([iv["loss"], float(iv["n"])], dtype=torch.float64), acc.tokens_LE.flatten(),
-                            acc.routed_LE.flatten(), acc.dropped_L, acc.assign_L, acc.a2a_bytes.reshape(1)])
+        interval = torch.tensor([iv["loss"], float(iv["n"])], dtype=torch.float64, device=acc.device)
+        packed = torch.cat([interval, acc.packed()])
         if self.rt.distributed:
             dist.all_reduce(packed)
-        L, E = acc.L, acc.E
-        loss_sum, n = packed[0], packed[1]
-        off = 2
-        tokens_LE = packed[off : off + L * E].reshape(L, E).numpy(); off += L * E
-        routed_LE = packed[off : off + L * E].reshape(L, E).numpy(); off += L * E
-        dropped_L = packed[off : off + L].numpy(); off += L
-        assign_L = packed[off : off + L].numpy(); off += L
-        a2a = float(packed[off])
+        loss_sum, n = float(packed[0]), float(packed[1])
+        tokens_LE, routed_LE, dropped_L, assign_L, a2a, aux = acc.unpack(packed[2:], self.rt.world_size)
+        L = acc.L
         if log_now:
             values = {"loss": float(loss_sum / n), "lr": result.lr, "grad_norm": result.grad_norm,
                       "tokens_per_s": iv["tokens"] / max(iv["seconds"], 1e-9),
                       "skipped_steps": float(self.skipped_steps), "tokens_seen": float(self.tokens_seen)}
-            values.update({k: v / max(acc.calls, 1) for k, v in acc.aux.items()})
+            values.update(aux)
             if L:
                 values.update(moe_summary(tokens_LE, routed_LE, dropped_L, assign_L))
                 values["moe/a2a_bytes_per_step"] = a2a / max(iv["n"], 1) / self.rt.world_size
