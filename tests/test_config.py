@@ -82,18 +82,21 @@ def test_bad_keys_and_values_name_the_key(override, message):
 
 @pytest.mark.parametrize("overrides, message", [
     (["data.seq_len=128"], "data.seq_len=128 exceeds model.max_seq_len=64; raise model.max_seq_len or lower data.seq_len"),
-    (["model.n_heads=3"], "model.d_model=64 is not divisible by model.n_heads=3"),
+    (["model.n_heads=5"], "model.d_model=96 is not divisible by model.n_heads=5"),
     (["moe.k=9"], "k=9 exceeds num_experts=8"),
     (["moe.router=switch"], "the switch router is top-1: set k=1"),
     (["parallel.ep_size=3"], "parallel.ep_size=3 must divide moe.num_experts=8"),
     (["moe.router=min_loss", "moe.k=1"], "moe.router=min_loss needs per-expert losses"),
     (["moe.router=hash", "moe.k=1"], "the 'switch' aux loss is not defined for the 'hash' router"),
     (["optim.min_lr=1.0"], "optim.min_lr must be in [0, optim.lr"),
-    (["optim.warmup_steps=500"], "optim.warmup_steps=500 must be below train.max_steps=300"),
+    (["optim.warmup_steps=900"], "optim.warmup_steps=900 must be below train.max_steps=800"),
     (["model.moe_every=3"], "model.moe_every=3 > model.n_layers=2 leaves no MoE layer"),
     (["model.moe_every=0", "parallel.ep_size=2"], "parallel.ep_size > 1 needs MoE layers"),
     (["parallel.backend=deepspeed"], "parallel.backend=deepspeed needs parallel.deepspeed_config"),
     (["checkpoint.keep_last=0"], "checkpoint.keep_last must be >= 1"),
+    (["train.num_threads=-1"], "train.num_threads must be >= 0"),
+    (["parallel.backend=deepspeed", "parallel.deepspeed_config=x.json", "parallel.ep_size=2"],
+     "parallel.backend=deepspeed runs with parallel.ep_size=1"),
 ])
 def test_impossible_combinations_are_rejected(overrides, message):
     with pytest.raises(ConfigError) as err:

@@ -12,7 +12,7 @@ from torch import nn
 
 from moe_scale.train.config import load_config
 from moe_scale.train.trainer import Trainer, TrainingDiverged
-from tests.trainer_utils import CONFIGS, REPO, checkpoint_tensors, cli_env, read_jsonl, tiny
+from tests.trainer_utils import CONFIGS, HF_CACHE, REPO, checkpoint_tensors, cli_env, read_jsonl, tiny
 
 
 def make_trainer(tmp_path, *overrides, name="run"):
@@ -26,7 +26,7 @@ def params(trainer):
 def test_debug_config_trains_and_loss_falls(tmp_path):
     cfg = load_config(CONFIGS / "lm_debug.yaml", [
         f"train.run_dir={tmp_path / 'run'}", "train.max_steps=40", "logging.every=5", "logging.progress=false",
-        "train.eval_every=40", "data.max_documents=40", f"data.cache_dir={tiny('x')[10].split('=')[1]}"])
+        "train.eval_every=40", "data.max_documents=40", f"data.cache_dir={HF_CACHE}"])
     result = Trainer(cfg).fit()
     rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
     assert rows[0]["step"] == 5 and rows[-1]["step"] == 40

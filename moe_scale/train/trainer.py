@@ -163,6 +163,8 @@ class Trainer:
         self.cfg = cfg
         p, t = cfg.parallel, cfg.train
         self.rt = rt = runtime or init_runtime(t.device, p.dist_backend, p.timeout_s)
+        if t.num_threads:
+            torch.set_num_threads(t.num_threads)
         seed_everything(t.seed, t.deterministic)
         self.run_dir = Path(t.run_dir)
         if rt.is_main:
