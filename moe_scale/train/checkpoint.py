@@ -170,29 +170,28 @@ def verify_checkpoint(path: str | Path, files: list[str] | None = None) -> dict[
 
 # ---- safe DCP metadata -----------------------------------------------------------------------
 
-_SAFE_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
-_SAFE_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
-                 ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
-                 ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice")}
+_METADATA = "torch.distributed.checkpoint.metadata"
+_SAFE_GLOBALS = {
+    (_METADATA, "Metadata"), (_METADATA, "StorageMeta"), (_METADATA, "MetadataIndex"),
+    (_METADATA, "TensorProperties"), (_METADATA, "TensorStorageMetadata"), (_METADATA, "ChunkStorageMetadata"),
+    (_METADATA, "BytesStorageMetadata"), (_METADATA, "_MEM_FORMAT_ENCODING"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
+    ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"),
+}
 
 
 class _MetadataUnpickler(pickle.Unpickler):
-    """Admits only the classes DCP metadata is made of: no callable from elsewhere can run."""
+    """Admits only the classes DCP metadata is made of (and torch dtypes): nothing else can run."""
 
     def find_class(self, module: str, name: str):
-        obj = None
-        if module in _SAFE_MODULES and not name.startswith("__"):
-            obj = super().find_class(module, name)
-            if not isinstance(obj, type):
-                obj = None
-        elif (module, name) in _SAFE_GLOBALS:
-            obj = super().find_class(module, name)
-        elif module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            obj = getattr(torch, name)
-        if obj is None:
-            raise CheckpointError(f"checkpoint metadata refers to {module}.{name}, which DCP metadata never "
-                                  f"holds; refusing to load it (tampered file?)")
-        return obj
+        if (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise CheckpointError(f"checkpoint metadata refers to {module}.{name}, which DCP metadata never "
+                              f"holds; refusing to load it (tampered file?)")
 
 
 class SafeFileSystemReader(FileSystemReader):
@@ -405,9 +404,9 @@ class Checkpointer:
             set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=_local(state["optim"]))
         else:
             set_model_state_dict(model, model_sd)
-        name = f"rank_{self.rank}.json"
-        exact = name in manifest["files"]
-        trainer_state = json.loads((path / (name if exact else "rank_0.json")).read_text())
+        exact = manifest.get("world_size") == self.world_size  # else the data order and RNG streams restart
+        name = f"rank_{self.rank}.json" if exact else "rank_0.json"
+        trainer_state = json.loads((path / name).read_text())
         if restore_rng_state and exact:
             restore_rng(trainer_state["rng"])
         trainer_state["exact"] = exact
