@@ -1,25 +1,101 @@
-"""`moe-scale` command line."""
+"""`moe-scale` command line: parses arguments and hands over; the work lives in the packages."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
+
+
+def _train(args: argparse.Namespace) -> int:
+    from moe_scale.train.checkpoint import CheckpointError
+    from moe_scale.train.config import ConfigError, load_config
+    from moe_scale.train.runtime import close_runtime
+    from moe_scale.train.trainer import Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    trainer = None
+    try:
+        trainer = Trainer(cfg)
+        result = trainer.fit()
+    except (ConfigError, CheckpointError):
+        raise
+    except Exception:
+        rank = trainer.rt.rank if trainer is not None else _env_rank()
+        sys.stderr.write(f"[rank {rank}] training failed:\n{traceback.format_exc()}")
+        sys.stderr.flush()
+        return 1
+    if trainer.rt.is_main:
+        summary = "  ".join(f"{k} {v:.4f}" for k, v in result.items())
+        print(f"done: step {trainer.step}  {summary}  run dir {cfg.train.run_dir}", flush=True)
+    close_runtime()
+    return 0
+
+
+def _env_rank() -> str:
+    from moe_scale.train.runtime import launcher_ranks
+
+    ranks = launcher_ranks()
+    return str(ranks[0]) if ranks else "0"
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from moe_scale.train.config import load_config
+    from moe_scale.train.plan import format_plan, plan
+
+    cfg = load_config(args.config, args.overrides)
+    print(format_plan(plan(cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node)))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from moe_scale.train.metrics import render_report
+
+    for path in render_report(args.run_dir, args.out):
+        print(path)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moe-scale", description="Mixture-of-Experts training")
+    # The deepspeed launcher passes --local_rank=N; the rank is read from the environment anyway.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="one-process MoE layer smoke run on CPU")
     demo.add_argument("--steps", type=int, default=300)
     demo.add_argument("--experts", type=int, default=8)
     demo.add_argument("--router", default="topk")
+
+    train = sub.add_parser("train", help="train a model from a YAML config (any launcher, or none)")
+    train.add_argument("config", help="YAML config, e.g. configs/lm_debug.yaml")
+    train.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. moe.num_experts=64")
+
+    plan = sub.add_parser("plan", help="parameters, memory per rank and all-to-all bytes of a config")
+    plan.add_argument("config")
+    plan.add_argument("overrides", nargs="*", metavar="section.key=value")
+    plan.add_argument("--nodes", type=int, default=1)
+    plan.add_argument("--gpus-per-node", type=int, default=8)
+
+    report = sub.add_parser("report", help="render PNG plots of a run from its JSONL metrics")
+    report.add_argument("run_dir")
+    report.add_argument("--out", default=None, help="output directory (default RUN_DIR/report)")
+
     args = parser.parse_args(argv)
     if args.command == "demo":
         from moe_scale.demo import run_demo
 
         losses = run_demo(steps=args.steps, num_experts=args.experts, router=args.router)
         print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f}")
-    return 0
+        return 0
+    from moe_scale.train.checkpoint import CheckpointError
+    from moe_scale.train.config import ConfigError
+
+    try:
+        return {"train": _train, "plan": _plan, "report": _report}[args.command](args)
+    except (ConfigError, CheckpointError, FileNotFoundError) as err:
+        if _env_rank() == "0":  # every rank meets the same error; one message is enough
+            print(f"moe-scale {args.command}: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,205 @@
+"""Gradient synchronisation and optimizer stepping: plain torch or DeepSpeed.
+
+Both backends expose the calls the trainer makes per optimizer step:
+
+    with backend.accumulate(last=...):       # no gradient sync on all but the last micro-step
+        backend.backward(loss, last=...)
+    norm = backend.finish_grads()            # sync; the global grad norm (None: known after stepping)
+    stepped, norm = backend.step(lr, skip)   # clip + optimizer step, or no update when skip
+
+Gradient rule (ARCHITECTURE.md rule 3): dense parameters are averaged over the whole
+data-parallel world; an expert parameter is summed over its expert-data-parallel (EDP) group
+and divided by the world size. Under EP each rank's expert gradient already holds the
+contributions of every token its EP group routed to it, so summing over the EDP group covers
+every rank's loss once; dividing by the world gives the gradient of the mean loss, exactly
+what one process computes on the full batch. With ep_size=1 the EDP group is the world.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from moe_scale.train.optim import expert_param_names
+
+
+@dataclass
+class ExpertLayout:
+    """The process groups the trainer needs from the expert-parallel layout.
+
+    ep_group / edp_group are None in one process. ep_size = 1 means every rank holds every
+    expert and the EDP group is the whole world.
+    """
+
+    ep_size: int = 1
+    ep_rank: int = 0
+    ep_group: Any = None
+    edp_group: Any = None
+    device_mesh: Any = None
+
+    @classmethod
+    def data_parallel(cls) -> "ExpertLayout":
+        return cls(edp_group=dist.group.WORLD if dist.is_initialized() else None)
+
+
+def _split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter], set[str]]:
+    experts = expert_param_names(model)
+    dense, expert = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (expert if name in experts else dense).append(p)
+    return dense, expert, experts
+
+
+class TorchBackend:
+    """DDP over dense parameters (expert parameters ignored by it) + EDP all-reduce for experts."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, layout: ExpertLayout,
+                 device: torch.device, grad_clip: float):
+        self.module, self.optimizer, self.layout, self.grad_clip = model, optimizer, layout, grad_clip
+        self.dense, self.expert, expert_names = _split_params(model)
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        if self.world > 1:
+            DDP._set_params_and_buffers_to_ignore_for_model(model, sorted(expert_names))
+            self.model = DDP(model, device_ids=[device] if device.type == "cuda" else None)
+            self._broadcast_experts()
+        else:
+            self.model = model
+
+    def _broadcast_experts(self) -> None:
+        """Replicas of an expert start equal (DDP only broadcasts the parameters it owns)."""
+        group = self.layout.edp_group
+        src = dist.get_global_rank(group, 0) if group is not dist.group.WORLD else 0
+        with torch.no_grad():
+            for p in self.expert:
+                dist.broadcast(p.data, src=src, group=group)
+
+    requires_finite_loss = False  # a non-finite step is caught by the norm and skipped whole
+
+    def accumulate(self, last: bool):
+        if self.world > 1 and not last:
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        loss.backward()
+
+    def finish_grads(self) -> torch.Tensor:
+        for p in self.expert:
+            if p.grad is None:  # every rank must join the collective
+                p.grad = torch.zeros_like(p)
+        if self.world > 1:
+            for p in self.expert:
+                dist.all_reduce(p.grad, group=self.layout.edp_group)
+                p.grad.div_(self.world)
+        self._norm = self._grad_norm()
+        return self._norm
+
+    def _grad_norm(self) -> torch.Tensor:
+        def sq(params):
+            grads = [p.grad.detach().float() for p in params if p.grad is not None]
+            return torch.stack([g.pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())
+
+        dense_sq, expert_sq = sq(self.dense), sq(self.expert)
+        if self.layout.ep_size > 1:  # each EP rank holds different experts
+            dist.all_reduce(expert_sq, group=self.layout.ep_group)
+        return (dense_sq + expert_sq).sqrt()
+
+    def step(self, lr: float, skip: bool) -> tuple[bool, float]:
+        """Clip to `grad_clip` and step, or (skip) drop the gradients without any update."""
+        norm = self._norm
+        if not skip:
+            if self.grad_clip > 0:
+                scale = torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0)
+                for p in self.dense + self.expert:
+                    if p.grad is not None:
+                        p.grad.mul_(scale.to(p.grad.device))
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr * g.get("lr_scale", 1.0)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return not skip, float(norm)
+
+
+def deepspeed_config(path: str, *, micro_batch: int, grad_accum: int, grad_clip: float, bf16: bool,
+                     world_size: int) -> dict[str, Any]:
+    """Read a DeepSpeed JSON config; batch, accumulation, clipping and bf16 come from our config.
+
+    A value the JSON sets differently is an error naming both keys, so the two files never
+    silently disagree.
+    """
+    with open(path) as f:
+        ds = json.load(f)
+    ours = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch * grad_accum * world_size,
+        "gradient_clipping": grad_clip,
+    }
+    mapping = {"train_micro_batch_size_per_gpu": "data.batch_size", "gradient_accumulation_steps": "train.grad_accum",
+               "train_batch_size": "data.batch_size x train.grad_accum x world size",
+               "gradient_clipping": "optim.grad_clip"}
+    for key, value in ours.items():
+        if key in ds and ds[key] not in ("auto", value):
+            raise ValueError(f"{path}: {key}={ds[key]} disagrees with {mapping[key]} = {value}; "
+                             f"remove it from the JSON or set it to \"auto\"")
+        ds[key] = value
+    if "bf16" in ds and ds["bf16"].get("enabled") not in ("auto", bf16):
+        raise ValueError(f"{path}: bf16.enabled={ds['bf16'].get('enabled')} disagrees with train.precision; "
+                         f"remove it from the JSON or set it to \"auto\"")
+    ds["bf16"] = {"enabled": bf16}
+    if "optimizer" in ds or "scheduler" in ds:
+        raise ValueError(f"{path}: leave out \"optimizer\" and \"scheduler\"; the trainer builds AdamW with "
+                         f"expert/dense groups and the warmup + cosine schedule from the optim section")
+    return ds
+
+
+class DeepSpeedBackend:
+    """`deepspeed.initialize` with the AdamW dense/expert groups; ZeRO stage from the JSON config.
+
+    The engine reduces gradients (ZeRO-1/2 partition optimizer state, ZeRO-2 gradients too),
+    clips them (`gradient_clipping` = optim.grad_clip) and steps at the accumulation boundary;
+    `engine.step()` is called after every micro-batch, as DeepSpeed expects. The global norm
+    is only known after the step, so inf/nan is caught on the loss instead: the trainer
+    back-propagates a zero loss for a micro-batch whose loss is not finite on some rank (the
+    engine's hooks and buckets still run, nothing is added), and that step runs with lr = 0:
+    the parameters do not change (AdamW's moment estimates do see the other micro-batches).
+
+    With ep_size = 1 expert parameters are ordinary data-parallel parameters for DeepSpeed
+    (every rank holds every expert). DeepSpeed recognises expert-parallel layers only by its
+    own `deepspeed.moe.layer.MoE` class, so ep_size > 1 is refused in the config for now.
+    """
+
+    requires_finite_loss = True
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any]):
+        import deepspeed
+
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        self.model = self.engine
+        self.module = self.engine.module
+
+    def accumulate(self, last: bool):
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)  # the trainer already divided by grad_accum
+        if not last:
+            self.engine.step()  # not a boundary: only advances the engine's micro-step count
+
+    def finish_grads(self) -> None:
+        return None
+
+    def step(self, lr: float, skip: bool) -> tuple[bool, float]:
+        for g in self.optimizer.param_groups:
+            g["lr"] = (0.0 if skip else lr) * g.get("lr_scale", 1.0)
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return not skip, float(norm) if norm is not None else float("nan")

@@ -1,0 +1,380 @@
+"""The training loop: `Trainer(cfg).fit()`, one optimizer step per `train_step()`.
+
+    cfg = load_config("configs/lm_debug.yaml", ["train.max_steps=50"])
+    Trainer(cfg).fit()
+
+Set-up order: join the launcher's process group (none in the debug mode), seed, load data
+(rank 0 first, so one rank builds the datasets cache), build the model on one device,
+apply expert parallelism when `parallel.ep_size > 1` (issue 3's `parallelize`), build AdamW
+with dense/expert groups, wrap in the backend (torch DDP + EDP, or DeepSpeed), resume from
+the newest checkpoint, then loop: train_step -> log -> eval -> checkpoint.
+
+A step whose loss or global gradient norm is inf/nan on any rank is skipped on every rank
+(no update, counted in `skipped_steps`); `train.max_skipped_steps` in a row stop the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moe_scale.data.text import TextBlocks
+from moe_scale.models.lm import MoELM, lm_loss
+from moe_scale.moe import MoEStats
+from moe_scale.train.backends import DeepSpeedBackend, ExpertLayout, TorchBackend, deepspeed_config
+from moe_scale.train.checkpoint import Checkpointer, ExpertSharding, latest_checkpoint, list_checkpoints
+from moe_scale.train.config import Config, ConfigError, save_config
+from moe_scale.train.metrics import MetricsLogger, moe_summary
+from moe_scale.train.optim import expert_param_names, lr_at, param_groups
+from moe_scale.train.runtime import Runtime, init_runtime, seed_everything
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+def build_model(cfg: Config) -> nn.Module:
+    m = cfg.model
+    return MoELM(
+        vocab_size=m.vocab_size, d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,
+        max_seq_len=m.max_seq_len, d_ff=m.d_ff, moe_every=m.moe_every,
+        moe=cfg.moe_config() if m.moe_every else None, dropout=m.dropout, bias=m.bias,
+        tie_embeddings=m.tie_embeddings,
+    )
+
+
+def build_data(cfg: Config, rt: Runtime) -> TextBlocks:
+    d = cfg.data
+    load = lambda: TextBlocks.load(  # noqa: E731
+        dataset=d.dataset, dataset_config=d.dataset_config, split=d.split, text_field=d.text_field,
+        max_documents=d.max_documents, val_fraction=d.val_fraction, seq_len=d.seq_len,
+        batch_size=d.batch_size, cache_dir=d.cache_dir, rank=rt.rank, world=rt.world_size, seed=cfg.train.seed,
+    )
+    if rt.is_main:
+        data = load()
+    rt.barrier()  # the other ranks then read the cache rank 0 built
+    if not rt.is_main:
+        data = load()
+    return data
+
+
+def expert_parallel(model: nn.Module, cfg: Config, rt: Runtime) -> tuple[nn.Module, ExpertLayout, ExpertSharding | None]:
+    """Integration point with expert parallelism (issue 3).
+
+    ep_size = 1: every rank holds all experts; the EDP group is the whole world. ep_size > 1:
+    `moe_scale.distributed.mesh.build_mesh` makes the EP x EDP groups and
+    `moe_scale.distributed.parallelize.parallelize(model, mesh)` keeps this rank's block of
+    every expert stack and swaps in the all-to-all comm. The trainer then syncs expert grads
+    over `mesh.edp_group` and checkpoints experts sharded on the mesh's "ep" dimension.
+    """
+    ep = cfg.parallel.ep_size
+    if ep == 1:
+        return model, ExpertLayout.data_parallel(), None
+    if rt.world_size % ep:
+        raise ConfigError(f"parallel.ep_size={ep} must divide the world size {rt.world_size}")
+    try:
+        from moe_scale.distributed.mesh import ParallelConfig as MeshConfig
+        from moe_scale.distributed.mesh import build_mesh
+        from moe_scale.distributed.parallelize import parallelize
+    except ImportError as err:
+        raise ConfigError(f"parallel.ep_size={ep} needs expert parallelism (moe_scale.distributed.parallelize, "
+                          f"issue 3), which this install lacks ({err}); use parallel.ep_size=1") from None
+    mesh = build_mesh(MeshConfig(ep_size=ep, a2a=cfg.parallel.a2a), device_type=rt.device.type)
+    model = parallelize(model, mesh)
+    layout = ExpertLayout(ep_size=ep, ep_rank=mesh.ep_rank, ep_group=mesh.ep_group, edp_group=mesh.edp_group,
+                          device_mesh=mesh.device_mesh)
+    return model, layout, ExpertSharding(mesh.device_mesh, expert_param_names(model))
+
+
+@dataclass
+class StepResult:
+    step: int
+    loss: float
+    grad_norm: float
+    lr: float
+    stepped: bool
+    tokens: int
+    seconds: float
+
+
+class MoEAccumulator:
+    """Per-layer MoE counts summed over micro-steps until the next log, kept on the device
+    (no host sync per step); `packed()` flattens them for one all-reduce."""
+
+    def __init__(self, num_layers: int, num_experts: int, ep_size: int, ep_rank: int, bytes_per_row: int,
+                 device: torch.device):
+        self.L, self.E, self.device = num_layers, num_experts, device
+        local_E = torch.zeros(num_experts, dtype=torch.bool, device=device)
+        local_E[ep_rank * num_experts // ep_size : (ep_rank + 1) * num_experts // ep_size] = True
+        self.remote_E = ~local_E
+        self.bytes_per_row = bytes_per_row
+        self.aux_names: list[str] = []
+        self.reset()
+
+    def reset(self) -> None:
+        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=self.device)  # noqa: E731
+        self.tokens_LE, self.routed_LE = zeros(self.L, self.E), zeros(self.L, self.E)
+        self.dropped_L, self.assign_L = zeros(self.L), zeros(self.L)
+        self.a2a_bytes = zeros(())
+        self.aux = zeros(len(self.aux_names))
+        self.calls = 0
+
+    def add(self, stats: list[MoEStats]) -> None:
+        if not stats:
+            return
+        if not self.aux_names:  # every layer of a model reports the same losses
+            self.aux_names = sorted(stats[0].aux_losses)
+            self.aux = torch.zeros(len(self.aux_names), dtype=torch.float64, device=self.device)
+        self.calls += 1
+        for i, s in enumerate(stats):
+            tokens_E = s.tokens_per_expert_E.detach().double()
+            self.tokens_LE[i] += tokens_E
+            self.routed_LE[i] += s.routed_per_expert_E.detach().double()
+            self.dropped_L[i] += s.num_dropped.detach().double()
+            self.assign_L[i] += s.num_assignments
+            # rows that leave this EP rank: dispatch + combine, forward + backward
+            self.a2a_bytes += 4 * self.bytes_per_row * tokens_E[self.remote_E].sum()
+            for j, name in enumerate(self.aux_names):
+                self.aux[j] += s.aux_losses[name].detach().double() / len(stats)
+
+    def packed(self) -> torch.Tensor:
+        return torch.cat([self.tokens_LE.flatten(), self.routed_LE.flatten(), self.dropped_L, self.assign_L,
+                          self.a2a_bytes.reshape(1), self.aux])
+
+    def unpack(self, packed: torch.Tensor, world_size: int):
+        """Summed-over-ranks counts as numpy arrays, all-to-all bytes, and aux-loss means over ranks."""
+        L, E = self.L, self.E
+        tokens, routed, dropped, assign, a2a, aux = packed.cpu().split([L * E, L * E, L, L, 1, len(self.aux_names)])
+        aux_means = {f"aux/{n}": float(v) / max(self.calls, 1) / world_size for n, v in zip(self.aux_names, aux)}
+        return (tokens.reshape(L, E).numpy(), routed.reshape(L, E).numpy(), dropped.numpy(), assign.numpy(),
+                float(a2a), aux_means)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, runtime: Runtime | None = None):
+        self.cfg = cfg
+        p, t = cfg.parallel, cfg.train
+        self.rt = rt = runtime or init_runtime(t.device, p.dist_backend, p.timeout_s)
+        if t.num_threads:
+            torch.set_num_threads(t.num_threads)
+        seed_everything(t.seed, t.deterministic)
+        self.run_dir = Path(t.run_dir)
+        if rt.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+
+        self.data = build_data(cfg, rt)
+        model = build_model(cfg).to(rt.device)
+        model.activation_checkpointing = t.activation_checkpointing
+        model, self.layout, sharding = expert_parallel(model, cfg, rt)
+        self.bf16 = t.precision == "bf16" or (
+            t.precision == "auto" and rt.device.type == "cuda" and torch.cuda.is_bf16_supported())
+        o = cfg.optim
+        groups = param_groups(model, o.lr, o.weight_decay, o.expert_lr_scale, o.expert_weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps)
+        if p.backend == "deepspeed":
+            ds = deepspeed_config(p.deepspeed_config, micro_batch=cfg.data.batch_size, grad_accum=t.grad_accum,
+                                  grad_clip=o.grad_clip, bf16=self.bf16, world_size=rt.world_size)
+            self.backend = DeepSpeedBackend(model, optimizer, ds)
+        else:
+            self.backend = TorchBackend(model, optimizer, self.layout, rt.device, o.grad_clip)
+        self.model: nn.Module = self.backend.module
+        self.optimizer = self.backend.optimizer
+        torch.manual_seed(t.seed + 1 + rt.rank)  # per-rank stream for dropout and router noise
+
+        moe_layers = self.model.moe_layers
+        E = moe_layers[0].cfg.num_experts if moe_layers else 0
+        elem = 2 if self.bf16 else 4
+        self.moe_acc = MoEAccumulator(len(moe_layers), E, self.layout.ep_size, self.layout.ep_rank,
+                                      cfg.model.d_model * elem, rt.device)
+        self.tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * t.grad_accum * rt.world_size
+        self.step = 0
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+        self.tokens_seen = 0
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep_last, rt.rank,
+                                         rt.world_size, sharding)
+        self._last_saved = -1
+        self._resume()
+        lg = cfg.logging
+        wandb_options = ({"project": lg.wandb_project, "entity": lg.wandb_entity, "name": lg.wandb_name}
+                         if lg.wandb else None)
+        self.metrics = MetricsLogger(self.run_dir, enabled=rt.is_main, total_steps=t.max_steps,
+                                     start_step=self.step, progress=lg.progress, wandb_options=wandb_options,
+                                     config=cfg.to_dict())
+        self._interval = {"loss": 0.0, "n": 0, "seconds": 0.0, "tokens": 0}
+
+    # ---- checkpoints ----
+
+    def _resume(self) -> None:
+        ck = self.cfg.checkpoint
+        self.checkpointer.remove_incomplete()
+        existing = list_checkpoints(self.checkpointer.root)
+        if ck.resume == "never":
+            if existing:
+                raise ConfigError(f"{self.run_dir} already holds checkpoints and checkpoint.resume=never; "
+                                  f"choose a new train.run_dir or set checkpoint.resume=auto")
+            return
+        path = latest_checkpoint(self.checkpointer.root) if ck.resume == "auto" else Path(ck.resume)
+        if path is None:
+            return
+        state = self.checkpointer.load(path, self.model, self.optimizer)
+        self.step = int(state["step"])
+        self.data.load_state_dict(state["data"])
+        self.skipped_steps = int(state["skipped_steps"])
+        self.tokens_seen = int(state["tokens_seen"])
+        self._last_saved = self.step
+        exact = "" if state["exact"] else " (different world size: RNG streams restart)"
+        if self.rt.is_main:
+            print(f"resumed from {path} at step {self.step}{exact}", flush=True)
+
+    def trainer_state(self) -> dict[str, Any]:
+        return {"step": self.step, "data": self.data.state_dict(), "skipped_steps": self.skipped_steps,
+                "tokens_seen": self.tokens_seen}
+
+    def save_checkpoint(self) -> Path:
+        path = self.checkpointer.save(self.step, self.model, self.optimizer, self.trainer_state())
+        self._last_saved = self.step
+        return path
+
+    # ---- steps ----
+
+    def _autocast(self):
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.rt.device.type, dtype=torch.bfloat16)
+
+    def train_step(self) -> StepResult:
+        """One optimizer step over `grad_accum` micro-batches of this rank."""
+        t0 = time.perf_counter()
+        self.model.train()
+        accum = self.cfg.train.grad_accum
+        loss_sum = torch.zeros((), device=self.rt.device)
+        for micro in range(accum):
+            x_BT, y_BT = (t.to(self.rt.device, non_blocking=True) for t in self.data.next_train_batch())
+            last = micro == accum - 1
+            with self.backend.accumulate(last):
+                with self._autocast():
+                    logits_BTV, stats = self.backend.model(x_BT)
+                    loss = lm_loss(logits_BTV, y_BT)
+                    aux = sum((s.aux_loss for s in stats), torch.zeros((), device=loss.device))
+                total = (loss + aux) / accum
+                if self.backend.requires_finite_loss and not self._finite_everywhere(total):
+                    # DeepSpeed cannot drop accumulated gradients: back-propagate zero instead (its
+                    # hooks still run) and let the step below skip the update.
+                    total = sum(p.sum() for p in self.model.parameters()) * 0.0
+                self.backend.backward(total, last=last)
+            self.moe_acc.add(stats)
+            loss_sum += loss.detach()
+        grad_norm = self.backend.finish_grads()
+        loss_mean = loss_sum / accum
+        bad = not bool(torch.isfinite(loss_mean))
+        if grad_norm is not None:
+            bad = bad or not bool(torch.isfinite(grad_norm))
+        bad = self._any_rank(bad)
+        lr = lr_at(self.step, lr=self.cfg.optim.lr, min_lr=self.cfg.optim.min_lr,
+                   warmup_steps=self.cfg.optim.warmup_steps, max_steps=self.cfg.train.max_steps)
+        stepped, norm = self.backend.step(lr, skip=bad)
+        self.step += 1
+        self.tokens_seen += self.tokens_per_step
+        if stepped:
+            self.consecutive_skips = 0
+        else:
+            self.skipped_steps += 1
+            self.consecutive_skips += 1
+            if self.consecutive_skips >= self.cfg.train.max_skipped_steps:
+                raise TrainingDiverged(
+                    f"{self.consecutive_skips} consecutive steps had a non-finite loss or gradient (step {self.step}); "
+                    f"lower optim.lr or check the data")
+        return StepResult(self.step, float(loss_mean), norm, lr, stepped, self.tokens_per_step,
+                          time.perf_counter() - t0)
+
+    def _any_rank(self, flag: bool) -> bool:
+        if not self.rt.distributed:
+            return flag
+        t = torch.tensor(float(flag), device=self.rt.device if self.rt.device.type == "cuda" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def _finite_everywhere(self, loss: torch.Tensor) -> bool:
+        return not self._any_rank(not bool(torch.isfinite(loss.detach())))
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean validation loss over `train.eval_batches` batches of every rank (nats and bits/byte)."""
+        self.model.eval()
+        total = torch.zeros(2, dtype=torch.float64)
+        for x_BT, y_BT in self.data.val_batches(self.cfg.train.eval_batches):
+            with self._autocast():
+                logits_BTV, _ = self.model(x_BT.to(self.rt.device))
+            total += torch.tensor([float(lm_loss(logits_BTV, y_BT.to(self.rt.device))), 1.0], dtype=torch.float64)
+        if self.rt.distributed:
+            dist.all_reduce(total)
+        loss = float(total[0] / total[1])
+        return {"val_loss": loss, "val_bpb": loss / math.log(2)}
+
+    # ---- loop ----
+
+    def _log(self, result: StepResult) -> None:
+        iv = self._interval
+        iv["loss"] += result.loss
+        iv["n"] += 1
+        iv["seconds"] += result.seconds
+        iv["tokens"] += result.tokens
+        t, lg = self.cfg.train, self.cfg.logging
+        self.metrics.progress(result.step, result.loss, result.tokens / max(result.seconds, 1e-9))
+        log_now = result.step % lg.every == 0 or result.step == t.max_steps
+        load_now = result.step % lg.load_every == 0 or result.step == t.max_steps
+        if not (log_now or load_now):
+            return
+        acc = self.moe_acc
+        interval = torch.tensor([iv["loss"], float(iv["n"])], dtype=torch.float64, device=acc.device)
+        packed = torch.cat([interval, acc.packed()])
+        if self.rt.distributed:
+            dist.all_reduce(packed)
+        loss_sum, n = float(packed[0]), float(packed[1])
+        tokens_LE, routed_LE, dropped_L, assign_L, a2a, aux = acc.unpack(packed[2:], self.rt.world_size)
+        L = acc.L
+        if log_now:
+            values = {"loss": float(loss_sum / n), "lr": result.lr, "grad_norm": result.grad_norm,
+                      "tokens_per_s": iv["tokens"] / max(iv["seconds"], 1e-9),
+                      "skipped_steps": float(self.skipped_steps), "tokens_seen": float(self.tokens_seen)}
+            values.update(aux)
+            if L:
+                values.update(moe_summary(tokens_LE, routed_LE, dropped_L, assign_L))
+                values["moe/a2a_bytes_per_step"] = a2a / max(iv["n"], 1) / self.rt.world_size
+            self.metrics.log(result.step, values)
+            self._interval = {"loss": 0.0, "n": 0, "seconds": 0.0, "tokens": 0}
+        if load_now and L:
+            self.metrics.log_expert_load(result.step, tokens_LE)
+        if log_now:
+            acc.reset()
+
+    def fit(self) -> dict[str, float]:
+        """Train to `train.max_steps`; returns the last logged training and validation losses."""
+        t, ck = self.cfg.train, self.cfg.checkpoint
+        last: dict[str, float] = {}
+        try:
+            while self.step < t.max_steps:
+                result = self.train_step()
+                self._log(result)
+                last["loss"] = result.loss
+                if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.max_steps:
+                    ev = self.evaluate()
+                    self.metrics.log(self.step, ev)
+                    last.update(ev)
+                if ck.every and self.step % ck.every == 0:
+                    self.save_checkpoint()
+            if ck.save_final and self._last_saved != self.step:
+                self.save_checkpoint()
+        finally:
+            self.metrics.close()
+        return last

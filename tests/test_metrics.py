@@ -1,0 +1,107 @@
+"""Metrics: MoE summaries, JSONL always, wandb offline run files, no secrets, report PNGs."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from moe_scale.cli import main
+from moe_scale.train.config import load_config
+from moe_scale.train.metrics import MetricsLogger, moe_summary
+from moe_scale.train.trainer import Trainer
+from tests.trainer_utils import CONFIGS, read_jsonl, read_wandb_history, tiny
+
+SECRET = "wandb-secret-0123456789abcdef0123456789abcdef01234567"
+
+
+def test_moe_summary():
+    tokens = np.array([[4, 4, 4, 4], [10, 2, 0, 4]], dtype=float)
+    routed = np.array([[5, 4, 4, 4], [12, 2, 0, 4]], dtype=float)
+    out = moe_summary(tokens, routed, dropped_L=np.array([1, 2.0]), assignments_L=np.array([17, 18.0]))
+    assert out["moe/layer0/max_mean_load"] == 1.0 and out["moe/layer1/max_mean_load"] == 2.5
+    assert out["moe/layer0/drop_frac"] == pytest.approx(1 / 17) and out["moe/layer1/drop_frac"] == pytest.approx(2 / 18)
+    assert out["moe/layer1/dead_experts"] == 1 and out["moe/dead_experts"] == 1
+    assert out["moe/max_mean_load"] == 2.5
+
+
+@pytest.fixture(scope="module")
+def wandb_run(tmp_path_factory):
+    """A short run with wandb on (offline) and a fake API key in the environment."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("WANDB_MODE", "offline")
+    mp.setenv("WANDB_API_KEY", SECRET)
+    run_dir = tmp_path_factory.mktemp("wandb") / "run"
+    cfg = load_config(CONFIGS / "lm_debug.yaml", tiny(run_dir, "logging.wandb=true", "train.max_steps=10",
+                                                      "train.eval_every=10", "checkpoint.every=5"))
+    Trainer(cfg).fit()
+    mp.undo()
+    import wandb
+
+    wandb.teardown()  # stops wandb's service process, which writes the run file in the background
+    return run_dir
+
+
+def test_jsonl_metrics_are_written(wandb_run):
+    rows = read_jsonl(wandb_run / "metrics.jsonl")
+    assert [r["step"] for r in rows if "loss" in r] == [5, 10]
+    assert any("val_loss" in r for r in rows)
+    loads = read_jsonl(wandb_run / "expert_load.jsonl")
+    assert [r["step"] for r in loads] == [5, 10]
+    assert np.array(loads[0]["tokens_per_expert"]).shape == (2, 4)  # layers x experts
+
+
+def test_wandb_offline_run_holds_the_metrics(wandb_run):
+    files = list((wandb_run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1
+    history = read_wandb_history(files[0])
+    keys = set().union(*history)
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "aux/switch", "aux/z", "moe/layer0/drop_frac",
+                "moe/layer1/max_mean_load", "moe/dead_experts", "moe/max_mean_load", "val_loss"):
+        assert key in keys, key
+    assert not [k for k in keys if re.search(r"expert_?\d", k)]  # summaries, never a key per expert
+    images = [row for row in history if row.get("moe/expert_load/_type") == "image-file"]
+    assert len(images) == 2  # the expert-load heatmap at steps 5 and 10
+    run = files[0].parent
+    assert all((run / "files" / row["moe/expert_load/path"]).is_file() for row in images)
+    losses = [row["loss"] for row in history if "loss" in row]
+    jsonl = [r["loss"] for r in read_jsonl(wandb_run / "metrics.jsonl") if "loss" in r]
+    assert losses == pytest.approx(jsonl)
+
+
+def test_api_key_never_reaches_the_run_directory(wandb_run):
+    leaked = [p for p in wandb_run.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+    assert not leaked
+    assert "WANDB" not in (wandb_run / "config.yaml").read_text()
+
+
+def test_api_key_never_reaches_the_logs(tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("WANDB_API_KEY", SECRET)
+    assert main(["train", str(CONFIGS / "lm_debug.yaml"), *tiny(tmp_path / "run", "train.max_steps=5")]) == 0
+    out, err = capfd.readouterr()
+    assert "loss" in out + err and SECRET not in out + err
+
+
+def test_report_renders_pngs(wandb_run, tmp_path, capsys):
+    assert main(["report", str(wandb_run), "--out", str(tmp_path)]) == 0
+    names = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert names == ["expert_load.png", "expert_load_layer0.png", "expert_load_layer1.png", "training.png"]
+    for p in tmp_path.glob("*.png"):
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+    assert main(["report", str(tmp_path / "nothing")]) == 2  # not a run dir: a message, not a traceback
+
+
+def test_only_the_logging_rank_writes(tmp_path):
+    logger = MetricsLogger(tmp_path / "rank1", enabled=False, total_steps=10)
+    logger.log(1, {"loss": 1.0})
+    logger.log_expert_load(1, np.ones((1, 4)))
+    logger.close()
+    assert not (tmp_path / "rank1").exists()
+
+
+def test_log_lines_carry_an_eta_without_a_terminal(tmp_path, capsys):
+    logger = MetricsLogger(tmp_path, enabled=True, total_steps=10, progress=True)
+    logger.log(2, {"loss": 3.0})
+    logger.close()
+    assert re.search(r"step +2 +loss 3 +eta \d+m\d\ds", capsys.readouterr().out)
