@@ -58,6 +58,25 @@ class ConvStep2d(nn.Module):
         return self.norm(self.conv(x_BCHW).permute(0, 2, 3, 1))
 
 
+class StridedPointwise(nn.Module):
+    """LayerNorm(1x1 conv with stride s of ReLU?(x)): `[B, H, W, C_in] -> [B, ceil(H/s0), ceil(W/s1), C_out]`.
+
+    Written as a strided slice and a linear map: the same function as `nn.Conv2d(kernel_size=1,
+    stride=s)`, whose CPU backward on channels-last inputs corrupts memory in torch 2.13.
+    """
+
+    def __init__(self, c_in: int, c_out: int, stride=(2, 2), first_relu: bool = True):
+        super().__init__()
+        self.stride, self.first_relu = stride, first_relu
+        self.proj = nn.Linear(c_in, c_out)
+        self.norm = nn.LayerNorm(c_out)
+
+    def forward(self, x_BHWC: Tensor) -> Tensor:
+        if self.first_relu:
+            x_BHWC = F.relu(x_BHWC)
+        return self.norm(self.proj(x_BHWC[:, :: self.stride[0], :: self.stride[1]]))
+
+
 class XceptionBlock(nn.Module):
     """Two separable 3x3 conv steps + 3x3 max-pool, plus a strided 1x1 conv shortcut.
 
@@ -68,17 +87,17 @@ class XceptionBlock(nn.Module):
         super().__init__()
         self.stride = stride
         self.steps = nn.ModuleList([ConvStep2d(c_in, c_out), ConvStep2d(c_out, c_out)])
-        self.shortcut = ConvStep2d(c_in, c_out, kernel=1, stride=stride, separable=False, first_relu=shortcut_relu)
+        self.shortcut = StridedPointwise(c_in, c_out, stride, shortcut_relu)
 
     def forward(self, x_BHWC: Tensor, mask_BH: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         y = x_BHWC
         for step in self.steps:
             y = step(y, mask_BH)
-        if mask_BH is not None:  # padding must never win the max
-            y = y.masked_fill(~mask_BH[:, :, None, None], float("-inf"))
+        if mask_BH is not None:  # padding never wins the max (finite: an all -inf window breaks max_pool backward)
+            y = y.masked_fill(~mask_BH[:, :, None, None], torch.finfo(y.dtype).min)
         y = F.max_pool2d(y.permute(0, 3, 1, 2), 3, self.stride, 1).permute(0, 2, 3, 1)
         out_mask = None if mask_BH is None else mask_BH[:, :: self.stride[0]]
-        y = zero_padding(y, out_mask) + self.shortcut(x_BHWC, mask_BH)
+        y = zero_padding(y, out_mask) + self.shortcut(x_BHWC)
         return y, out_mask
 
 
