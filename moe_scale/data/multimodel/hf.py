@@ -9,9 +9,10 @@
     wsj_parsing     WSJ / PTB trees  none public (PTB is LDC99T42)       {"tree": "(S (NP ...) ...)", ["sentence"]}
 
 Each loader returns `(spec, train, eval)` raw examples like the stand-ins, ready for
-`build_tasks`. Pass `path="json" / "parquet" / "imagefolder" / "audiofolder"` with
-`data_files=` or `data_dir=` to read local copies; nothing then touches the hub. Rows are
-streamed, so `limit` reads only the first rows of a large corpus.
+`build_tasks`. Pass `path="json" / "parquet" / "imagefolder"` with `data_files=` or `data_dir=`
+to read local copies; nothing then touches the hub. Rows are streamed, so `limit` reads only
+the first rows of a large corpus. Audio columns are read undecoded and WAV is decoded here, so
+hub parquet exports need no `torchcodec` (datasets' "audiofolder" builder still does).
 """
 
 from __future__ import annotations

@@ -47,21 +47,27 @@ def bleu(hypotheses: list[str], references: list[str]) -> float:
     return float(sacrebleu.corpus_bleu(hypotheses, [references]).score)
 
 
-def majority_baseline(task: Task) -> dict[str, float]:
-    """Chance level: always answer the most frequent training class / target sequence, and the
-    most frequent training token at each target position (teacher-forced token accuracy)."""
+def majority_baseline(task: Task, max_examples: int | None = None) -> dict[str, float]:
+    """Chance level: always answer the most frequent training class / target sequence (accuracy,
+    BLEU), and the most frequent training token at each target position (token accuracy), on
+    the first `max_examples` evaluation examples (as `evaluate` scores them)."""
+    evals = task.eval[:max_examples]
     if task.spec.is_classification:
         top, _ = Counter(e.targets for e in task.train).most_common(1)[0]
-        return {"accuracy": sum(e.targets == top for e in task.eval) / len(task.eval)}
+        return {"accuracy": sum(e.targets == top for e in evals) / len(evals)}
     top_seq, _ = Counter(tuple(e.targets.tolist()) for e in task.train).most_common(1)[0]
     by_position: dict[int, Counter] = {}
     for e in task.train:
         for t, tok in enumerate(e.targets.tolist()):
             by_position.setdefault(t, Counter())[tok] += 1
     guess = {t: c.most_common(1)[0][0] for t, c in by_position.items()}
-    correct = sum(guess.get(t) == tok for e in task.eval for t, tok in enumerate(e.targets.tolist()))
-    total = sum(len(e.targets) for e in task.eval)
-    return {
-        "accuracy": sum(tuple(e.targets.tolist()) == top_seq for e in task.eval) / len(task.eval),
+    correct = sum(guess.get(t) == tok for e in evals for t, tok in enumerate(e.targets.tolist()))
+    total = sum(len(e.targets) for e in evals)
+    chance = {
+        "accuracy": sum(tuple(e.targets.tolist()) == top_seq for e in evals) / len(evals),
         "token_accuracy": correct / total,
     }
+    if task.spec.bleu:
+        refs = [task.vocab.decode(e.targets) for e in evals]
+        chance["bleu"] = bleu([task.vocab.decode(top_seq)] * len(refs), refs)
+    return chance

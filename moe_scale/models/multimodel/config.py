@@ -123,7 +123,7 @@ class MultiModelConfig:
             image_stem_stride=1,
             image_block_filters=(64,),
             audio_bins=40,
-            audio_block_filters=(16, 32),
+            audio_block_filters=(8, 16),
             categorical_filters=(64, 96, 128),
             encoder_blocks=2,
             mixer_blocks=1,
