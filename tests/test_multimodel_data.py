@@ -284,3 +284,9 @@ def test_parsing_loader_linearises_ptb_trees(tmp_path):
     assert train == [hf.linearize_ptb(tree)] and spec.target_space == "parse_tree"
     with pytest.raises(ValueError, match="LDC"):
         hf.wsj_parsing()
+
+
+def test_special_ids_agree_with_the_model():
+    from moe_scale.models import multimodel
+
+    assert (multimodel.PAD_ID, multimodel.EOS_ID) == (PAD_ID, EOS_ID)

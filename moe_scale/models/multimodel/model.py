@@ -7,9 +7,17 @@
                         --decoder (causal conv + attention blocks, MoE in the middle)--> [B, T, d]
                         --language net--> logits [B, T, V]
 
-Encoder: conv blocks, an MoE layer, conv blocks (the timing signal is added to the inputs first,
-as tensor2tensor does, so attention can tell positions apart). Everything after the targets
-enter is causal. The MoE layers are the engine's `MoELayer`; the model holds no process group.
+Encoder: conv blocks, an MoE layer, conv blocks. Everything after the targets enter is causal.
+The MoE layers are the engine's `MoELayer` (noisy top-k, importance and load losses, dropless by
+default, so no token's output depends on another's capacity); the model holds no process group.
+
+Where this follows tensor2tensor rather than the paper's text, or neither:
+- the timing signal is added to the encoder inputs (t2t), so attention can tell positions apart
+  in flattened images;
+- the categorical net runs on the encoder's flattened sequence `[B, S, 1, d]`, and the audio net
+  folds the frequency bins into the channels before projecting to d (not t2t's S*F positions);
+- without MoE (the paper's Table 4 ablation) each MoE layer becomes one dense FFN of an
+  expert's width.
 """
 
 from __future__ import annotations
