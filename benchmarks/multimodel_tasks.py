@@ -6,7 +6,8 @@
 
 Joint training draws each step's task by weight (uniform by default), so a joint run of S steps
 over N tasks gives each task about S/N steps: compare it with a single-task run of S/N steps
-(the paper's Table 2/3) and with `--no-moe` at the same steps (Table 4). Chance is the
+(the paper's Table 2/3) and with `--no-moe` at the same steps (Table 4; `--no-moe --hidden 512`
+gives the dense FFN the compute of k=4 experts of width 128). Chance is the
 majority baseline of `metrics.majority_baseline`. The vocabulary is always built over all the
 stand-in tasks, so single-task and joint models have the same embedding tables.
 """
@@ -40,6 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--no-moe", action="store_true", help="dense FFN of the experts' width instead of each MoE layer")
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--k", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=128,
+                   help="width of each expert (or of the dense FFN with --no-moe: k x this matches the MoE's compute)")
     p.add_argument("--eval-examples", type=int, default=150, help="per task")
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)
@@ -74,6 +77,7 @@ def main(argv=None) -> dict:
         use_moe=not args.no_moe,
         num_experts=args.experts,
         moe_k=args.k,
+        moe_hidden=args.hidden,
     )
     model = MultiModel(cfg)
     params = sum(p.numel() for p in model.parameters())
@@ -81,7 +85,7 @@ def main(argv=None) -> dict:
           f"tasks: {', '.join(t.name for t in tasks)}", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     sampler = JointSampler(tasks, args.batch_size, weights, seed=args.seed)
-    running, steps_per_task = defaultdict(list), defaultdict(int)
+    running, steps_per_task, expert_load = defaultdict(list), defaultdict(int), {}
     start = time.time()
     model.train()
     for step in range(args.steps):
@@ -95,11 +99,16 @@ def main(argv=None) -> dict:
         opt.step()
         running[batch.task].append(float(task_loss.detach()))
         steps_per_task[batch.task] += 1
+        for name, stats in zip(("encoder", "decoder"), out.moe_stats):
+            expert_load[name] = expert_load.get(name, 0) + stats.tokens_per_expert_E.detach().float()
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             losses = "  ".join(f"{k}={sum(v) / len(v):.2f}" for k, v in sorted(running.items()))
             print(f"step {step + 1:5d}  {time.time() - start:6.0f}s  aux={float(out.aux_loss.detach()):.4f}  {losses}", flush=True)
             running.clear()
     train_s = time.time() - start
+    for name, load in expert_load.items():
+        share = load / load.sum()
+        print(f"{name} MoE: share of routed tokens per expert {[round(float(x), 3) for x in share]}")
 
     results = {}
     print(f"\ntrained {args.steps} steps in {train_s:.0f}s; evaluation on up to {args.eval_examples} held-out examples per task")
@@ -111,7 +120,8 @@ def main(argv=None) -> dict:
         for i, (k, v) in enumerate(metrics.items()):
             c = f"{chance[k]:7.3f}" if k in chance else f"{'':7s}"
             print(f"{task.name if i == 0 else '':16s} {steps_per_task[task.name] if i == 0 else '':>5}  {k:15s} {v:7.3f} {c}")
-    summary = {"args": vars(args), "params": params, "train_seconds": train_s, "results": results}
+    summary = {"args": vars(args), "params": params, "train_seconds": train_s, "results": results,
+               "expert_share": {k: (v / v.sum()).tolist() for k, v in expert_load.items()}}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=2)

@@ -30,14 +30,12 @@ Source = tuple[TaskSpec, list[RawExample], list[RawExample]]
 
 def stream_rows(path: str, name: str | None = None, split: str = "train", limit: int | None = None, **kwargs):
     """The first `limit` rows of a split (all rows if None), streamed through `datasets.load_dataset`."""
-    from datasets import load_dataset
+    from datasets import Audio, load_dataset
 
     ds = load_dataset(path, name, split=split, streaming=True, **kwargs)
-    audio_columns = [c for c, f in (ds.features or {}).items() if type(f).__name__ == "Audio"]
-    for column in audio_columns:  # decode WAV here: no torchcodec needed
-        from datasets import Audio
-
-        ds = ds.cast_column(column, Audio(decode=False))
+    for column, feature in (ds.features or {}).items():
+        if isinstance(feature, Audio):  # read the bytes; `decode_audio` decodes WAV without torchcodec
+            ds = ds.cast_column(column, Audio(decode=False))
     return islice(iter(ds), limit)
 
 
