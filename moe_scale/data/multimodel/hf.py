@@ -72,7 +72,10 @@ def imagenet(path: str = "ILSVRC/imagenet-1k", name: str | None = None, image_si
              image_column: str = "image", label_column: str = "label", **kwargs) -> Source:
     spec = TaskSpec("imagenet", "image", "class:imagenet", "image_label", num_classes=num_classes,
                     description=f"ImageNet {image_size}x{image_size} RGB -> class")
-    convert = lambda r: (image_array(r[image_column], image_size), int(r[label_column]))  # noqa: E731
+
+    def convert(row):
+        return image_array(row[image_column], image_size), int(row[label_column])
+
     train, ev = _splits(convert, path, name, splits, limits, kwargs)
     return spec, train, ev
 

@@ -80,8 +80,8 @@ def number_translation(src: str, tgt: str, seed: int = 0) -> Source:
     train, ev = number_split(seed)
     spec = TaskSpec(f"translate_{src}_{tgt}", "language", "language", tgt, bleu=True,
                     description=f"number phrase {src} -> {tgt}, num2words (WMT stand-in)")
-    make = lambda ns: [(number_words(int(n), src), number_words(int(n), tgt)) for n in ns]  # noqa: E731
-    return spec, make(train), make(ev)
+    train_pairs = [(number_words(int(n), src), number_words(int(n), tgt)) for n in train]
+    return spec, train_pairs, [(number_words(int(n), src), number_words(int(n), tgt)) for n in ev]
 
 
 _PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
@@ -144,10 +144,13 @@ def speech_numbers(seed: int = 0, path: Path = SPEECH_FILE) -> Source:
     numbers, feats = load_spoken_numbers(path)
     train, ev = number_split(seed)
     by_number = {int(n): f for n, f in zip(numbers, feats)}
-    make = lambda ns: [(by_number[int(n)], number_words(int(n), "en")) for n in ns if int(n) in by_number]  # noqa: E731
+
+    def examples(ns: np.ndarray) -> list[RawExample]:
+        return [(by_number[int(n)], number_words(int(n), "en")) for n in ns if int(n) in by_number]
+
     spec = TaskSpec("speech_numbers", "audio", "language", "en",
                     description="spoken number (espeak-ng, 40 log-mel) -> English words (WSJ speech stand-in)")
-    return spec, make(train), make(ev)
+    return spec, examples(train), examples(ev)
 
 
 STANDINS: dict[str, Callable[[int], Source]] = {

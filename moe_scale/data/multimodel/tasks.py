@@ -104,10 +104,10 @@ class Batch:
     references: list[str] = field(default_factory=list)
 
     def to(self, device) -> "Batch":
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        mask = None if self.input_mask is None else self.input_mask.to(device)
         return Batch(
-            self.task, self.input_modality, self.target_modality, move(self.inputs), move(self.input_mask),
-            move(self.targets), move(self.target_space), self.references,
+            self.task, self.input_modality, self.target_modality, self.inputs.to(device), mask,
+            self.targets.to(device), self.target_space.to(device), self.references,
         )
 
 
