@@ -206,6 +206,39 @@ def test_one_training_step_per_modality_pair(modality, inputs, mask, target, use
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.inputs[modality].parameters())
 
 
+@pytest.fixture(scope="module")
+def standin_tasks():
+    from moe_scale.data.multimodel.standins import standin_sources
+    from moe_scale.data.multimodel.tasks import build_tasks
+
+    return build_tasks(standin_sources())
+
+
+STANDIN_NAMES = ["digits_cls", "digits_caption", "translate_en_de", "translate_de_en", "translate_en_fr",
+                 "translate_fr_en", "parse_arith", "speech_numbers"]
+
+
+@pytest.mark.parametrize("name", STANDIN_NAMES)
+def test_one_training_step_per_task(standin_tasks, name):
+    from moe_scale.data.multimodel.sampler import JointSampler
+    from moe_scale.data.multimodel.tasks import TARGET_SPACES
+
+    task = next(t for t in standin_tasks if t.name == name)
+    torch.manual_seed(0)
+    cfg = tiny_config(vocab_size=len(task.vocab), num_target_spaces=len(TARGET_SPACES), audio_bins=40)
+    model = MultiModel(cfg).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batch = JointSampler([task], 6, seed=0).batch_from(0)
+    loss, task_loss, out = model.loss(batch)
+    assert torch.isfinite(loss) and 0 < float(task_loss.detach()) < 10
+    opt.zero_grad()
+    loss.backward()
+    assert model.encoder.experts.moe.experts.w1.grad.abs().sum() > 0
+    opt.step()
+    again, _, _ = model.loss(batch)
+    assert torch.isfinite(again)
+
+
 def test_a_few_steps_fit_one_batch():
     torch.manual_seed(0)
     model = MultiModel(tiny_config()).train()
