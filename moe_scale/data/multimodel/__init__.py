@@ -1,0 +1,1 @@
+"""MultiModel tasks: offline stand-ins, real-corpus loaders, joint sampler, metrics (see README.md)."""
