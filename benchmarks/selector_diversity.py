@@ -1,0 +1,200 @@
+"""Selector vs beam search vs sampling on the offline question-generation task.
+
+Trains a K=3 Selector (hard-EM focus selector + focus-aware copy seq2seq) and a plain copy
+seq2seq of the same size on `offline_qg` (every source has 8 valid questions: 4 question
+types x 2 phrasings), then decodes K=3 outputs per test source:
+
+    selector      one output per expert (thresholded focus, greedy decoding)
+    beam          the 3 best beams of a width-3 beam search
+    topk / nucleus  3 samples (top-k=10 / top-p=0.9)
+
+and reports top-1 BLEU and oracle BLEU (one reference per test source, as in SQuAD), pairwise
+Self-BLEU, how many test sources' K outputs are distinct valid questions, and the examples
+each selector expert won during training. Writes benchmarks/results/selector_diversity.{json,png}.
+
+    PYTHONPATH=. python benchmarks/selector_diversity.py [--steps 1500] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from moe_scale.data.selector import Vocab, collate
+from moe_scale.data.selector_sources import offline_qg
+from moe_scale.models.selector import (
+    GeneratorConfig, Generator, SelectorConfig, SelectorSeq2Seq, beam_generate, sample_generate,
+)
+from moe_scale.models.selector.metrics import diversity_report
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def batches(examples, vocab, batch_size, rng):
+    order = list(range(len(examples)))
+    while True:
+        rng.shuffle(order)
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            yield collate([examples[j] for j in order[i : i + batch_size]], vocab)
+
+
+def train(model, step_fn, examples, vocab, args, log_every, name):
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    rng = random.Random(args.seed)
+    model.train()
+    history = []
+    start = time.time()
+    for step, batch in zip(range(1, args.steps + 1), batches(examples, vocab, args.batch_size, rng)):
+        loss, extra = step_fn(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        opt.step()
+        history.append(extra)
+        if step % log_every == 0:
+            print(f"[{name}] step {step}/{args.steps} loss {loss.item():.3f} {time.time() - start:.0f}s", flush=True)
+    return history, time.time() - start
+
+
+def selector_step(model, batch):
+    loss, stats = model(batch)
+    return loss, stats.wins_K.tolist()
+
+
+def baseline_step(model, batch):
+    return model.loss(batch), None
+
+
+def texts(gens, batch, vocab):
+    out = []
+    for b in range(gens.ids_BKL.shape[0]):
+        out.append([" ".join(vocab.decode(ids, batch.oovs[b])) for ids in gens.ids_BKL[b]])
+    return out
+
+
+def evaluate(decode, test, valid_sets, vocab, args):
+    """K outputs per test example -> metrics (references: the one test question)."""
+    outputs = []
+    for i in range(0, len(test), 100):
+        chunk = test[i : i + 100]
+        batch = collate(chunk, vocab)
+        outputs.extend(texts(decode(batch), batch, vocab))
+    refs = [[" ".join(ex.target)] for ex in test]
+    report = diversity_report(outputs, refs)
+    valid = [sum(o in valid_sets[ex.group] for o in outs) for outs, ex in zip(outputs, test)]
+    distinct_valid = [len({o for o in outs if o in valid_sets[ex.group]}) for outs, ex in zip(outputs, test)]
+    report["valid_output_frac"] = sum(valid) / (len(test) * args.k)
+    report["distinct_valid_per_source"] = sum(distinct_valid) / len(test)
+    report["examples"] = [{"source": " ".join(ex.source), "reference": r[0], "outputs": o}
+                          for ex, r, o in list(zip(test, refs, outputs))[:5]]
+    return report
+
+
+def plot(results, win_curve, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(results["methods"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.27
+    for j, metric in enumerate(("top1_bleu", "oracle_bleu", "self_bleu")):
+        xs = [i + (j - 1) * width for i in range(len(methods))]
+        axes[0].bar(xs, [results["methods"][m][metric] for m in methods], width, label=metric)
+    axes[0].set_xticks(range(len(methods)), methods)
+    axes[0].set_ylabel("BLEU-4")
+    axes[0].set_title(f"K={results['k']} outputs per source (Self-BLEU: lower = more diverse)")
+    axes[0].legend()
+    steps = [s for s, _ in win_curve]
+    for e in range(results["k"]):
+        axes[1].plot(steps, [w[e] for _, w in win_curve], label=f"expert {e}")
+    axes[1].set_xlabel("training step")
+    axes[1].set_ylabel(f"share of examples won (window of {results['win_window']} steps)")
+    axes[1].set_ylim(0, 1)
+    axes[1].set_title("hard-EM assignments")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--k", type=int, default=3)
+    p.add_argument("--train-sources", type=int, default=3000)
+    p.add_argument("--test-sources", type=int, default=300)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(RESULTS / "selector_diversity"))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    train_ex = offline_qg(args.train_sources, seed=args.seed)
+    test = offline_qg(args.test_sources, seed=args.seed + 1000, references="one")
+    valid_sets = {g: set() for g in range(args.test_sources)}
+    for ex in offline_qg(args.test_sources, seed=args.seed + 1000):
+        valid_sets[ex.group].add(" ".join(ex.target))
+    vocab = Vocab.build([ex.source for ex in train_ex] + [ex.target for ex in train_ex], min_freq=20)
+    oov_frac = sum(vocab.id(t) == 1 for ex in test for t in ex.source) / sum(len(ex.source) for ex in test)
+    print(f"train pairs {len(train_ex)}, vocab {len(vocab)}, test sources {len(test)}, OOV source tokens {oov_frac:.1%}")
+
+    dims = dict(vocab_size=len(vocab), embed_dim=64, hidden_dim=args.hidden, answer_dim=0, dropout=0.1)
+    torch.manual_seed(args.seed)
+    selector = SelectorSeq2Seq(SelectorConfig(num_experts=args.k, expert_dim=64, **dims), GeneratorConfig(**dims))
+    torch.manual_seed(args.seed)
+    baseline = Generator(GeneratorConfig(use_focus=False, **dims))
+
+    wins_history, sel_time = train(selector, selector_step, train_ex, vocab, args, 250, "selector")
+    _, base_time = train(baseline, baseline_step, train_ex, vocab, args, 250, "baseline")
+    selector.eval()
+    baseline.eval()
+
+    rng = torch.Generator().manual_seed(args.seed)
+    decoders = {
+        "selector": lambda b: selector.generate(b),
+        "beam": lambda b: beam_generate(baseline, b, args.k),
+        "topk_sampling": lambda b: sample_generate(baseline, b, args.k, top_k=10, rng=rng),
+        "nucleus_sampling": lambda b: sample_generate(baseline, b, args.k, top_p=0.9, rng=rng),
+    }
+    methods = {}
+    for name, decode in decoders.items():
+        methods[name] = evaluate(decode, test, valid_sets, vocab, args)
+        m = methods[name]
+        print(f"{name:>17}: top-1 {m['top1_bleu']:5.1f}  oracle {m['oracle_bleu']:5.1f}  self-BLEU {m['self_bleu']:5.1f}"
+              f"  valid {m['valid_output_frac']:.2f}  distinct valid/source {m['distinct_valid_per_source']:.2f}")
+
+    window = max(args.steps // 30, 1)
+    win_curve = []
+    for start in range(0, len(wins_history) - window + 1, window):
+        chunk = wins_history[start : start + window]
+        totals = [sum(w[e] for w in chunk) for e in range(args.k)]
+        win_curve.append((start + window, [t / max(sum(totals), 1) for t in totals]))
+    total_wins = [sum(w[e] for w in wins_history) for e in range(args.k)]
+    last = wins_history[-window:]
+    results = {
+        "k": args.k, "args": vars(args), "vocab_size": len(vocab), "train_pairs": len(train_ex),
+        "test_sources": len(test), "oov_source_token_frac": oov_frac,
+        "train_seconds": {"selector": sel_time, "baseline": base_time},
+        "expert_wins_total": total_wins,
+        "expert_wins_last_window": [sum(w[e] for w in last) for e in range(args.k)],
+        "win_window": window, "expert_win_share_curve": win_curve, "methods": methods,
+    }
+    print(f"expert wins over training: {total_wins} (last {window} steps: {results['expert_wins_last_window']})")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    plot(results, win_curve, out.with_suffix(".png"))
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
