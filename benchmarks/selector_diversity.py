@@ -2,15 +2,17 @@
 
 Trains a K=3 Selector (hard-EM focus selector + focus-aware copy seq2seq) and a plain copy
 seq2seq of the same size on `offline_qg` (every source has 8 valid questions: 4 question
-types x 2 phrasings), then decodes K=3 outputs per test source:
+types with a skewed prior x 2 phrasings; 8 drawn per training source), then decodes K=3
+outputs per test source:
 
     selector      one output per expert (thresholded focus, greedy decoding)
     beam          the 3 best beams of a width-3 beam search
     topk / nucleus  3 samples (top-k=10 / top-p=0.9)
 
-and reports top-1 BLEU and oracle BLEU (one reference per test source, as in SQuAD), pairwise
-Self-BLEU, how many test sources' K outputs are distinct valid questions, and the examples
-each selector expert won during training. Writes benchmarks/results/selector_diversity.{json,png}.
+and reports top-1 BLEU and oracle BLEU (one reference per test source, drawn from the task's
+distribution, as SQuAD has one), pairwise Self-BLEU, how many of the K outputs are valid and
+distinct questions and how many question types they cover, and the examples each selector
+expert won during training. Writes benchmarks/results/selector_diversity.{json,png}.
 
     PYTHONPATH=. python benchmarks/selector_diversity.py [--steps 1500] [--threads 2]
 """
@@ -26,7 +28,7 @@ from pathlib import Path
 import torch
 
 from moe_scale.data.selector import Vocab, collate
-from moe_scale.data.selector_sources import offline_qg
+from moe_scale.data.selector_sources import QUESTIONS, offline_qg
 from moe_scale.models.selector import (
     GeneratorConfig, Generator, SelectorConfig, SelectorSeq2Seq, beam_generate, sample_generate,
 )
@@ -86,10 +88,13 @@ def evaluate(decode, test, valid_sets, vocab, args):
         outputs.extend(texts(decode(batch), batch, vocab))
     refs = [[" ".join(ex.target)] for ex in test]
     report = diversity_report(outputs, refs)
+    # valid_sets[group]: valid question -> its type; an output is valid when it is one of them.
     valid = [sum(o in valid_sets[ex.group] for o in outs) for outs, ex in zip(outputs, test)]
     distinct_valid = [len({o for o in outs if o in valid_sets[ex.group]}) for outs, ex in zip(outputs, test)]
+    types = [len({valid_sets[ex.group][o] for o in outs if o in valid_sets[ex.group]}) for outs, ex in zip(outputs, test)]
     report["valid_output_frac"] = sum(valid) / (len(test) * args.k)
     report["distinct_valid_per_source"] = sum(distinct_valid) / len(test)
+    report["question_types_per_source"] = sum(types) / len(test)
     report["examples"] = [{"source": " ".join(ex.source), "reference": r[0], "outputs": o}
                           for ex, r, o in list(zip(test, refs, outputs))[:5]]
     return report
@@ -125,24 +130,25 @@ def plot(results, win_curve, path):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--k", type=int, default=3)
     p.add_argument("--train-sources", type=int, default=3000)
     p.add_argument("--test-sources", type=int, default=300)
     p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(RESULTS / "selector_diversity"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    train_ex = offline_qg(args.train_sources, seed=args.seed)
-    test = offline_qg(args.test_sources, seed=args.seed + 1000, references="one")
-    valid_sets = {g: set() for g in range(args.test_sources)}
-    for ex in offline_qg(args.test_sources, seed=args.seed + 1000):
-        valid_sets[ex.group].add(" ".join(ex.target))
+    train_ex = offline_qg(args.train_sources, seed=args.seed, targets_per_source=8)
+    test = offline_qg(args.test_sources, seed=args.seed + 1000, targets_per_source=1)
+    valid_sets = {g: {} for g in range(args.test_sources)}
+    for i, ex in enumerate(offline_qg(args.test_sources, seed=args.seed + 1000, targets_per_source=None)):
+        valid_sets[ex.group][" ".join(ex.target)] = list(QUESTIONS)[(i % (2 * len(QUESTIONS))) // 2]
+    # Words of fewer than 20 training pairs (names seen once or never) stay out: they are copied.
     vocab = Vocab.build([ex.source for ex in train_ex] + [ex.target for ex in train_ex], min_freq=20)
     oov_frac = sum(vocab.id(t) == 1 for ex in test for t in ex.source) / sum(len(ex.source) for ex in test)
     print(f"train pairs {len(train_ex)}, vocab {len(vocab)}, test sources {len(test)}, OOV source tokens {oov_frac:.1%}")
@@ -170,7 +176,8 @@ def main():
         methods[name] = evaluate(decode, test, valid_sets, vocab, args)
         m = methods[name]
         print(f"{name:>17}: top-1 {m['top1_bleu']:5.1f}  oracle {m['oracle_bleu']:5.1f}  self-BLEU {m['self_bleu']:5.1f}"
-              f"  valid {m['valid_output_frac']:.2f}  distinct valid/source {m['distinct_valid_per_source']:.2f}")
+              f"  valid {m['valid_output_frac']:.2f}  distinct valid/source {m['distinct_valid_per_source']:.2f}"
+              f"  types/source {m['question_types_per_source']:.2f}")
 
     window = max(args.steps // 30, 1)
     win_curve = []

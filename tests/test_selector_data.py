@@ -1,5 +1,6 @@
 """Selector data: guidance focus on hand-made examples, loaders on small local files, batches."""
 
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -99,7 +100,7 @@ def test_jsonl_and_csv_give_the_same_examples():
 def test_offline_task_is_deterministic_with_several_targets_and_focuses():
     assert offline_qg(20, seed=3) == offline_qg(20, seed=3)
     assert offline_qg(20, seed=3) != offline_qg(20, seed=4)
-    examples = offline_qg(10, seed=0)
+    examples = offline_qg(10, seed=0, targets_per_source=None)
     per_source = 2 * len(QUESTIONS)
     assert len(examples) == 10 * per_source
     for g in range(10):
@@ -107,8 +108,19 @@ def test_offline_task_is_deterministic_with_several_targets_and_focuses():
         assert len({tuple(ex.target) for ex in group}) == per_source
         # each question type needs its own focus
         assert len({tuple(ex.focus) for ex in group[::2]}) == len(QUESTIONS)
-    one = offline_qg(10, seed=0, references="one")
+    one = offline_qg(10, seed=0, targets_per_source=1)
     assert [ex.group for ex in one] == list(range(10))
+    assert all(ex.source == examples[8 * ex.group].source for ex in one)
+
+
+def test_offline_task_question_frequencies_follow_the_prior():
+    examples = offline_qg(500, seed=0, targets_per_source=4)
+    first_word = Counter(ex.target[0] for ex in examples)
+    n = len(examples)
+    # who: 0.4 (who 0.24 + which person 0.16); what 0.3; where 0.12 + in which 0.08; when 0.06
+    assert abs(first_word["who"] / n - 0.24) < 0.03
+    assert abs(first_word["what"] / n - 0.30) < 0.03
+    assert abs(first_word["when"] / n - 0.06) < 0.02
 
 
 def test_collate_extended_vocabulary_for_copying():

@@ -15,7 +15,7 @@ from moe_scale.moe.routing import MinLossRouter
 
 @pytest.fixture(scope="module")
 def data():
-    examples = offline_qg(6, seed=0)
+    examples = offline_qg(6, seed=0, targets_per_source=None)
     vocab = Vocab.build([ex.source for ex in examples] + [ex.target for ex in examples], min_freq=2)
     return examples, vocab, collate(examples[:8], vocab)
 

@@ -136,6 +136,13 @@ def load_cnndm(
 
 
 # ---- Offline task: one sentence with several facts, several valid questions ---------------
+#
+# A source states five facts (who did what, to which object, where, when). A question asks
+# about one fact and mentions a type-specific subset of the others, so each question type needs
+# its own focus; each type has two phrasings. As in real question data, the valid questions are
+# not equally frequent: the types have a skewed prior and each type a dominant phrasing. A
+# likelihood-ranked K-best list (beam search) therefore spends outputs on phrasings of the
+# most frequent type, while K content selections can cover K different types.
 
 _SYLLABLES = "ka ro li ma te su no vi da be lo ra mi ze pa to".split()
 _VERBS = [
@@ -152,14 +159,17 @@ _SOURCES = (
     "on {day} , {name} {past} the {adj} {noun} in {place} .",
     "in {place} , {name} {past} the {adj} {noun} on {day} .",
 )
-# Question type -> its phrasings. Each type leaves out a different fact (the one asked about)
-# and mentions a different subset of the others, so each needs a different focus.
+# Question type -> (prior, its phrasings as (template, probability)).
 QUESTIONS = {
-    "who": ("who {past} the {adj} {noun} in {place} ?", "which person {past} the {adj} {noun} in {place} ?"),
-    "what": ("what did {name} {base} on {day} ?", "what was {past} by {name} on {day} ?"),
-    "where": ("where did {name} {base} the {noun} ?", "in which city did {name} {base} the {noun} ?"),
-    "when": ("when did {name} {base} the {adj} {noun} ?", "on which day did {name} {base} the {adj} {noun} ?"),
+    "who": (0.4, (("who {past} the {adj} {noun} in {place} ?", 0.6),
+                  ("which person {past} the {adj} {noun} in {place} ?", 0.4))),
+    "what": (0.3, (("what did {name} {base} on {day} ?", 0.6), ("what was {past} by {name} on {day} ?", 0.4))),
+    "where": (0.2, (("where did {name} {base} the {noun} ?", 0.6), ("in which city did {name} {base} the {noun} ?", 0.4))),
+    "when": (0.1, (("when did {name} {base} the {adj} {noun} ?", 0.6),
+                   ("on which day did {name} {base} the {adj} {noun} ?", 0.4))),
 }
+_TEMPLATES = [t for prior, phrasings in QUESTIONS.values() for t, _ in phrasings]
+_WEIGHTS = [prior * p for prior, phrasings in QUESTIONS.values() for _, p in phrasings]
 
 
 def _names(rng: random.Random, count: int) -> list[str]:
@@ -169,11 +179,11 @@ def _names(rng: random.Random, count: int) -> list[str]:
     return sorted(names)
 
 
-def offline_qg_groups(num_sources: int, seed: int = 0, num_names: int = 400) -> list[tuple[list[str], list[list[str]]]]:
-    """`num_sources` sources, each with all its valid questions (len(QUESTIONS) x 2 phrasings).
+def offline_qg_groups(num_sources: int, seed: int = 0, num_names: int = 4000) -> list[tuple[list[str], list[list[str]]]]:
+    """`num_sources` sources, each with all its valid questions in `QUESTIONS` order.
 
-    Deterministic in `seed`. Names come from a large pool, so many are rare or unseen: the
-    generator must copy them from the source.
+    Deterministic in `seed`. Names come from a large pool, so most are rare or unseen in
+    training: the generator must copy them from the source.
     """
     rng = random.Random(seed)
     names = _names(random.Random(1234), num_names)
@@ -185,25 +195,23 @@ def offline_qg_groups(num_sources: int, seed: int = 0, num_names: int = 400) -> 
             noun=rng.choice(_NOUNS), place=rng.choice(_PLACES), day=rng.choice(_DAYS),
         )
         source = rng.choice(_SOURCES).format(**slots).split()
-        targets = [q.format(**slots).split() for phrasings in QUESTIONS.values() for q in phrasings]
-        groups.append((source, targets))
+        groups.append((source, [t.format(**slots).split() for t in _TEMPLATES]))
     return groups
 
 
-def offline_qg(
-    num_sources: int, seed: int = 0, references: str = "all"
-) -> list[Example]:
+def offline_qg(num_sources: int, seed: int = 0, targets_per_source: int | None = 8) -> list[Example]:
     """Examples of the offline task; `group` is the source's index.
 
-    references   "all": one example per valid question (training, coverage); "one": a single
-                 question per source picked by `seed` (evaluation against one reference, as in
-                 SQuAD where each answer has one human question)
+    targets_per_source   questions drawn (with replacement) from the task's distribution for
+                         each source: 8 for training, 1 for a test set with one reference per
+                         source (as SQuAD has); None = every valid question once (coverage)
     """
-    if references not in ("all", "one"):
-        raise ValueError(f"references must be 'all' or 'one', got {references!r}")
-    pick = random.Random(seed + 1)
+    if targets_per_source is not None and targets_per_source < 1:
+        raise ValueError(f"targets_per_source must be >= 1 or None, got {targets_per_source}")
+    draw = random.Random(seed + 1)
     examples = []
     for g, (source, targets) in enumerate(offline_qg_groups(num_sources, seed)):
-        chosen = targets if references == "all" else [pick.choice(targets)]
-        examples.extend(Example(source, t, qg_guidance(source, t), group=g) for t in chosen)
+        if targets_per_source is not None:
+            targets = draw.choices(targets, weights=_WEIGHTS, k=targets_per_source)
+        examples.extend(Example(source, t, qg_guidance(source, t), group=g) for t in targets)
     return examples
