@@ -5,7 +5,10 @@ seq2seq of the same size on `offline_qg` (every source has 8 valid questions: 4 
 types with a skewed prior x 2 phrasings; 8 drawn per training source), then decodes K=3
 outputs per test source:
 
-    selector      one output per expert (thresholded focus, greedy decoding)
+    selector      one output per expert (thresholded focus, greedy decoding), top-1 by the
+                  generator's likelihood (the paper's rule)
+    selector_prior_rank   the same outputs, top-1 by likelihood x the expert's share of
+                  training wins (the mixture's joint likelihood)
     beam          the 3 best beams of a width-3 beam search
     topk / nucleus  3 samples (top-k=10 / top-p=0.9)
 
@@ -165,8 +168,11 @@ def main():
     baseline.eval()
 
     rng = torch.Generator().manual_seed(args.seed)
+    log_prior = torch.tensor([sum(w[e] for w in wins_history) for e in range(args.k)], dtype=torch.float)
+    log_prior = (log_prior.clamp(min=1) / log_prior.clamp(min=1).sum()).log()
     decoders = {
         "selector": lambda b: selector.generate(b),
+        "selector_prior_rank": lambda b: selector.generate(b, expert_log_prior=log_prior),
         "beam": lambda b: beam_generate(baseline, b, args.k),
         "topk_sampling": lambda b: sample_generate(baseline, b, args.k, top_k=10, rng=rng),
         "nucleus_sampling": lambda b: sample_generate(baseline, b, args.k, top_p=0.9, rng=rng),

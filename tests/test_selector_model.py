@@ -139,6 +139,10 @@ def test_selector_generate_returns_k_outputs_sorted_by_score(data):
     assert sorted(out.expert_BK[0].tolist()) == [0, 1, 2]
     beam = model.generate(batch, beam_size=2, sample_focus=True)
     assert beam.ids_BKL.shape[:2] == (B, 3)
+    # a prior that overwhelmingly favours expert 2 makes its output the top-1
+    prior = model.generate(batch, expert_log_prior=torch.tensor([-1e4, -1e4, 0.0]))
+    assert prior.expert_BK[:, 0].tolist() == [2] * B
+    assert torch.equal(prior.ids_BKL[:, 0], out.ids_BKL[out.expert_BK == 2].view(B, -1))
 
 
 def test_baselines_return_k_outputs(data):

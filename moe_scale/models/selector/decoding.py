@@ -6,7 +6,9 @@ three ways to get K diverse outputs per source that the benchmark compares:
     sample_generate     plain seq2seq, K independent top-k / nucleus samples
 
 Each returns `Generations` with the K outputs of every example sorted by score (the
-length-normalised log-likelihood under the generator), so output 0 is the top-1.
+length-normalised log-likelihood under the generator), so output 0 is the top-1. The selector
+can also rank by the mixture's joint likelihood log p(y | x, focus_k) + log pi_k, with pi_k the
+share of training examples expert k won (`expert_log_prior`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ class Generations:
     """K outputs per example, best first.
 
     ids_BKL     extended-vocabulary ids, <pad> after </s>
-    score_BK    mean log-probability per token (</s> included)
+    score_BK    ranking score: mean log-probability per token (</s> included), the expert's
+                log prior added to the sum first when one is given
     expert_BK   the selector expert behind each output (-1 for the baselines)
     """
 
@@ -142,9 +145,13 @@ def _sorted(ids_NL: Tensor, total_N: Tensor, B: int, K: int, expert_BK: Tensor) 
 @torch.no_grad()
 def selector_generate(
     selector, generator: Generator, batch, sample_focus: bool = False, threshold: float | None = None,
-    beam_size: int = 1, max_len: int | None = None,
+    beam_size: int = 1, max_len: int | None = None, expert_log_prior: Tensor | None = None,
 ) -> Generations:
-    """One output per selector expert: focus of expert k (thresholded or sampled) -> decode."""
+    """One output per selector expert: focus of expert k (thresholded or sampled) -> decode.
+
+    expert_log_prior   `[K]` log pi_k added to each output's log-likelihood before ranking
+                       (None: rank by the generator alone, as Cho et al. do)
+    """
     max_len = max_len or generator.cfg.max_len
     focus_BKS = selector.select(batch.src_BS, batch.src_mask_BS, batch.answer_BS, threshold=threshold, sample=sample_focus)
     B, K, S = focus_BKS.shape
@@ -159,6 +166,8 @@ def selector_generate(
     else:
         ids, total = sample_or_greedy(generator, memory, max_len, greedy=True)
     expert_BK = torch.arange(K, device=ids.device).expand(B, K)
+    if expert_log_prior is not None:
+        total = total + expert_log_prior.to(total).repeat(B)
     return _sorted(ids, total, B, K, expert_BK)
 
 
