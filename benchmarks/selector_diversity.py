@@ -7,8 +7,8 @@ outputs per test source:
 
     selector      one output per expert (thresholded focus, greedy decoding), top-1 by the
                   generator's likelihood (the paper's rule)
-    selector_prior_rank   the same outputs, top-1 by likelihood x the expert's share of
-                  training wins (the mixture's joint likelihood)
+    selector_prior_rank   the same outputs, top-1 by the mixture's joint likelihood
+                  pi_k p(y | x, focus_k), pi_k = the expert's share of training wins
     beam          the 3 best beams of a width-3 beam search
     topk / nucleus  3 samples (top-k=10 / top-p=0.9)
 
@@ -110,12 +110,12 @@ def plot(results, win_curve, path):
     import matplotlib.pyplot as plt
 
     methods = list(results["methods"])
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     width = 0.27
     for j, metric in enumerate(("top1_bleu", "oracle_bleu", "self_bleu")):
         xs = [i + (j - 1) * width for i in range(len(methods))]
         axes[0].bar(xs, [results["methods"][m][metric] for m in methods], width, label=metric)
-    axes[0].set_xticks(range(len(methods)), methods)
+    axes[0].set_xticks(range(len(methods)), [m.replace("_", "\n") for m in methods])
     axes[0].set_ylabel("BLEU-4")
     axes[0].set_title(f"K={results['k']} outputs per source (Self-BLEU: lower = more diverse)")
     axes[0].legend()

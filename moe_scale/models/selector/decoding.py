@@ -7,8 +7,8 @@ three ways to get K diverse outputs per source that the benchmark compares:
 
 Each returns `Generations` with the K outputs of every example sorted by score (the
 length-normalised log-likelihood under the generator), so output 0 is the top-1. The selector
-can also rank by the mixture's joint likelihood log p(y | x, focus_k) + log pi_k, with pi_k the
-share of training examples expert k won (`expert_log_prior`).
+can also rank by the mixture's joint log-likelihood log pi_k + log p(y | x, focus_k), with pi_k
+the share of training examples expert k won (`expert_log_prior`).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ class Generations:
     """K outputs per example, best first.
 
     ids_BKL     extended-vocabulary ids, <pad> after </s>
-    score_BK    ranking score: mean log-probability per token (</s> included), the expert's
-                log prior added to the sum first when one is given
+    score_BK    ranking score: mean log-probability per token (</s> included), or with an
+                expert prior the joint log pi_k + sum of log-probabilities
     expert_BK   the selector expert behind each output (-1 for the baselines)
     """
 
@@ -135,11 +135,11 @@ def beam_search(generator: Generator, memory: Memory, beam_size: int, max_len: i
     return ids, score_NW.gather(1, order)
 
 
-def _sorted(ids_NL: Tensor, total_N: Tensor, B: int, K: int, expert_BK: Tensor) -> Generations:
-    mean_BK = (total_N / _lengths(ids_NL).float()).view(B, K)
-    order = mean_BK.argsort(dim=-1, descending=True)
+def _sorted(ids_NL: Tensor, total_N: Tensor, B: int, K: int, expert_BK: Tensor, normalise: bool = True) -> Generations:
+    score_BK = (total_N / _lengths(ids_NL).float() if normalise else total_N).view(B, K)
+    order = score_BK.argsort(dim=-1, descending=True)
     ids_BKL = ids_NL.view(B, K, -1).gather(1, order[..., None].expand(-1, -1, ids_NL.shape[1]))
-    return Generations(ids_BKL, mean_BK.gather(1, order), expert_BK.gather(1, order))
+    return Generations(ids_BKL, score_BK.gather(1, order), expert_BK.gather(1, order))
 
 
 @torch.no_grad()
@@ -149,8 +149,8 @@ def selector_generate(
 ) -> Generations:
     """One output per selector expert: focus of expert k (thresholded or sampled) -> decode.
 
-    expert_log_prior   `[K]` log pi_k added to each output's log-likelihood before ranking
-                       (None: rank by the generator alone, as Cho et al. do)
+    expert_log_prior   `[K]` log pi_k: rank by the joint log pi_k + log p(y | x, focus_k)
+                       (None: by the generator's mean log-probability alone, as Cho et al. do)
     """
     max_len = max_len or generator.cfg.max_len
     focus_BKS = selector.select(batch.src_BS, batch.src_mask_BS, batch.answer_BS, threshold=threshold, sample=sample_focus)
@@ -166,9 +166,9 @@ def selector_generate(
     else:
         ids, total = sample_or_greedy(generator, memory, max_len, greedy=True)
     expert_BK = torch.arange(K, device=ids.device).expand(B, K)
-    if expert_log_prior is not None:
-        total = total + expert_log_prior.to(total).repeat(B)
-    return _sorted(ids, total, B, K, expert_BK)
+    if expert_log_prior is None:
+        return _sorted(ids, total, B, K, expert_BK)
+    return _sorted(ids, total + expert_log_prior.to(total).repeat(B), B, K, expert_BK, normalise=False)
 
 
 def _plain_memory(generator: Generator, batch) -> Memory:
