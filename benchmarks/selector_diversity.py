@@ -26,6 +26,7 @@ import argparse
 import json
 import random
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -75,32 +76,50 @@ def baseline_step(model, batch):
     return model.loss(batch), None
 
 
-def texts(gens, batch, vocab):
-    out = []
-    for b in range(gens.ids_BKL.shape[0]):
-        out.append([" ".join(vocab.decode(ids, batch.oovs[b])) for ids in gens.ids_BKL[b]])
-    return out
+def decode_all(decode, examples, vocab):
+    """K output texts per example, and the selector expert behind each (-1 for the baselines)."""
+    outputs, experts = [], []
+    for i in range(0, len(examples), 100):
+        batch = collate(examples[i : i + 100], vocab)
+        gens = decode(batch)
+        for b in range(gens.ids_BKL.shape[0]):
+            outputs.append([" ".join(vocab.decode(ids, batch.oovs[b])) for ids in gens.ids_BKL[b]])
+            experts.append(gens.expert_BK[b].tolist())
+    return outputs, experts
 
 
 def evaluate(decode, test, valid_sets, vocab, args):
-    """K outputs per test example -> metrics (references: the one test question)."""
-    outputs = []
-    for i in range(0, len(test), 100):
-        chunk = test[i : i + 100]
-        batch = collate(chunk, vocab)
-        outputs.extend(texts(decode(batch), batch, vocab))
+    """K outputs per test example -> metrics (references: the one test question).
+
+    valid_sets[group] maps each valid question of the source to its type.
+    """
+    outputs, experts = decode_all(decode, test, vocab)
     refs = [[" ".join(ex.target)] for ex in test]
     report = diversity_report(outputs, refs)
-    # valid_sets[group]: valid question -> its type; an output is valid when it is one of them.
-    valid = [sum(o in valid_sets[ex.group] for o in outs) for outs, ex in zip(outputs, test)]
-    distinct_valid = [len({o for o in outs if o in valid_sets[ex.group]}) for outs, ex in zip(outputs, test)]
-    types = [len({valid_sets[ex.group][o] for o in outs if o in valid_sets[ex.group]}) for outs, ex in zip(outputs, test)]
-    report["valid_output_frac"] = sum(valid) / (len(test) * args.k)
-    report["distinct_valid_per_source"] = sum(distinct_valid) / len(test)
-    report["question_types_per_source"] = sum(types) / len(test)
+    kinds = [[valid_sets[ex.group].get(o, "invalid") for o in outs] for outs, ex in zip(outputs, test)]
+    valid = [[o for o in outs if o in valid_sets[ex.group]] for outs, ex in zip(outputs, test)]
+    report["valid_output_frac"] = sum(map(len, valid)) / (len(test) * args.k)
+    report["distinct_valid_per_source"] = sum(len(set(v)) for v in valid) / len(test)
+    report["question_types_per_source"] = sum(len(set(k) - {"invalid"}) for k in kinds) / len(test)
+    report["top1_types"] = dict(Counter(k[0] for k in kinds))
+    report["reference_types"] = dict(Counter(valid_sets[ex.group][r[0]] for ex, r in zip(test, refs)))
+    if experts[0][0] >= 0:
+        per_expert = {e: Counter() for e in range(args.k)}
+        for kind_row, expert_row in zip(kinds, experts):
+            for kind, e in zip(kind_row, expert_row):
+                per_expert[e][kind] += 1
+        report["types_per_expert"] = {str(e): dict(c) for e, c in per_expert.items()}
     report["examples"] = [{"source": " ".join(ex.source), "reference": r[0], "outputs": o}
                           for ex, r, o in list(zip(test, refs, outputs))[:5]]
     return report
+
+
+def valid_questions(num_sources, seed):
+    sets = {g: {} for g in range(num_sources)}
+    per_source = 2 * len(QUESTIONS)
+    for i, ex in enumerate(offline_qg(num_sources, seed=seed, targets_per_source=None)):
+        sets[ex.group][" ".join(ex.target)] = list(QUESTIONS)[(i % per_source) // 2]
+    return sets
 
 
 def plot(results, win_curve, path):
@@ -141,6 +160,9 @@ def main():
     p.add_argument("--test-sources", type=int, default=300)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--dev-sources", type=int, default=200)
+    p.add_argument("--thresholds", type=float, nargs="+", default=[0.15, 0.3, 0.5])
+    p.add_argument("--cache", default="", help="directory to save trained models to / load them from")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(RESULTS / "selector_diversity"))
     args = p.parse_args()
@@ -148,9 +170,9 @@ def main():
 
     train_ex = offline_qg(args.train_sources, seed=args.seed, targets_per_source=8)
     test = offline_qg(args.test_sources, seed=args.seed + 1000, targets_per_source=1)
-    valid_sets = {g: {} for g in range(args.test_sources)}
-    for i, ex in enumerate(offline_qg(args.test_sources, seed=args.seed + 1000, targets_per_source=None)):
-        valid_sets[ex.group][" ".join(ex.target)] = list(QUESTIONS)[(i % (2 * len(QUESTIONS))) // 2]
+    valid_sets = valid_questions(args.test_sources, args.seed + 1000)
+    dev = offline_qg(args.dev_sources, seed=args.seed + 2000, targets_per_source=1)
+    dev_valid_sets = valid_questions(args.dev_sources, args.seed + 2000)
     # Words of fewer than 20 training pairs (names seen once or never) stay out: they are copied.
     vocab = Vocab.build([ex.source for ex in train_ex] + [ex.target for ex in train_ex], min_freq=20)
     oov_frac = sum(vocab.id(t) == 1 for ex in test for t in ex.source) / sum(len(ex.source) for ex in test)
@@ -162,17 +184,36 @@ def main():
     torch.manual_seed(args.seed)
     baseline = Generator(GeneratorConfig(use_focus=False, **dims))
 
-    wins_history, sel_time = train(selector, selector_step, train_ex, vocab, args, 250, "selector")
-    _, base_time = train(baseline, baseline_step, train_ex, vocab, args, 250, "baseline")
+    cache = Path(args.cache) if args.cache else None
+    if cache and (cache / "models.pt").exists():
+        saved = torch.load(cache / "models.pt")
+        selector.load_state_dict(saved["selector"])
+        baseline.load_state_dict(saved["baseline"])
+        wins_history, sel_time, base_time = saved["wins_history"], saved["sel_time"], saved["base_time"]
+        print(f"loaded trained models from {cache}")
+    else:
+        wins_history, sel_time = train(selector, selector_step, train_ex, vocab, args, 250, "selector")
+        _, base_time = train(baseline, baseline_step, train_ex, vocab, args, 250, "baseline")
+        if cache:
+            cache.mkdir(parents=True, exist_ok=True)
+            torch.save(dict(selector=selector.state_dict(), baseline=baseline.state_dict(), wins_history=wins_history,
+                            sel_time=sel_time, base_time=base_time), cache / "models.pt")
     selector.eval()
     baseline.eval()
+
+    # The focus threshold is chosen on a dev split by oracle BLEU (the paper uses 0.15 for QG).
+    dev_oracle = {}
+    for t in args.thresholds:
+        dev_oracle[t] = evaluate(lambda b: selector.generate(b, threshold=t), dev, dev_valid_sets, vocab, args)["oracle_bleu"]
+    threshold = max(dev_oracle, key=dev_oracle.get)
+    print(f"dev oracle BLEU by focus threshold: {dev_oracle} -> {threshold}")
 
     rng = torch.Generator().manual_seed(args.seed)
     log_prior = torch.tensor([sum(w[e] for w in wins_history) for e in range(args.k)], dtype=torch.float)
     log_prior = (log_prior.clamp(min=1) / log_prior.clamp(min=1).sum()).log()
     decoders = {
-        "selector": lambda b: selector.generate(b),
-        "selector_prior_rank": lambda b: selector.generate(b, expert_log_prior=log_prior),
+        "selector": lambda b: selector.generate(b, threshold=threshold),
+        "selector_prior_rank": lambda b: selector.generate(b, threshold=threshold, expert_log_prior=log_prior),
         "beam": lambda b: beam_generate(baseline, b, args.k),
         "topk_sampling": lambda b: sample_generate(baseline, b, args.k, top_k=10, rng=rng),
         "nucleus_sampling": lambda b: sample_generate(baseline, b, args.k, top_p=0.9, rng=rng),
@@ -181,9 +222,9 @@ def main():
     for name, decode in decoders.items():
         methods[name] = evaluate(decode, test, valid_sets, vocab, args)
         m = methods[name]
-        print(f"{name:>17}: top-1 {m['top1_bleu']:5.1f}  oracle {m['oracle_bleu']:5.1f}  self-BLEU {m['self_bleu']:5.1f}"
+        print(f"{name:>19}: top-1 {m['top1_bleu']:5.1f}  oracle {m['oracle_bleu']:5.1f}  self-BLEU {m['self_bleu']:5.1f}"
               f"  valid {m['valid_output_frac']:.2f}  distinct valid/source {m['distinct_valid_per_source']:.2f}"
-              f"  types/source {m['question_types_per_source']:.2f}")
+              f"  types/source {m['question_types_per_source']:.2f}  top-1 types {m['top1_types']}")
 
     window = max(args.steps // 30, 1)
     win_curve = []
@@ -196,6 +237,7 @@ def main():
     results = {
         "k": args.k, "args": vars(args), "vocab_size": len(vocab), "train_pairs": len(train_ex),
         "test_sources": len(test), "oov_source_token_frac": oov_frac,
+        "focus_threshold": threshold, "dev_oracle_bleu_by_threshold": dev_oracle,
         "train_seconds": {"selector": sel_time, "baseline": base_time},
         "expert_wins_total": total_wins,
         "expert_wins_last_window": [sum(w[e] for w in last) for e in range(args.k)],
