@@ -176,7 +176,8 @@ def main():
     # Words of fewer than 20 training pairs (names seen once or never) stay out: they are copied.
     vocab = Vocab.build([ex.source for ex in train_ex] + [ex.target for ex in train_ex], min_freq=20)
     oov_frac = sum(vocab.id(t) == 1 for ex in test for t in ex.source) / sum(len(ex.source) for ex in test)
-    print(f"train pairs {len(train_ex)}, vocab {len(vocab)}, test sources {len(test)}, OOV source tokens {oov_frac:.1%}")
+    print(f"train pairs {len(train_ex)}, vocab {len(vocab)}, test sources {len(test)}, "
+          f"OOV source tokens {oov_frac:.1%}")
 
     dims = dict(vocab_size=len(vocab), embed_dim=64, hidden_dim=args.hidden, answer_dim=0, dropout=0.1)
     torch.manual_seed(args.seed)
@@ -204,7 +205,8 @@ def main():
     # The focus threshold is chosen on a dev split by oracle BLEU (the paper uses 0.15 for QG).
     dev_oracle = {}
     for t in args.thresholds:
-        dev_oracle[t] = evaluate(lambda b: selector.generate(b, threshold=t), dev, dev_valid_sets, vocab, args)["oracle_bleu"]
+        dev_report = evaluate(lambda b: selector.generate(b, threshold=t), dev, dev_valid_sets, vocab, args)
+        dev_oracle[t] = dev_report["oracle_bleu"]
     threshold = max(dev_oracle, key=dev_oracle.get)
     print(f"dev oracle BLEU by focus threshold: {dev_oracle} -> {threshold}")
 
@@ -222,7 +224,8 @@ def main():
     for name, decode in decoders.items():
         methods[name] = evaluate(decode, test, valid_sets, vocab, args)
         m = methods[name]
-        print(f"{name:>19}: top-1 {m['top1_bleu']:5.1f}  oracle {m['oracle_bleu']:5.1f}  self-BLEU {m['self_bleu']:5.1f}"
+        print(f"{name:>19}: top-1 {m['top1_bleu']:5.1f}  oracle {m['oracle_bleu']:5.1f}"
+              f"  self-BLEU {m['self_bleu']:5.1f}"
               f"  valid {m['valid_output_frac']:.2f}  distinct valid/source {m['distinct_valid_per_source']:.2f}"
               f"  types/source {m['question_types_per_source']:.2f}  top-1 types {m['top1_types']}")
 

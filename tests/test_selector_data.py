@@ -125,7 +125,8 @@ def test_offline_task_question_frequencies_follow_the_prior():
 
 def test_collate_extended_vocabulary_for_copying():
     vocab = Vocab.build([["who", "met", "bob", "?"]])
-    ex = Example(["zed", "met", "bob", "zed", "yul"], ["who", "met", "zed", "?", "yul"], [1, 0, 0, 1, 0], answer_span=(1, 3))
+    source, target = ["zed", "met", "bob", "zed", "yul"], ["who", "met", "zed", "?", "yul"]
+    ex = Example(source, target, [1, 0, 0, 1, 0], answer_span=(1, 3))
     batch = collate([ex, Example(["bob"], ["bob"], [1])], vocab)
     V = len(vocab)
     assert batch.oovs == [["zed", "yul"], []] and batch.num_oov == 2

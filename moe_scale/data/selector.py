@@ -147,7 +147,8 @@ class Vocab:
     def build(cls, sentences, max_size: int = 50_000, min_freq: int = 1) -> "Vocab":
         """Most frequent words first, ties broken alphabetically (deterministic)."""
         counts = Counter(tok for sentence in sentences for tok in sentence)
-        words = sorted((w for w, c in counts.items() if c >= min_freq and w not in SPECIALS), key=lambda w: (-counts[w], w))
+        words = [w for w, c in counts.items() if c >= min_freq and w not in SPECIALS]
+        words.sort(key=lambda w: (-counts[w], w))
         return cls(list(SPECIALS) + words[: max(max_size - len(SPECIALS), 0)])
 
     def __len__(self) -> int:
@@ -207,7 +208,9 @@ class Batch:
         return Batch(**moved)
 
 
-def collate(examples: list[Example], vocab: Vocab, max_src_len: int | None = None, max_tgt_len: int | None = None) -> Batch:
+def collate(
+    examples: list[Example], vocab: Vocab, max_src_len: int | None = None, max_tgt_len: int | None = None
+) -> Batch:
     """Pad and encode examples; sources and targets are truncated to the given lengths."""
     B = len(examples)
     sources = [ex.source[:max_src_len] for ex in examples]

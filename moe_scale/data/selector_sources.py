@@ -164,7 +164,8 @@ QUESTIONS = {
     "who": (0.4, (("who {past} the {adj} {noun} in {place} ?", 0.6),
                   ("which person {past} the {adj} {noun} in {place} ?", 0.4))),
     "what": (0.3, (("what did {name} {base} on {day} ?", 0.6), ("what was {past} by {name} on {day} ?", 0.4))),
-    "where": (0.2, (("where did {name} {base} the {noun} ?", 0.6), ("in which city did {name} {base} the {noun} ?", 0.4))),
+    "where": (0.2, (("where did {name} {base} the {noun} ?", 0.6),
+                    ("in which city did {name} {base} the {noun} ?", 0.4))),
     "when": (0.1, (("when did {name} {base} the {adj} {noun} ?", 0.6),
                    ("on which day did {name} {base} the {adj} {noun} ?", 0.4))),
 }
@@ -179,7 +180,9 @@ def _names(rng: random.Random, count: int) -> list[str]:
     return sorted(names)
 
 
-def offline_qg_groups(num_sources: int, seed: int = 0, num_names: int = 4000) -> list[tuple[list[str], list[list[str]]]]:
+def offline_qg_groups(
+    num_sources: int, seed: int = 0, num_names: int = 4000
+) -> list[tuple[list[str], list[list[str]]]]:
     """`num_sources` sources, each with all its valid questions in `QUESTIONS` order.
 
     Deterministic in `seed`. Names come from a large pool, so most are rare or unseen in

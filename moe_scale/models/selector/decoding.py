@@ -153,7 +153,9 @@ def selector_generate(
                        (None: by the generator's mean log-probability alone, as Cho et al. do)
     """
     max_len = max_len or generator.cfg.max_len
-    focus_BKS = selector.select(batch.src_BS, batch.src_mask_BS, batch.answer_BS, threshold=threshold, sample=sample_focus)
+    focus_BKS = selector.select(
+        batch.src_BS, batch.src_mask_BS, batch.answer_BS, threshold=threshold, sample=sample_focus
+    )
     B, K, S = focus_BKS.shape
     rep = lambda t: t.repeat_interleave(K, dim=0)  # noqa: E731  row b*K + k = example b, expert k
     memory = generator.encode(

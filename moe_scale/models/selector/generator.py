@@ -49,7 +49,9 @@ class Memory:
     def repeat(self, n: int) -> "Memory":
         """Each row repeated n times in place: row i -> rows i*n .. i*n+n-1."""
         r = lambda t: t.repeat_interleave(n, dim=0)  # noqa: E731
-        return Memory(r(self.h_NSH), r(self.proj_NSH), r(self.mask_NS), r(self.src_ext_NS), r(self.init_NH), self.num_oov)
+        return Memory(
+            r(self.h_NSH), r(self.proj_NSH), r(self.mask_NS), r(self.src_ext_NS), r(self.init_NH), self.num_oov
+        )
 
 
 @dataclass
@@ -134,6 +136,8 @@ class Generator(nn.Module):
         """Mean NLL per target token of a `moe_scale.data.selector.Batch`; focus = guidance by default."""
         if focus_BS is None and self.cfg.use_focus:
             focus_BS = batch.focus_BS
-        memory = self.encode(batch.src_BS, batch.src_ext_BS, batch.src_mask_BS, batch.answer_BS, focus_BS, batch.num_oov)
+        memory = self.encode(
+            batch.src_BS, batch.src_ext_BS, batch.src_mask_BS, batch.answer_BS, focus_BS, batch.num_oov
+        )
         nll_BT = self.nll(memory, batch.tgt_in_BT, batch.tgt_out_BT)
         return nll_BT.sum() / (batch.tgt_out_BT != PAD).sum().clamp(min=1)
