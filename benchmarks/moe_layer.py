@@ -41,6 +41,8 @@ K, CAPACITY_FACTOR = 2, 1.25
 IMPLS = ["floor", "moe_scale", "moe_scale_hier", "deepspeed", "fairscale"]
 # The hierarchical gate replaces the flat router; it is timed where the router dominates.
 HIER_MIN_EXPERTS = 4096
+# A per-expert GEMM loop can beat one bmm only when experts are few and large.
+LOOP_FLOOR_MAX_EXPERTS = 64
 
 
 def _rss_bytes() -> int:
@@ -78,7 +80,7 @@ def _build(impl: str, E: int, S: int, d: int, dtype):
             return torch.bmm(torch.bmm(xe, w1), w2)
 
         def experts_loop():
-            return torch.stack([xe[e] @ w1[e] @ w2[e] for e in range(E)])
+            return torch.stack([x_ @ a @ b for x_, a, b in zip(xe.unbind(0), w1.unbind(0), w2.unbind(0))])
 
         experts = experts_bmm if impl == "floor_bmm" else experts_loop
 
@@ -152,7 +154,9 @@ def _worker(impl: str, E: int, S: int, d: int, dtype_name: str, warmup: int, rep
     try:
         # The floor's expert GEMMs run as one bmm or as a loop of per-expert GEMMs, whichever
         # is faster on this shape (so the floor is never a weak baseline).
-        variants = ["floor_bmm", "floor_loop"] if impl == "floor" else [impl]
+        variants = [impl]
+        if impl == "floor":
+            variants = ["floor_bmm", "floor_loop"] if E <= LOOP_FLOOR_MAX_EXPERTS else ["floor_bmm"]
         best = None
         for variant in variants:
             step = _build(variant, E, S, d, dtype)
