@@ -104,15 +104,17 @@ class _Up(torch.autograd.Function):
     def backward(ctx, g_a):
         w1, w3, x_Md, t, h3 = ctx.saved_tensors
         ops, layout = ctx.ops, ctx.layout
+        # g_a is a fresh buffer from `down`'s backward: the activation backward reuses it in
+        # place, since a new [M, h] allocation costs page faults comparable to the op itself.
         g_a = g_a.contiguous()
         g_h3 = g_w3 = None
         if ctx.activation == "relu":
-            g_h = torch.ops.aten.threshold_backward(g_a, t, 0)
+            g_h = torch.ops.aten.threshold_backward.grad_input(g_a, t, 0, grad_input=g_a)
         elif ctx.activation == "gelu":
-            g_h = torch.ops.aten.gelu_backward(g_a, t)
+            g_h = torch.ops.aten.gelu_backward.grad_input(g_a, t, grad_input=g_a)
         else:
             g_h3 = g_a * F.silu(t)
-            g_h = torch.ops.aten.silu_backward(g_a * h3, t)
+            g_h = torch.ops.aten.silu_backward.grad_input(g_a.mul_(h3), t, grad_input=g_a)
         x = layout.pad_(x_Md) if layout is not None else x_Md
         g_w1 = ops.wgrad(x, g_h)
         g_x = ops.mm(g_h, w1, transpose=True)
