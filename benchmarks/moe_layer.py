@@ -95,7 +95,7 @@ def _build(impl: str, E: int, S: int, d: int, dtype):
 
         opts = dict(k=K, capacity_factor=CAPACITY_FACTOR, activation="relu", aux_loss=dict(switch=0.01))
         if impl == "moe_scale_hier":
-            groups = int(round(E**0.5))
+            groups = max(g for g in range(1, int(E**0.5) + 1) if E % g == 0)
             opts.update(router="hierarchical", hierarchical_groups=groups, hierarchical_k_groups=1,
                         aux_loss=dict(importance=0.01, load=0.01))
         layer = MoELayer(d, E, **opts).to(dtype)

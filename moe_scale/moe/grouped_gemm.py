@@ -20,10 +20,13 @@ from torch import Tensor
 
 METHODS = ("auto", "loop", "bmm", "grouped_mm")
 
-# Padding may waste at most this fraction of the rows before `auto` prefers the loop.
-_MAX_PAD_OVERHEAD = 0.5
-# Groups at least this large amortise the per-GEMM Python cost: `auto` loops over them.
+# Groups at least this large amortise the per-GEMM Python cost: `auto` loops over them; so
+# does a layer with this few non-empty groups, where a loop costs little.
 _LOOP_MIN_ROWS = 128
+_LOOP_MAX_GROUPS = 64
+# Past this padding factor (a few huge groups among many small ones, e.g. dropless at init)
+# the padded block would waste more than the loop's per-group cost.
+_MAX_PAD_FACTOR = 4.0
 
 
 def has_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
@@ -41,10 +44,10 @@ def choose_method(counts: list[int], device: torch.device, dtype: torch.dtype, m
     rows, nonempty = sum(counts), sum(1 for c in counts if c)
     if nonempty == 0:
         return "loop"
-    if rows / nonempty >= _LOOP_MIN_ROWS:
+    if nonempty <= _LOOP_MAX_GROUPS or rows / nonempty >= _LOOP_MIN_ROWS:
         return "loop"
     padded = len(counts) * max(counts)
-    return "bmm" if padded <= (1.0 + _MAX_PAD_OVERHEAD) * rows else "loop"
+    return "bmm" if padded <= _MAX_PAD_FACTOR * rows else "loop"
 
 
 class _ScatterRows(torch.autograd.Function):

@@ -30,6 +30,20 @@ def _token_chunks(num_tokens: int, num_experts: int) -> list[tuple[int, int]]:
     return [(s, min(s + step, num_tokens)) for s in range(0, num_tokens, step)]
 
 
+def _top_k(block: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """`torch.topk(block, k, dim=-1)`; for k <= 2 as vectorised row maxima, several times faster
+    on CPU than the general top-k kernel at thousands of experts."""
+    if k > 2:
+        return torch.topk(block, k, dim=-1)
+    val1, idx1 = block.max(dim=-1, keepdim=True)
+    if k == 1:
+        return val1, idx1
+    block.scatter_(1, idx1, float("-inf"))
+    val2, idx2 = block.max(dim=-1, keepdim=True)
+    block.scatter_(1, idx1, val1)
+    return torch.cat([val1, val2], 1), torch.cat([idx1, idx2], 1)
+
+
 def router_dtype(dtype: torch.dtype) -> torch.dtype:
     """The router works in float32 at least: bf16 / fp16 inputs are upcast, float64 is kept."""
     return torch.promote_types(dtype, torch.float32)
@@ -45,17 +59,21 @@ class _TopKSoftmaxRouter(torch.autograd.Function):
         index_Sk = torch.empty(S, k, dtype=torch.long, device=x_Sd.device)
         lse_S = x_Sd.new_empty(S, dtype=acc)
         prob_sum_E = torch.zeros(E, dtype=acc, device=x_Sd.device)
+        ones_E = torch.ones(E, dtype=acc, device=x_Sd.device)
         for s, e in _token_chunks(S, E):
             # One exp pass per chunk: topk yields the row max, the exp'd block becomes p in place.
             block = (x_Sd[s:e] @ w_dE).to(acc)
-            top_val, top_idx = torch.topk(block, k, dim=-1)
+            top_val, top_idx = _top_k(block, k)
             row_max = top_val[:, :1]
             block.sub_(row_max).exp_()
-            denom = block.sum(-1, keepdim=True)
-            lse = (row_max + denom.log()).squeeze(-1)
-            block.div_(denom)
-            prob_sum_E += block.sum(0)
-            prob_SE[s:e] = block
+            denom = block @ ones_E
+            lse = row_max.squeeze(-1) + denom.log()
+            inv_denom = denom.reciprocal_()
+            prob_sum_E.addmv_(block.t(), inv_denom)
+            if prob_SE.dtype == acc:
+                torch.mul(block, inv_denom[:, None], out=prob_SE[s:e])
+            else:
+                prob_SE[s:e] = block.mul_(inv_denom[:, None])
             if renormalize:
                 weight_Sk[s:e] = torch.softmax(top_val, dim=-1)
             else:
@@ -92,7 +110,7 @@ class _TopKSoftmaxRouter(torch.autograd.Function):
             prob = prob_SE[s:e].to(acc)
             # prob_sum term: p (gP - p.gP); z term: 2 lse p g_z; dense part of the weight term.
             coef = (2.0 * g_lse_sq) * lse_S[s:e] - prob @ g_prob_E - dense_shift_S[s:e]
-            grad_logits = prob * (g_prob_E[None, :] + coef[:, None])
+            grad_logits = torch.mul(prob, g_prob_E).addcmul_(prob, coef[:, None])
             grad_logits.scatter_add_(1, index_Sk[s:e], sparse_Sk[s:e])
             grad_logits = grad_logits.to(x_Sd.dtype)
             if need_x:
