@@ -6,6 +6,7 @@ directly, or torchrun on `localhost:0` where a process must be killed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -119,3 +120,66 @@ def test_ep2_trains_the_same_parameters_as_data_parallel_on_two_ranks(tmp_path):
     ep = run_local(_train_rank, 2, str(tmp_path / "ep"), ("parallel.ep_size=2", *SAME_ROUTING), timeout=120)
     _assert_sharded_equal(dp[0], dp[1:], ep=1)  # the DP replicas agree bitwise
     _assert_sharded_equal(dp[0], ep, ep=2, tol=1e-4)  # seen: 1e-5 (fp32 sums in another order)
+
+
+KILL_STEPS = 16
+# Noisy top-k and dropout draw from each rank's own RNG stream every step: resume restores them.
+EXACT = ("parallel.ep_size=2", "train.deterministic=true", f"train.max_steps={KILL_STEPS}", "moe.router=noisy_topk",
+         "model.dropout=0.1", "checkpoint.every=1", "checkpoint.keep_last=2")
+
+
+def _fit_rank(rank: int, world: int, run_dir: str, extra: tuple[str, ...]) -> None:
+    _trainer(run_dir, *extra, rank=rank, world=world).fit()
+
+
+def _torchrun_ep2(run_dir) -> subprocess.Popen:
+    """The CLI on 2 ranks under torchrun, rendezvous on a free port."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv-backend=c10d",
+           "--rdzv-endpoint=localhost:0", "--max-restarts=0", "-m", "moe_scale.cli", "train", MULTIRANK,
+           *tiny(run_dir, "parallel.timeout_s=60", *EXACT)]
+    return subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def _kill_9_with_children(pid: int) -> None:
+    """SIGKILL a launcher and its workers (torchrun starts each worker in a session of its own)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid:
+            children.append(int(stat.parent.name))
+    for p in [*children, pid]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+
+
+def test_kill_9_at_ep2_then_resume_at_ep2_equals_the_uninterrupted_run_bitwise(tmp_path):
+    run_local(_fit_rank, 2, str(tmp_path / "straight"), EXACT, timeout=120)
+
+    run = tmp_path / "killed"
+    ckpts = run / "checkpoints"
+    proc = _torchrun_ep2(run)
+    try:
+        deadline = time.monotonic() + 120
+        while not (ckpts / "step_00000006").exists():  # every step saves: the kill lands in a step or a save
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+            time.sleep(0.005)
+    finally:
+        _kill_9_with_children(proc.pid)  # both ranks and the launcher, as when a node is lost
+        proc.communicate()
+    last = latest_checkpoint(ckpts)
+    assert last is not None and int(last.name.split("_")[1]) < KILL_STEPS
+    verify_checkpoint(last)
+
+    proc = _torchrun_ep2(run)
+    out = proc.communicate(timeout=180)[0]
+    assert proc.returncode == 0, out[-3000:]
+    assert f"resumed from {last}" in out
+    a = checkpoint_tensors(tmp_path / "straight" / "checkpoints" / f"step_{KILL_STEPS:08d}")
+    b = checkpoint_tensors(ckpts / f"step_{KILL_STEPS:08d}")
+    assert a.keys() == b.keys() and any(k.startswith("optim.state.") and ".experts." in k for k in a)
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, different
