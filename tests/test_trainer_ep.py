@@ -110,6 +110,20 @@ def test_checkpoint_saved_at_ep2_loads_at_ep1_and_back_exactly(tmp_path):
 
 
 
+
+def test_checkpoint_saved_at_ep4_loads_at_ep2_x_edp2(tmp_path):
+    """4 ranks: EP=4 -> EP=2 with two replicas of every expert block (and EP=1 as the reference)."""
+    four = run_local(_train_rank, 4, str(tmp_path / "ep4"), ("parallel.ep_size=4", "train.max_steps=3"), timeout=150)
+    saved = latest_checkpoint(tmp_path / "ep4" / "checkpoints")
+    two = run_local(_load_rank, 4, str(tmp_path / "ep2"),
+                    ("parallel.ep_size=2", "train.max_steps=3", f"checkpoint.resume={saved}"), timeout=150)
+    one = _trainer(tmp_path / "ep1", "parallel.ep_size=1", "train.max_steps=3", f"checkpoint.resume={saved}")
+    one.metrics.close()
+    full = _snapshot(one)
+    _assert_sharded_equal(full, four, ep=4)
+    _assert_sharded_equal(full, two, ep=2)
+
+
 def test_ep2_trains_the_same_parameters_as_data_parallel_on_two_ranks(tmp_path):
     """EP=2 x EDP=1 and EP=1 x DP=2 see the same batches and take the same steps.
 
