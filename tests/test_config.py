@@ -95,8 +95,6 @@ def test_bad_keys_and_values_name_the_key(override, message):
     (["parallel.backend=deepspeed"], "parallel.backend=deepspeed needs parallel.deepspeed_config"),
     (["checkpoint.keep_last=0"], "checkpoint.keep_last must be >= 1"),
     (["train.num_threads=-1"], "train.num_threads must be >= 0"),
-    (["parallel.backend=deepspeed", "parallel.deepspeed_config=x.json", "parallel.ep_size=2"],
-     "parallel.backend=deepspeed runs with parallel.ep_size=1"),
 ])
 def test_impossible_combinations_are_rejected(overrides, message):
     with pytest.raises(ConfigError) as err:

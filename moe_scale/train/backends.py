@@ -161,6 +161,40 @@ def deepspeed_config(path: str, *, micro_batch: int, grad_accum: int, grad_clip:
     return ds
 
 
+@contextlib.contextmanager
+def _deepspeed_sees_moe_layers(model: nn.Module, ep_size: int):
+    """Let `deepspeed.initialize` treat our `MoELayer`s as its own expert-parallel MoE layers.
+
+    The engine decides `has_moe_layers` (and so whether ZeRO reduces and partitions the tagged
+    expert parameters over their EDP group "ep_size_N" instead of the world) only by
+    `isinstance(module, deepspeed.moe.layer.MoE)` during `initialize`; it reads nothing of
+    those layers but `num_experts`. So: create DeepSpeed's EP/EDP groups (the same consecutive
+    layout as `build_mesh`), and for the duration of `initialize` make that check accept
+    `MoELayer`. Too late afterwards: the ZeRO optimizer is built inside `initialize`.
+    """
+    if ep_size == 1:
+        yield
+        return
+    import deepspeed
+    from deepspeed.runtime import engine
+    from deepspeed.utils import groups
+
+    from moe_scale.moe.layer import MoELayer
+
+    deepspeed.init_distributed(dist_backend=dist.get_backend())  # wraps the trainer's process group
+    if f"ep_size_{ep_size}" not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep_size)
+    for m in model.modules():
+        if isinstance(m, MoELayer):
+            m.num_experts = m.cfg.num_experts
+    native = engine.MoE
+    engine.MoE = (native, MoELayer)
+    try:
+        yield
+    finally:
+        engine.MoE = native
+
+
 class DeepSpeedBackend:
     """`deepspeed.initialize` with the AdamW dense/expert groups; ZeRO stage from the JSON config.
 
@@ -173,16 +207,20 @@ class DeepSpeedBackend:
     the parameters do not change (AdamW's moment estimates do see the other micro-batches).
 
     With ep_size = 1 expert parameters are ordinary data-parallel parameters for DeepSpeed
-    (every rank holds every expert). DeepSpeed recognises expert-parallel layers only by its
-    own `deepspeed.moe.layer.MoE` class, so ep_size > 1 is refused in the config for now.
+    (every rank holds every expert). With ep_size > 1 the engine is told the model has MoE
+    layers (`_deepspeed_sees_moe_layers`), so ZeRO-1/2 reduce the tagged expert parameters
+    (`allreduce=False`, `group_name="ep_size_N"`, optimizer group of that name) over their
+    EDP group, divided by the world size as the torch backend does.
     """
 
     requires_finite_loss = True
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any]):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any],
+                 ep_size: int = 1):
         import deepspeed
 
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        with _deepspeed_sees_moe_layers(model, ep_size):
+            self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.model = self.engine
         self.module = self.engine.module
 

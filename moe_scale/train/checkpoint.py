@@ -278,7 +278,9 @@ def _state_dicts(model: nn.Module, optimizer: Any, sharding: ExpertSharding | No
     if optimizer is None:
         return {"model": get_model_state_dict(model, options=options)}
     if is_zero_optimizer(optimizer):
-        return {"model": get_model_state_dict(model, options=options), "zero": {f"rank_{rank}": _zero_state(optimizer)}}
+        model_sd = get_model_state_dict(model, options=options)
+        _with_global_experts(model_sd, {"state": {}}, sharding)  # else DCP keeps one rank's expert block
+        return {"model": model_sd, "zero": {f"rank_{rank}": _zero_state(optimizer)}}
     model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
     _with_global_experts(model_sd, optim_sd, sharding)
     return {"model": model_sd, "optim": optim_sd}

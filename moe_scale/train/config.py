@@ -306,9 +306,6 @@ class Config:
                    f"parallel.ep_size={self.parallel.ep_size} must divide moe.num_experts={self.moe.num_experts}")
         else:
             _check(self.parallel.ep_size == 1, "parallel.ep_size > 1 needs MoE layers: set model.moe_every >= 1")
-        _check(self.parallel.backend != "deepspeed" or self.parallel.ep_size == 1,
-               "parallel.backend=deepspeed runs with parallel.ep_size=1 (DeepSpeed only recognises its own "
-               "MoE layer class as expert-parallel); use parallel.backend=torch for expert parallelism")
 
     def moe_config(self) -> MoEConfig:
         """The `MoEConfig` of the model's MoE layers, checked as the layer would check it."""

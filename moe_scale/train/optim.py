@@ -44,7 +44,8 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, expert_lr_sca
     ]
     if expert:
         wd = weight_decay if expert_weight_decay is None else expert_weight_decay
-        groups.append({"name": "experts", "params": expert, "weight_decay": wd, "lr_scale": expert_lr_scale,
+        name = getattr(expert[0], "group_name", "experts")  # DeepSpeed's ZeRO finds the EDP group by it
+        groups.append({"name": name, "params": expert, "weight_decay": wd, "lr_scale": expert_lr_scale,
                        "moe": True})
     for g in groups:
         g["lr"] = lr * g["lr_scale"]

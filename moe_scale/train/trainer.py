@@ -183,7 +183,7 @@ class Trainer:
         if p.backend == "deepspeed":
             ds = deepspeed_config(p.deepspeed_config, micro_batch=cfg.data.batch_size, grad_accum=t.grad_accum,
                                   grad_clip=o.grad_clip, bf16=self.bf16, world_size=rt.world_size)
-            self.backend = DeepSpeedBackend(model, optimizer, ds)
+            self.backend = DeepSpeedBackend(model, optimizer, ds, self.layout.ep_size)
         else:
             self.backend = TorchBackend(model, optimizer, self.layout, rt.device, o.grad_clip)
         self.model: nn.Module = self.backend.module
