@@ -16,6 +16,7 @@ BLEU, log-perplexity) next to the majority baseline.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from dataclasses import dataclass, fields
 from typing import Any
@@ -104,14 +105,20 @@ def model_config(cfg: Config, tasks: list[Task]) -> MultiModelConfig:
     )
 
 
+@functools.lru_cache(maxsize=2)
+def all_standin_tasks(split_seed: int) -> list[Task]:
+    """Every stand-in task, encoded with one vocabulary built over all of them (so a subset trains
+    the same embedding tables); cached, as generating them takes seconds."""
+    return build_tasks(standin_sources(seed=split_seed))
+
+
 class MultiModelTask:
     find_unused_parameters = True
 
     def __init__(self, cfg: Config, rt):
         d = cfg.data
         names = list(d.tasks) or list(STANDINS)
-        # The vocabulary is built over every stand-in, so a subset trains the same embedding tables.
-        every = build_tasks(standin_sources(seed=d.split_seed))
+        every = all_standin_tasks(d.split_seed)
         self.tasks = [t for t in every if t.name in names]
         w = np.asarray(d.weights or [1.0] * len(self.tasks), dtype=float)
         self.probs = w / w.sum()
