@@ -62,13 +62,16 @@ class TorchBackend:
     """DDP over dense parameters (expert parameters ignored by it) + EDP all-reduce for experts."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, layout: ExpertLayout,
-                 device: torch.device, grad_clip: float):
+                 device: torch.device, grad_clip: float, find_unused_parameters: bool = False):
         self.module, self.optimizer, self.layout, self.grad_clip = model, optimizer, layout, grad_clip
         self.dense, self.expert, expert_names = _split_params(model)
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         if self.world > 1:
             DDP._set_params_and_buffers_to_ignore_for_model(model, sorted(expert_names))
-            self.model = DDP(model, device_ids=[device] if device.type == "cuda" else None)
+            # find_unused_parameters: a step that leaves some parameters without gradient (the
+            # MultiModel's other modality nets in joint training) would otherwise hang DDP.
+            self.model = DDP(model, device_ids=[device] if device.type == "cuda" else None,
+                             find_unused_parameters=find_unused_parameters)
             self._broadcast_experts()
         else:
             self.model = model

@@ -286,6 +286,20 @@ def _state_dicts(model: nn.Module, optimizer: Any, sharding: ExpertSharding | No
     return {"model": model_sd, "optim": optim_sd}
 
 
+def _drop_unsaved_optimizer_state(optim_sd: dict[str, Any], metadata: Metadata) -> bool:
+    """Leave out the optimizer state of parameters that had none when saved.
+
+    A parameter that never received a gradient (the MultiModel's modality net of a task not yet
+    drawn) has no AdamW state; the state dict built to load into holds one for every parameter.
+    Without its entry the parameter stays stateless after loading, as it was when saved.
+    """
+    saved = {k.rsplit(".", 1)[0] for k in metadata.state_dict_metadata if k.startswith("optim.state.")}
+    missing = [fqn for fqn in optim_sd.get("state", {}) if f"optim.state.{fqn}" not in saved]
+    for fqn in missing:
+        del optim_sd["state"][fqn]
+    return bool(missing)
+
+
 def encode_rng() -> dict[str, str]:
     out = {"cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -393,6 +407,7 @@ class Checkpointer:
                                              for k in metadata.state_dict_metadata):
             raise CheckpointError(f"{path} was saved with {'torch' if zero else 'DeepSpeed ZeRO'} optimizer state; "
                                   f"resume it with the same parallel.backend")
+        stateless = optimizer is not None and not zero and _drop_unsaved_optimizer_state(state["optim"], metadata)
         try:
             with _quiet_single_process():
                 dcp.load(state, storage_reader=SafeFileSystemReader(path), no_dist=not self._collective())
@@ -403,7 +418,9 @@ class Checkpointer:
             set_model_state_dict(model, model_sd)
             _set_zero_state(optimizer, state["zero"][f"rank_{self.rank}"])
         elif optimizer is not None:
-            set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=_local(state["optim"]))
+            # strict=False only lets stateless parameters be; a missing model key fails in dcp.load above.
+            set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=_local(state["optim"]),
+                           options=StateDictOptions(strict=not stateless))
         else:
             set_model_state_dict(model, model_sd)
         exact = manifest.get("world_size") == self.world_size  # else the data order and RNG streams restart

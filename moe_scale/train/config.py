@@ -2,8 +2,11 @@
 
     cfg = load_config("configs/lm_debug.yaml", ["moe.num_experts=64", "optim.lr=1e-3"])
 
-Sections: model, moe, data, optim, train, parallel, checkpoint, logging. Every section checks
-its own fields in `__post_init__`; `Config.__post_init__` checks combinations across sections.
+Sections: model, moe, data, optim, train, parallel, checkpoint, logging. `model.name` picks the
+client (`moe_scale.train.tasks`: lm, multimodel, selector), and with it the dataclasses of the
+`model:` and `data:` sections; `ModelConfig` and `DataConfig` here are the LM's. Every section
+checks its own fields in `__post_init__`; `Config.__post_init__` checks combinations across
+sections (the client's own through its `TaskDef.check`).
 Unknown keys, wrongly typed values and impossible combinations raise `ConfigError` naming the
 key and the fix, before any model is built or any data read.
 
@@ -40,12 +43,9 @@ def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
     _check(value in allowed, f"{key} must be one of {list(allowed)}, got {value!r}")
 
 
-MODELS = ("lm",)
-
-
 @dataclass
 class ModelConfig:
-    """The client model. `lm`: byte-level decoder-only transformer (models/lm).
+    """The `lm` client: byte-level decoder-only transformer (models/lm).
 
     moe_every   1: every FFN is an MoE layer; 2: every other one (layers 1, 3, ...); 0: dense
     d_ff        hidden size of the dense FFNs (default 4 * d_model); experts use moe.d_hidden
@@ -64,7 +64,7 @@ class ModelConfig:
     tie_embeddings: bool = True
 
     def __post_init__(self):
-        _choice("model.name", self.name, MODELS)
+        _choice("model.name", self.name, ("lm",))
         for key in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
             _check(getattr(self, key) >= 1, f"model.{key} must be >= 1, got {getattr(self, key)}")
         _check(self.d_model % self.n_heads == 0,
@@ -278,9 +278,9 @@ class LoggingConfig:
 
 @dataclass
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: Any = field(default_factory=ModelConfig)  # the client's section: see `tasks.TaskDef`
     moe: MoESection = field(default_factory=MoESection)  # type: ignore[valid-type]
-    data: DataConfig = field(default_factory=DataConfig)
+    data: Any = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -288,24 +288,17 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self):
-        m, d = self.model, self.data
-        _check(d.seq_len <= m.max_seq_len,
-               f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}; "
-               f"raise model.max_seq_len or lower data.seq_len")
+        from moe_scale.train.tasks import get_task
+
         _check(self.optim.warmup_steps < self.train.max_steps or self.train.max_steps == 1,
                f"optim.warmup_steps={self.optim.warmup_steps} must be below train.max_steps={self.train.max_steps}")
-        if m.moe_every:
-            _check(m.moe_every <= m.n_layers,
-                   f"model.moe_every={m.moe_every} > model.n_layers={m.n_layers} leaves no MoE layer; "
-                   f"use model.moe_every=0 for a dense model")
-            _check(self.moe.router != "min_loss",
-                   "moe.router=min_loss needs per-expert losses, which the LM does not compute; "
-                   "choose another router (topk, switch, noisy_topk, expert_choice, hash, hierarchical)")
-            self.moe_config()
-            _check(self.moe.num_experts % self.parallel.ep_size == 0,
-                   f"parallel.ep_size={self.parallel.ep_size} must divide moe.num_experts={self.moe.num_experts}")
-        else:
-            _check(self.parallel.ep_size == 1, "parallel.ep_size > 1 needs MoE layers: set model.moe_every >= 1")
+        get_task(self.model.name).check(self)
+
+    def check_moe(self) -> None:
+        """The `moe` section builds a valid layer of width model.d_model, and ep_size divides its experts."""
+        self.moe_config()
+        _check(self.moe.num_experts % self.parallel.ep_size == 0,
+               f"parallel.ep_size={self.parallel.ep_size} must divide moe.num_experts={self.moe.num_experts}")
 
     def moe_config(self) -> MoEConfig:
         """The `MoEConfig` of the model's MoE layers, checked as the layer would check it."""
@@ -385,16 +378,25 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
 
 
 def from_dict(raw: dict) -> Config:
-    return _build(Config, raw, "")
+    from moe_scale.train.tasks import get_task
+
+    if not isinstance(raw, dict):
+        raise ConfigError(f"the config must be a mapping of sections, got {raw!r}")
+    model = raw.get("model", {})
+    model = model.value if isinstance(model, _RawText) else model
+    name = model.get("name", "lm") if isinstance(model, dict) else "lm"
+    name = name.text.strip() if isinstance(name, _RawText) else name
+    task = get_task(str(name))
+    return _build(Config, raw, "", {"model": task.model_section, "data": task.data_section})
 
 
-def _build(cls: type, raw: Any, prefix: str) -> Any:
+def _build(cls: type, raw: Any, prefix: str, section_types: dict[str, type] | None = None) -> Any:
     where = prefix.rstrip(".") or "the config"
     if isinstance(raw, _RawText):
         raw = raw.value
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} must be a mapping of keys, got {raw!r}")
-    hints = typing.get_type_hints(cls)
+    hints = {**typing.get_type_hints(cls), **(section_types or {})}
     names = [f.name for f in fields(cls) if f.init]
     for key in raw:
         if key not in names:
@@ -432,6 +434,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is tuple:
         if isinstance(value, str):
             value = [v for v in value.split(",") if v.strip()]
+        if len(args) == 2 and args[1] is Ellipsis:  # tuple[X, ...]: any length
+            if not isinstance(value, (list, tuple)):
+                value = [value]
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{key} must be a list of {len(args)} values, got {value!r}")
         return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))

@@ -109,7 +109,8 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.log(values, step=step)
         line = "  ".join(f"{k} {v:.4g}" for k, v in values.items() if "/" not in k)
-        self.write(f"step {step:6d}  {line}{self._eta(step)}")
+        if line:  # rows of only namespaced keys (moe/..., final/...) go to the files alone
+            self.write(f"step {step:6d}  {line}{self._eta(step)}")
 
     def log_expert_load(self, step: int, load_LE: np.ndarray) -> None:
         if not self.enabled or len(load_LE) == 0:

@@ -82,6 +82,8 @@ def _zero_stage(cfg: Config) -> int:
 def plan(cfg: Config, nodes: int = 1, gpus_per_node: int = 8) -> Plan:
     if nodes < 1 or gpus_per_node < 1:
         raise ConfigError("--nodes and --gpus-per-node must be >= 1")
+    if cfg.model.name != "lm":
+        raise ConfigError(f"moe-scale plan sizes the LM (model.name=lm); model.name={cfg.model.name} is not covered")
     world = nodes * gpus_per_node
     ep = cfg.parallel.ep_size
     if world % ep:

@@ -3,11 +3,16 @@
     cfg = load_config("configs/lm_debug.yaml", ["train.max_steps=50"])
     Trainer(cfg).fit()
 
-Set-up order: join the launcher's process group (none in the debug mode), seed, load data
-(rank 0 first, so one rank builds the datasets cache), build the model on one device,
+`model.name` picks the client (`moe_scale.train.tasks`): its `Task` object supplies the data,
+the model, the loss of a batch and the evaluation; this file only drives them.
+
+Set-up order: join the launcher's process group (none in the debug mode), seed, build the task
+(its data and its model on one device),
 apply expert parallelism when `parallel.ep_size > 1` (issue 3's `parallelize`), build AdamW
 with dense/expert groups, wrap in the backend (torch DDP + EDP, or DeepSpeed), resume from
-the newest checkpoint, then loop: train_step -> log -> eval -> checkpoint.
+the newest checkpoint, then loop: train_step -> log -> eval -> checkpoint; at the end the
+task's final report (per-task metrics, diversity, ...) is printed and written to
+RUN_DIR/final_metrics.json.
 
 A step whose loss or global gradient norm is inf/nan on any rank is skipped on every rank
 (no update, counted in `skipped_steps`); `train.max_skipped_steps` in a row stop the run.
@@ -16,7 +21,7 @@ A step whose loss or global gradient norm is inf/nan on any rank is skipped on e
 from __future__ import annotations
 
 import contextlib
-import math
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,15 +31,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moe_scale.data.text import TextBlocks
-from moe_scale.models.lm import MoELM, lm_loss
-from moe_scale.moe import MoEStats
+from moe_scale.moe import MoELayer, MoEStats
 from moe_scale.train.backends import DeepSpeedBackend, ExpertLayout, TorchBackend, deepspeed_config
 from moe_scale.train.checkpoint import Checkpointer, ExpertSharding, latest_checkpoint, list_checkpoints
 from moe_scale.train.config import Config, ConfigError, save_config
 from moe_scale.train.metrics import MetricsLogger, moe_summary
 from moe_scale.train.optim import expert_param_names, lr_at, param_groups
 from moe_scale.train.runtime import Runtime, init_runtime, seed_everything
+from moe_scale.train.tasks import get_task
 
 
 class TrainingDiverged(RuntimeError):
@@ -42,28 +46,13 @@ class TrainingDiverged(RuntimeError):
 
 
 def build_model(cfg: Config) -> nn.Module:
-    m = cfg.model
-    return MoELM(
-        vocab_size=m.vocab_size, d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,
-        max_seq_len=m.max_seq_len, d_ff=m.d_ff, moe_every=m.moe_every,
-        moe=cfg.moe_config() if m.moe_every else None, dropout=m.dropout, bias=m.bias,
-        tie_embeddings=m.tie_embeddings,
-    )
+    """The LM of `cfg` (for `moe-scale plan`); the trainer builds every client through its task."""
+    from moe_scale.models.lm.task import build_model as build_lm
+
+    return build_lm(cfg)
 
 
-def build_data(cfg: Config, rt: Runtime) -> TextBlocks:
-    d = cfg.data
-    load = lambda: TextBlocks.load(  # noqa: E731
-        dataset=d.dataset, dataset_config=d.dataset_config, split=d.split, text_field=d.text_field,
-        max_documents=d.max_documents, val_fraction=d.val_fraction, seq_len=d.seq_len,
-        batch_size=d.batch_size, cache_dir=d.cache_dir, rank=rt.rank, world=rt.world_size, seed=cfg.train.seed,
-    )
-    if rt.is_main:
-        data = load()
-    rt.barrier()  # the other ranks then read the cache rank 0 built
-    if not rt.is_main:
-        data = load()
-    return data
+REPORT_FILE = "final_metrics.json"
 
 
 def expert_parallel(model: nn.Module, cfg: Config, rt: Runtime) -> tuple[nn.Module, ExpertLayout, ExpertSharding | None]:
@@ -171,8 +160,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
 
-        self.data = build_data(cfg, rt)
-        model = build_model(cfg).to(rt.device)
+        self.task = get_task(cfg.model.name).build(cfg, rt)
+        model = self.task.model.to(rt.device)
         model.activation_checkpointing = t.activation_checkpointing
         model, self.layout, sharding = expert_parallel(model, cfg, rt)
         self.bf16 = t.precision == "bf16" or (
@@ -185,17 +174,18 @@ class Trainer:
                                   grad_clip=o.grad_clip, bf16=self.bf16, world_size=rt.world_size)
             self.backend = DeepSpeedBackend(model, optimizer, ds, self.layout.ep_size)
         else:
-            self.backend = TorchBackend(model, optimizer, self.layout, rt.device, o.grad_clip)
+            self.backend = TorchBackend(model, optimizer, self.layout, rt.device, o.grad_clip,
+                                        find_unused_parameters=self.task.find_unused_parameters)
         self.model: nn.Module = self.backend.module
         self.optimizer = self.backend.optimizer
         torch.manual_seed(t.seed + 1 + rt.rank)  # per-rank stream for dropout and router noise
 
-        moe_layers = self.model.moe_layers
+        moe_layers = [m for m in self.model.modules() if isinstance(m, MoELayer)]
         E = moe_layers[0].cfg.num_experts if moe_layers else 0
+        d_model = moe_layers[0].cfg.d_model if moe_layers else 0
         elem = 2 if self.bf16 else 4
         self.moe_acc = MoEAccumulator(len(moe_layers), E, self.layout.ep_size, self.layout.ep_rank,
-                                      cfg.model.d_model * elem, rt.device)
-        self.tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * t.grad_accum * rt.world_size
+                                      d_model * elem, rt.device)
         self.step = 0
         self.skipped_steps = 0
         self.consecutive_skips = 0
@@ -211,6 +201,7 @@ class Trainer:
                                      start_step=self.step, progress=lg.progress, wandb_options=wandb_options,
                                      config=cfg.to_dict())
         self._interval = {"loss": 0.0, "n": 0, "seconds": 0.0, "tokens": 0}
+        self._extras: dict[str, list] = {}  # name -> [sum, count] over the logging interval
 
     # ---- checkpoints ----
 
@@ -228,7 +219,7 @@ class Trainer:
             return
         state = self.checkpointer.load(path, self.model, self.optimizer)
         self.step = int(state["step"])
-        self.data.load_state_dict(state["data"])
+        self.task.load_state_dict(state["data"])
         self.skipped_steps = int(state["skipped_steps"])
         self.tokens_seen = int(state["tokens_seen"])
         self._last_saved = self.step
@@ -237,7 +228,7 @@ class Trainer:
             print(f"resumed from {path} at step {self.step}{exact}", flush=True)
 
     def trainer_state(self) -> dict[str, Any]:
-        return {"step": self.step, "data": self.data.state_dict(), "skipped_steps": self.skipped_steps,
+        return {"step": self.step, "data": self.task.state_dict(), "skipped_steps": self.skipped_steps,
                 "tokens_seen": self.tokens_seen}
 
     def save_checkpoint(self) -> Path:
@@ -258,15 +249,15 @@ class Trainer:
         self.model.train()
         accum = self.cfg.train.grad_accum
         loss_sum = torch.zeros((), device=self.rt.device)
+        tokens = 0
         for micro in range(accum):
-            x_BT, y_BT = (t.to(self.rt.device, non_blocking=True) for t in self.data.next_train_batch())
+            batch = self.task.next_batch()
             last = micro == accum - 1
             with self.backend.accumulate(last):
                 with self._autocast():
-                    logits_BTV, stats = self.backend.model(x_BT)
-                    loss = lm_loss(logits_BTV, y_BT)
-                    aux = sum((s.aux_loss for s in stats), torch.zeros((), device=loss.device))
-                total = (loss + aux) / accum
+                    out = self.task.loss(self.backend.model, batch, self.rt.device)
+                loss, stats = out.loss, out.moe_stats
+                total = out.total / accum
                 if self.backend.requires_finite_loss and not self._finite_everywhere(total):
                     # DeepSpeed cannot drop accumulated gradients: back-propagate zero instead (its
                     # hooks still run) and let the step below skip the update.
@@ -274,6 +265,11 @@ class Trainer:
                 self.backend.backward(total, last=last)
             self.moe_acc.add(stats)
             loss_sum += loss.detach()
+            tokens += out.tokens
+            for k, v in out.extras.items():
+                total_count = self._extras.setdefault(k, [0.0, 0])
+                total_count[0] += v
+                total_count[1] += 1
         grad_norm = self.backend.finish_grads()
         loss_mean = loss_sum / accum
         bad = not bool(torch.isfinite(loss_mean))
@@ -284,7 +280,8 @@ class Trainer:
                    warmup_steps=self.cfg.optim.warmup_steps, max_steps=self.cfg.train.max_steps)
         stepped, norm = self.backend.step(lr, skip=bad)
         self.step += 1
-        self.tokens_seen += self.tokens_per_step
+        tokens *= self.rt.world_size
+        self.tokens_seen += tokens
         if stepped:
             self.consecutive_skips = 0
         else:
@@ -294,8 +291,7 @@ class Trainer:
                 raise TrainingDiverged(
                     f"{self.consecutive_skips} consecutive steps had a non-finite loss or gradient (step {self.step}); "
                     f"lower optim.lr or check the data")
-        return StepResult(self.step, float(loss_mean), norm, lr, stepped, self.tokens_per_step,
-                          time.perf_counter() - t0)
+        return StepResult(self.step, float(loss_mean), norm, lr, stepped, tokens, time.perf_counter() - t0)
 
     def _any_rank(self, flag: bool) -> bool:
         if not self.rt.distributed:
@@ -309,17 +305,36 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean validation loss over `train.eval_batches` batches of every rank (nats and bits/byte)."""
+        """Mean validation loss over `train.eval_batches` batches of every rank, and what the task
+        derives from it (bits per byte for the LM)."""
         self.model.eval()
         total = torch.zeros(2, dtype=torch.float64)
-        for x_BT, y_BT in self.data.val_batches(self.cfg.train.eval_batches):
+        for batch in self.task.val_batches(self.cfg.train.eval_batches):
             with self._autocast():
-                logits_BTV, _ = self.model(x_BT.to(self.rt.device))
-            total += torch.tensor([float(lm_loss(logits_BTV, y_BT.to(self.rt.device))), 1.0], dtype=torch.float64)
+                loss = self.task.loss(self.model, batch, self.rt.device).loss
+            total += torch.tensor([float(loss), 1.0], dtype=torch.float64)
         if self.rt.distributed:
             dist.all_reduce(total)
-        loss = float(total[0] / total[1])
-        return {"val_loss": loss, "val_bpb": loss / math.log(2)}
+        return self.task.val_metrics(float(total[0] / total[1]))
+
+    @torch.no_grad()
+    def final_report(self) -> dict[str, Any] | None:
+        """The task's end-of-run metrics; printed and written to RUN_DIR/final_metrics.json on rank 0.
+
+        Under expert parallelism every rank takes part (the MoE layers exchange tokens);
+        otherwise rank 0 alone computes it.
+        """
+        collective = self.layout.ep_size > 1
+        if not (collective or self.rt.is_main):
+            return None
+        with self._autocast():
+            report = self.task.final_report(self.model, self.rt.device, collective)
+        if report is None or not self.rt.is_main:
+            return report
+        (self.run_dir / REPORT_FILE).write_text(json.dumps({"step": self.step, **report}, indent=1))
+        self.metrics.log(self.step, _flatten(report, "final"))
+        self.metrics.write(self.task.format_report(report))
+        return report
 
     # ---- loop ----
 
@@ -348,6 +363,8 @@ class Trainer:
                       "tokens_per_s": iv["tokens"] / max(iv["seconds"], 1e-9),
                       "skipped_steps": float(self.skipped_steps), "tokens_seen": float(self.tokens_seen)}
             values.update(aux)
+            values.update({k: v / n for k, (v, n) in self._extras.items()})
+            self._extras = {}
             if L:
                 values.update(moe_summary(tokens_LE, routed_LE, dropped_L, assign_L))
                 values["moe/a2a_bytes_per_step"] = a2a / max(iv["n"], 1) / self.rt.world_size
@@ -375,6 +392,19 @@ class Trainer:
                     self.save_checkpoint()
             if ck.save_final and self._last_saved != self.step:
                 self.save_checkpoint()
+            self.final_report()
         finally:
             self.metrics.close()
         return last
+
+
+def _flatten(tree: dict[str, Any], prefix: str) -> dict[str, float]:
+    """Numbers of a nested report as `prefix/a/b` scalars (lists and strings left out)."""
+    out: dict[str, float] = {}
+    for k, v in tree.items():
+        key = f"{prefix}/{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[key] = float(v)
+    return out
