@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moe_scale.moe.autocast import outside_autocast
 from moe_scale.moe.grouped_gemm import choose_method, grouped_linear
 from moe_scale.moe.grouped_mlp import grouped_mlp
 
@@ -66,13 +67,9 @@ class GroupedExperts(nn.Module):
         """x_Md: rows sorted by expert, `counts[e]` rows for local expert e -> `[M, d]`."""
         if x_Md.shape[-1] != self.d_model:
             raise ValueError(f"expert input has d={x_Md.shape[-1]}, experts expect d_model={self.d_model}")
-        device_type = x_Md.device.type
-        if torch.is_autocast_enabled(device_type):
-            # Autocast is resolved here, once: the fused function writes into buffers of one dtype.
-            x_Md = x_Md.to(torch.get_autocast_dtype(device_type))
-            with torch.autocast(device_type, enabled=False):
-                return self._forward(x_Md, counts)
-        return self._forward(x_Md, counts)
+        (x_Md,), autocast_off = outside_autocast(x_Md)
+        with autocast_off:
+            return self._forward(x_Md, counts)
 
     def _forward(self, x_Md: Tensor, counts: list[int]) -> Tensor:
         dtype = x_Md.dtype

@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from moe_scale.moe.autocast import outside_autocast
+
 # Elements of a [chunk, E] block processed at once: about 1 MiB in float32, so a block stays
 # in L2 across the several passes over it, and the chunk GEMMs are still large enough.
 _CHUNK_ELEMENTS = 1 << 18
@@ -126,4 +128,6 @@ def topk_softmax_router(
     x_Sd: Tensor, w_dE: Tensor, k: int, renormalize: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Route `x_Sd` with logits `x_Sd @ w_dE`; see the module docstring for the outputs."""
-    return _TopKSoftmaxRouter.apply(x_Sd, w_dE, k, renormalize)
+    (x_Sd, w_dE), autocast_off = outside_autocast(x_Sd, w_dE)
+    with autocast_off:
+        return _TopKSoftmaxRouter.apply(x_Sd, w_dE, k, renormalize)
