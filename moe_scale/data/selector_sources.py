@@ -78,12 +78,21 @@ def load_squad_qg(split: str = "train", path: str | Path | None = None, limit: i
         rows = datasets.load_dataset("squad", split=split)
     else:
         rows = squad_rows_from_json(path)
-    examples = []
-    for row in rows:
+
+    def make(row) -> Example | None:
         answers = row["answers"]
         if not answers["text"]:
-            continue
-        ex = squad_example(row["context"], row["question"], answers["text"][0], answers["answer_start"][0])
+            return None
+        return squad_example(row["context"], row["question"], answers["text"][0], answers["answer_start"][0])
+
+    return _collect(rows, make, limit)
+
+
+def _collect(rows, make, limit: int | None) -> list[Example]:
+    """`make(row)` for each row, skipping None, each example its own group, at most `limit`."""
+    examples = []
+    for row in rows:
+        ex = make(row)
         if ex is not None:
             ex.group = len(examples)
             examples.append(ex)
@@ -124,15 +133,7 @@ def load_cnndm(
         rows = datasets.load_dataset("cnn_dailymail", "3.0.0", split=split)
     else:
         rows = cnndm_rows_from_file(path)
-    examples = []
-    for row in rows:
-        ex = cnndm_example(row["article"], row["highlights"], max_src_len)
-        if ex is not None:
-            ex.group = len(examples)
-            examples.append(ex)
-        if limit is not None and len(examples) >= limit:
-            break
-    return examples
+    return _collect(rows, lambda row: cnndm_example(row["article"], row["highlights"], max_src_len), limit)
 
 
 # ---- Offline task: one sentence with several facts, several valid questions ---------------
