@@ -5,8 +5,8 @@ The floor is the work any flat-gated top-k layer must do, alone: the router matm
 with the k*S routed tokens spread evenly over the experts, forward and backward.
 
 Every (row, dtype, implementation) runs in its own process so its peak memory (ru_maxrss
-above the process's RSS before the layer is built: weights, grads, activations, transients)
-is its own. Each process does warm-up steps and reports the median of timed steps. A peer
+above the process's RSS after its imports, before the layer is built: weights, grads,
+activations, transients) is its own. Each process does warm-up steps and reports the median of timed steps. A peer
 that fails (out of memory under the address-space limit, or past the time limit) is
 reported as such. Prints a markdown table with ratios to the floor and to DeepSpeed, and
 writes the rows to benchmarks/results/moe_layer.json.
@@ -143,12 +143,22 @@ def _build(impl: str, E: int, S: int, d: int, dtype):
     raise ValueError(f"unknown implementation {impl}")
 
 
+def _import(impl: str) -> None:
+    if impl.startswith("moe_scale"):
+        import moe_scale  # noqa: F401
+    elif impl == "deepspeed":
+        import deepspeed.moe.layer  # noqa: F401
+    elif impl == "fairscale":
+        import fairscale.nn.moe  # noqa: F401
+
+
 def _worker(impl: str, E: int, S: int, d: int, dtype_name: str, warmup: int, repeats: int, mem_limit: int):
     import torch
 
     if mem_limit:
         resource.setrlimit(resource.RLIMIT_AS, (mem_limit, mem_limit))
     dtype = getattr(torch, dtype_name)
+    _import(impl)  # module imports are not the layer's memory: load them before the baseline
     base = _rss_bytes()
     result = {"impl": impl, "E": E, "S": S, "d": d, "dtype": dtype_name}
     try:
