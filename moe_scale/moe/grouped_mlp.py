@@ -48,12 +48,17 @@ class _Ops:
     def __init__(self, method: str, blocks: _Blocks):
         self.method, self.blocks = method, blocks
 
-    def mm(self, a: Tensor, w: Tensor, transpose: bool = False) -> Tensor:
+    def mm(self, a: Tensor, w: Tensor, transpose: bool = False, bias: Tensor | None = None) -> Tensor:
+        """With `bias` `[E, n]`, added inside the GEMM (addmm / baddbmm), as nn.Linear does."""
+        w = w.transpose(1, 2) if transpose else w
         if self.method == "bmm":
-            return torch.bmm(a, w.transpose(1, 2) if transpose else w)
-        out = a.new_empty(a.shape[0], w.shape[-2] if transpose else w.shape[-1])
+            return torch.bmm(a, w) if bias is None else torch.baddbmm(bias[:, None], a, w)
+        out = a.new_empty(a.shape[0], w.shape[-1])
         for g, s, e in self.blocks.spans:
-            torch.mm(a[s:e], w[g].t() if transpose else w[g], out=out[s:e])
+            if bias is None:
+                torch.mm(a[s:e], w[g], out=out[s:e])
+            else:
+                torch.addmm(bias[g], a[s:e], w[g], out=out[s:e])
         return out
 
     def wgrad(self, a: Tensor, g: Tensor) -> Tensor:
@@ -63,11 +68,6 @@ class _Ops:
         for grp, s, e in self.blocks.spans:
             torch.mm(a[s:e].t(), g[s:e], out=out[grp])
         return out
-
-    def add_bias(self, y: Tensor, b: Tensor) -> Tensor:
-        if self.method == "bmm":
-            return y.add_(b[:, None])
-        return y.add_(torch.repeat_interleave(b, torch.tensor(self.blocks.counts, device=b.device), dim=0))
 
     def bias_grad(self, g: Tensor) -> Tensor:
         """Per-expert sum of row gradients (padded rows carry zero gradient)."""
@@ -83,9 +83,7 @@ class _Up(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_Md, w1, w3, b1, ops: _Ops, layout: PaddedLayout | None, activation: str):
         x = layout.pad_(x_Md) if layout is not None else x_Md
-        h = ops.mm(x, w1)
-        if b1 is not None:
-            ops.add_bias(h, b1)
+        h = ops.mm(x, w1, bias=b1)
         h3 = ops.mm(x, w3) if w3 is not None else None
         if activation == "relu":
             a = torch.relu_(h)
@@ -130,9 +128,7 @@ class _Up(torch.autograd.Function):
 class _Down(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, w2, b2, ops: _Ops, layout: PaddedLayout | None):
-        y = ops.mm(a, w2)
-        if b2 is not None:
-            ops.add_bias(y, b2)
+        y = ops.mm(a, w2, bias=b2)
         ctx.save_for_backward(a, w2)
         ctx.ops, ctx.layout, ctx.has_b2 = ops, layout, b2 is not None
         return layout.unpad_(y) if layout is not None else y
