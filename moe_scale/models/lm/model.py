@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from moe_scale.moe import MoEConfig, MoELayer, MoEStats
+from moe_scale.moe.experts import GroupedExperts
 
 
 class CausalSelfAttention(nn.Module):
@@ -111,19 +112,31 @@ class MoELM(nn.Module):
         )
         self.ln_f = nn.LayerNorm(d_model, bias=bias)
         self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
-        self._init_dense(n_layers)
+        self._init_weights(n_layers)
         if tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
 
     @torch.no_grad()
-    def _init_dense(self, n_layers: int) -> None:
-        """GPT-2 init for the dense parts; routers and experts keep the engine's own init."""
+    def _init_weights(self, n_layers: int) -> None:
+        """GPT-2 init: N(0, 0.02), output projections N(0, 0.02 / sqrt(2 * n_layers)), zero biases.
+
+        Experts get the same init as the dense FFN they replace (w1, w3 like `fc`, w2 like `proj`,
+        as torchtitan does), so an MoE block starts at the scale of a dense one; routers keep the
+        engine's init (zero for the noisy top-k gate, as in the paper).
+        """
+        out_std = 0.02 / math.sqrt(2 * n_layers)
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                std = 0.02 / math.sqrt(2 * n_layers) if name.endswith(".proj") else 0.02
-                nn.init.normal_(module.weight, std=std)
+                nn.init.normal_(module.weight, std=out_std if name.endswith(".proj") else 0.02)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
+            elif isinstance(module, GroupedExperts):
+                for w, std in ((module.w1, 0.02), (module.w3, 0.02), (module.w2, out_std)):
+                    if w is not None:
+                        nn.init.normal_(w, std=std)
+                for b in (module.b1, module.b2):
+                    if b is not None:
+                        nn.init.zeros_(b)
 
     @property
     def moe_layers(self) -> list[MoELayer]:

@@ -1,0 +1,488 @@
+"""Reproduce the findings of "Outrageously Large Neural Networks" (Shazeer et al. 2017) at CPU scale.
+
+    PYTHONPATH=. python benchmarks/shazeer_findings.py --quick      # < 10 min on 2 cores, one seed
+    PYTHONPATH=. python benchmarks/shazeer_findings.py              # < 1 h on 2 cores, two seeds
+    PYTHONPATH=. python benchmarks/shazeer_findings.py --only experts,balance
+
+Four experiments, each a set of training runs of the byte-level MoE LM (`model.name: lm`)
+through moe_scale's own `Trainer` on the shipped offline corpus (the Python standard library
+sources), one MoE layer (the second of two blocks), experts of width `Scale.hidden`:
+
+  experts    1 (dense FFN of width k*h), 4, 16, 64, 256, 1024 experts at k=2: equal active
+             parameters per token and equal tokens (Table 7's trend), with the top-2 softmax
+             gate (every seed) and the paper's noisy top-2 gate (first seed). Plus a dense FFN
+             whose FLOPs per token equal those of the 1024-expert top-2 model, router included.
+  balance    64 experts, noisy top-2, dropless: no balancing loss / importance only / load only
+             / both (Table 6); max/mean expert load and CV of load on held-out batches.
+  hierarchy  1024 experts: flat noisy top-2 vs hierarchical gating (32 groups x 32 experts,
+             1 group then 2 experts per token, appendix B); loss, and router time per call
+             measured side by side after training on an idle machine.
+  routers    64 experts, capacity factor 1.25: noisy top-2, switch top-1, top-2 (GShard),
+             expert choice (2 experts per token on average), hash (top-1 on the byte id).
+
+Runs go to a pool of `--workers` processes of one thread each (2 on this machine), so a run's
+tokens/s is measured while another run shares the machine; compare them within one table.
+Writes benchmarks/results/shazeer_findings[_quick].{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import os
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+EXPERIMENTS = ("experts", "balance", "hierarchy", "routers")
+
+
+@dataclass
+class Scale:
+    """Model and budget of every run (one MoE layer in the second block)."""
+
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    seq_len: int = 64
+    batch_size: int = 32
+    hidden: int = 16  # width of one expert
+    k: int = 2
+    steps: int = 2000
+    eval_batches: int = 40
+    lr: float = 3e-3
+    seeds: tuple[int, ...] = (0, 1)
+
+    @property
+    def tokens(self) -> int:
+        return self.steps * self.batch_size * self.seq_len
+
+
+FULL = Scale()
+QUICK = Scale(steps=400, eval_batches=16, seeds=(0,))
+
+
+@dataclass
+class Run:
+    experiment: str
+    name: str
+    moe: dict
+    seed: int = 0
+    meta: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- the runs
+
+
+def balancing_losses(importance: float = 0.1, load: float = 0.1) -> dict:
+    return {"importance": importance, "load": load, "switch": 0.0, "z": 0.0}
+
+
+NO_AUX = balancing_losses(0.0, 0.0)
+
+
+def dense(hidden: int) -> dict:
+    """A single expert of width `hidden` behind a top-1 gate: its gate is exactly 1, so this is a dense FFN."""
+    return {"num_experts": 1, "k": 1, "router": "topk", "d_hidden": hidden, "dropless": True, "aux_loss": NO_AUX}
+
+
+def noisy(E: int, s: Scale, aux: dict | None = None, **extra) -> dict:
+    """Noisy top-k gating (the paper's), importance and load losses at 0.1 unless `aux` says otherwise."""
+    return {"num_experts": E, "k": s.k, "router": "noisy_topk", "d_hidden": s.hidden, "dropless": True,
+            "aux_loss": aux or balancing_losses(), **extra}
+
+
+SWITCH_AUX = {"importance": 0.0, "load": 0.0, "switch": 0.01, "z": 0.001}
+
+
+def softmax_topk(E: int, s: Scale, **extra) -> dict:
+    """Top-k of the softmax, renormalised (GShard's top-2) with the switch/GShard balancing loss."""
+    return {**noisy(E, s, **extra), "router": "topk", "aux_loss": SWITCH_AUX}
+
+
+SERIES = {"top-2 softmax": softmax_topk, "noisy top-2": noisy}
+
+
+def router_macs(moe: dict, d: int) -> int:
+    """Multiply-adds per token of the gate (noise projection included in training)."""
+    E = moe["num_experts"]
+    if moe["router"] == "hash":
+        return 0
+    if moe["router"] == "noisy_topk":
+        return 2 * d * E
+    if moe["router"] == "hierarchical":
+        a = moe["hierarchical_groups"]
+        return 2 * d * (a + moe.get("hierarchical_k_groups", 1) * (E // a))
+    return d * E if E > 1 else 0
+
+
+def ffn_macs(moe: dict, d: int) -> int:
+    """Multiply-adds per token of the MoE layer: gate plus the experts a token visits."""
+    k = moe["k"] * moe.get("hierarchical_k_groups", 1)
+    return router_macs(moe, d) + k * 2 * d * moe["d_hidden"]
+
+
+EXPERT_COUNTS = (4, 16, 64, 256, 1024)
+
+
+def plan_runs(s: Scale, only: set[str]) -> list[Run]:
+    runs: list[Run] = []
+    if "experts" in only:
+        # The headline series (top-2 softmax gate) on every seed, the paper's noisy gate on the first.
+        largest = softmax_topk(EXPERT_COUNTS[-1], s)
+        matched = (ffn_macs(largest, s.d_model)) // (2 * s.d_model)
+        for seed in s.seeds:
+            runs.append(Run("experts", "1 (dense)", dense(s.k * s.hidden), seed, {"experts": 1, "series": "dense"}))
+            runs.append(Run("experts", f"dense, FLOPs of {EXPERT_COUNTS[-1]}", dense(matched), seed,
+                            {"experts": 1, "flop_matched": EXPERT_COUNTS[-1], "series": "dense"}))
+            for series, gate in SERIES.items():
+                if series == "noisy top-2" and seed != s.seeds[0]:
+                    continue
+                for E in EXPERT_COUNTS:
+                    runs.append(Run("experts", f"{E}, {series}", gate(E, s), seed, {"experts": E, "series": series}))
+    if "balance" in only:
+        variants = {"none": NO_AUX, "importance": balancing_losses(0.2, 0.0), "load": balancing_losses(0.0, 0.2),
+                    "both": balancing_losses(0.1, 0.1)}
+        for seed in s.seeds:
+            for name, aux in variants.items():
+                runs.append(Run("balance", name, noisy(64, s, aux), seed, {"aux": aux}))
+    if "hierarchy" in only:
+        E = EXPERT_COUNTS[-1]
+        a = int(math.isqrt(E))
+        for seed in s.seeds[:1]:
+            if "experts" not in only:
+                runs.append(Run("hierarchy", f"{E}, noisy top-2", noisy(E, s), seed))
+            runs.append(Run("hierarchy", f"hierarchical {a}x{E // a}",
+                            noisy(E, s, router="hierarchical", hierarchical_groups=a, hierarchical_k_groups=1), seed))
+    if "routers" in only:
+        capped = {"dropless": False, "capacity_factor": 1.25, "eval_capacity_factor": 2.0, "min_capacity": 4}
+        policies = {
+            "noisy top-2": noisy(64, s, **capped),
+            "switch top-1": {**noisy(64, s, **capped), "router": "switch", "k": 1, "aux_loss": SWITCH_AUX},
+            "top-2 (GShard)": softmax_topk(64, s, **capped),
+            "expert choice": {**noisy(64, s, **capped), "router": "expert_choice", "aux_loss": {**NO_AUX, "z": 0.001}},
+            "hash": {**noisy(64, s, **capped), "router": "hash", "k": 1, "aux_loss": NO_AUX},
+        }
+        for seed in s.seeds[:1]:
+            for name, moe in policies.items():
+                runs.append(Run("routers", name, moe, seed))
+    return runs
+
+
+# ---------------------------------------------------------------- one run (in a worker process)
+
+
+def config_dict(run: Run, s: Scale, run_dir: str) -> dict:
+    return {
+        "model": {"name": "lm", "d_model": s.d_model, "n_layers": s.n_layers, "n_heads": s.n_heads,
+                  "max_seq_len": s.seq_len, "moe_every": 2},
+        "moe": run.moe,
+        "data": {"seq_len": s.seq_len, "batch_size": s.batch_size},
+        "optim": {"lr": s.lr, "min_lr": s.lr / 10, "warmup_steps": max(s.steps // 20, 1)},
+        "train": {"max_steps": s.steps, "eval_every": 0, "eval_batches": s.eval_batches, "device": "cpu",
+                  "num_threads": 1, "seed": run.seed, "run_dir": run_dir},
+        "checkpoint": {"every": 0, "save_final": False},
+        "logging": {"every": max(s.steps // 10, 1), "load_every": s.steps, "progress": False},
+    }
+
+
+def held_out_routing(trainer, batches: int) -> dict:
+    """Expert load as training sees it (train mode: router noise, train capacity) on held-out batches.
+
+    Per batch: max/mean and coefficient of variation (std/mean) of the assignments routed to each
+    expert (before capacity), as in the paper's Table 6; over all batches: dropped assignments and
+    tokens left with no expert.
+    """
+    import torch
+
+    model, task = trainer.model, trainer.task
+    model.train()
+    ratios, cvs, dropped, assignments, unrouted, tokens = [], [], 0.0, 0.0, 0.0, 0
+    with torch.no_grad():
+        for batch in task.val_batches(batches):
+            for st in task.loss(model, batch, trainer.rt.device).moe_stats:
+                load = st.routed_per_expert_E.double()
+                ratios.append(float(load.max() / load.mean()))
+                cvs.append(float(load.std(unbiased=False) / load.mean()))
+                dropped += float(st.num_dropped)
+                assignments += float(st.num_assignments)
+                unrouted += float(st.num_unrouted)
+                tokens += st.num_tokens
+    model.eval()
+    n = max(len(ratios), 1)
+    return {"max_mean_load": sum(ratios) / n, "cv_load": sum(cvs) / n,
+            "dropped_assignments": dropped / max(assignments, 1.0), "unrouted_tokens": unrouted / max(tokens, 1)}
+
+
+def train_one(run: Run, s: Scale) -> dict:
+    import torch
+
+    from moe_scale.train.config import from_dict
+    from moe_scale.train.trainer import Trainer
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(prefix="shazeer_") as run_dir, contextlib.redirect_stdout(io.StringIO()):
+        trainer = Trainer(from_dict(config_dict(run, s, run_dir)))
+        start = time.perf_counter()
+        last = trainer.fit()
+        seconds = time.perf_counter() - start
+        routing = held_out_routing(trainer, min(s.eval_batches, 16)) if run.moe["num_experts"] > 1 else {}
+        params = sum(p.numel() for p in trainer.model.parameters())
+        expert_params = sum(p.numel() for n, p in trainer.model.named_parameters() if ".experts." in n)
+    one_expert = expert_params // run.moe["num_experts"]
+    k = run.moe["k"] * run.moe.get("hierarchical_k_groups", 1)
+    return {
+        "experiment": run.experiment, "name": run.name, "seed": run.seed, "moe": run.moe, **run.meta,
+        "val_bpb": last["val_bpb"], "train_loss_nats": last["loss"],
+        "tokens_per_s": s.tokens / seconds, "train_seconds": seconds,
+        "params": params, "active_params": params - expert_params + min(k, run.moe["num_experts"]) * one_expert,
+        "moe_macs_per_token": ffn_macs(run.moe, s.d_model), **routing,
+    }
+
+
+# ---------------------------------------------------------------- router timing (main process)
+
+
+def router_time_ms(s: Scale, repeats: int = 30) -> dict:
+    """Forward + backward of the gate alone (with its balancing losses) at 1024 and 4096 experts,
+    flat vs hierarchical, interleaved, median ms per call on one thread."""
+    import torch
+
+    from moe_scale.moe import MoELayer
+    from moe_scale.moe.losses import aux_losses, weighted_total
+
+    torch.set_num_threads(1)
+    S = s.batch_size * s.seq_len
+    out = {}
+    for E in (1024, 4096):
+        a = int(math.isqrt(E))
+        layers = {
+            "flat": MoELayer(s.d_model, E, **{k: v for k, v in noisy(E, s).items() if k != "num_experts"}),
+            "hierarchical": MoELayer(s.d_model, E, **{k: v for k, v in noisy(
+                E, s, router="hierarchical", hierarchical_groups=a).items() if k != "num_experts"}),
+        }
+        x = torch.randn(S, s.d_model, requires_grad=True)
+        times = {name: [] for name in layers}
+        for _ in range(repeats):
+            for name, layer in layers.items():
+                for p in layer.router.parameters():
+                    torch.nn.init.normal_(p, std=0.02)
+                t0 = time.perf_counter()
+                r = layer.router(x, capacity=S)
+                loss = r.weight_N.sum() + weighted_total(aux_losses(r.stats, E), layer.cfg.aux_loss, x)
+                loss.backward()
+                times[name].append(time.perf_counter() - t0)
+        out[str(E)] = {name: 1e3 * sorted(t)[len(t) // 2] for name, t in times.items()}
+    return out
+
+
+# ---------------------------------------------------------------- report
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    return m, (sum((v - m) ** 2 for v in values) / max(len(values) - 1, 1)) ** 0.5
+
+
+def group(results: list[dict], experiment: str) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in results:
+        if r["experiment"] == experiment:
+            out.setdefault(r["name"], []).append(r)
+    return out
+
+
+def flat_rows(results: list[dict]) -> list[dict]:
+    """The flat noisy-gated model with the most experts (from the experts or the hierarchy runs)."""
+    name = f"{EXPERT_COUNTS[-1]}, noisy top-2"
+    return group(results, "experts").get(name) or group(results, "hierarchy").get(name, [])
+
+
+def fmt_seeds(rows: list[dict], key: str, digits: int = 3) -> str:
+    return " / ".join(f"{r[key]:.{digits}f}" for r in sorted(rows, key=lambda r: r["seed"]))
+
+
+def markdown(results: list[dict], router_ms: dict | None, s: Scale, wall: float) -> str:
+    lines = [f"# Shazeer et al. 2017 findings at CPU scale ({'quick' if s is QUICK else 'full'} run)", "",
+             f"Byte-level LM, d_model={s.d_model}, {s.n_layers} blocks (MoE in the second), experts of width "
+             f"{s.hidden}, k={s.k}; {s.steps} steps x {s.batch_size * s.seq_len} tokens = {s.tokens / 1e6:.2f}M "
+             f"training tokens; validation bits per byte on {s.eval_batches * s.batch_size * s.seq_len / 1e3:.0f}k "
+             f"held-out bytes; seeds {list(s.seeds)} (values listed per seed). Whole set: {wall / 60:.1f} min.", ""]
+    if any(r["experiment"] == "experts" for r in results):
+        lines += ["## More experts at equal active compute (Table 7 trend)", "",
+                  "| experts, gate | val bpb (per seed) | mean | total params | active params | MoE MACs/token | tokens/s |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, rows in group(results, "experts").items():
+            m, _ = mean_std([r["val_bpb"] for r in rows])
+            r0 = rows[0]
+            lines.append(f"| {name} | {fmt_seeds(rows, 'val_bpb')} | {m:.3f} | {r0['params'] / 1e6:.2f}M | "
+                         f"{r0['active_params'] / 1e6:.3f}M | {r0['moe_macs_per_token'] / 1e3:.0f}k | "
+                         f"{mean_std([r['tokens_per_s'] for r in rows])[0]:.0f} |")
+        lines.append("")
+    if any(r["experiment"] == "balance" for r in results):
+        lines += ["## Balancing losses (Table 6), 64 experts, noisy top-2, dropless", "",
+                  "| loss | w_importance | w_load | val bpb (per seed) | max/mean load | CV(load) |", "|---|---|---|---|---|---|"]
+        for name, rows in group(results, "balance").items():
+            aux = rows[0]["aux"]
+            lines.append(f"| {name} | {aux['importance']} | {aux['load']} | {fmt_seeds(rows, 'val_bpb')} | "
+                         f"{fmt_seeds(rows, 'max_mean_load', 2)} | {fmt_seeds(rows, 'cv_load', 2)} |")
+        lines += ["", "Paper (Table 6): max/mean load 17.8 without balancing losses, 1.07-1.47 with them.", ""]
+    if any(r["experiment"] in ("hierarchy", "experts") for r in results) and router_ms:
+        lines += ["## Hierarchical vs flat gating", "",
+                  "| gate | val bpb (per seed) | tokens/s | MoE MACs/token | max/mean load |", "|---|---|---|---|---|"]
+        rows_by = {f"flat {EXPERT_COUNTS[-1]}, noisy top-2": flat_rows(results),
+                   **{n: rows for n, rows in group(results, "hierarchy").items() if n.startswith("hier")}}
+        for name, rows in rows_by.items():
+            if rows:
+                lines.append(f"| {name} | {fmt_seeds(rows, 'val_bpb')} | {mean_std([r['tokens_per_s'] for r in rows])[0]:.0f} | "
+                             f"{rows[0]['moe_macs_per_token'] / 1e3:.0f}k | {fmt_seeds(rows, 'max_mean_load', 2)} |")
+        lines += ["", f"Router forward+backward per call ({s.batch_size * s.seq_len} tokens, d={s.d_model}, one thread, "
+                  "median of interleaved repeats):", "", "| experts | flat ms | hierarchical ms | ratio |", "|---|---|---|---|"]
+        for E, t in router_ms.items():
+            lines.append(f"| {E} | {t['flat']:.2f} | {t['hierarchical']:.2f} | {t['hierarchical'] / t['flat']:.2f}x |")
+        lines.append("")
+    if any(r["experiment"] == "routers" for r in results):
+        lines += ["## Routing policies at 64 experts, capacity factor 1.25", "",
+                  "| router | val bpb | dropped assignments | tokens with no expert | MoE MACs/token | tokens/s |",
+                  "|---|---|---|---|---|---|"]
+        for name, rows in group(results, "routers").items():
+            r = rows[0]
+            lines.append(f"| {name} | {r['val_bpb']:.3f} | {100 * r['dropped_assignments']:.1f}% | "
+                         f"{100 * r['unrouted_tokens']:.1f}% | {r['moe_macs_per_token'] / 1e3:.0f}k | {r['tokens_per_s']:.0f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], router_ms: dict | None, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.4))
+    ax = axes[0]
+    experts = group(results, "experts")
+    lines: dict[tuple[str, int], list[tuple[int, float]]] = {}
+    dense_bpb = {}
+    for rows in experts.values():
+        for r in rows:
+            if "flop_matched" in r:
+                ax.axhline(r["val_bpb"], ls=":", lw=1, color="gray")
+                ax.text(EXPERT_COUNTS[-1], r["val_bpb"], f"dense, FLOPs of {r['flop_matched']}", fontsize=6,
+                        ha="right", va="bottom", color="gray")
+            elif r["series"] == "dense":
+                dense_bpb[r["seed"]] = r["val_bpb"]
+            else:
+                lines.setdefault((r["series"], r["seed"]), []).append((r["experts"], r["val_bpb"]))
+    for i, ((series, seed), pts) in enumerate(sorted(lines.items())):
+        pts = sorted(pts + ([(1, dense_bpb[seed])] if seed in dense_bpb else []))
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if seed == 0 else "s--",
+                color="C0" if series.startswith("top") else "C3", label=f"{series}, seed {seed}")
+    ax.set_xscale("log", base=4)
+    ax.set_xticks([1, *EXPERT_COUNTS], ["1", *map(str, EXPERT_COUNTS)])
+    ax.set_xlabel("experts (1 = dense, same active params)")
+    ax.set_ylabel("validation bits per byte")
+    ax.set_title("More experts, equal active compute")
+    ax.legend(fontsize=7)
+
+    ax = axes[1]
+    balance = group(results, "balance")
+    names = list(balance)
+    for j, key in enumerate(("max_mean_load", "cv_load")):
+        vals = [mean_std([r[key] for r in balance[n]])[0] for n in names]
+        ax.bar([i + 0.4 * j for i in range(len(names))], vals, width=0.4, label=key.replace("_", " "))
+    for i, n in enumerate(names):
+        top = max(mean_std([r[key] for r in balance[n]])[0] for key in ("max_mean_load", "cv_load"))
+        ax.text(i + 0.2, top * 1.05, f"{mean_std([r['val_bpb'] for r in balance[n]])[0]:.3f} bpb", ha="center",
+                va="bottom", fontsize=7)
+    ax.set_xticks([i + 0.2 for i in range(len(names))], names)
+    ax.set_yscale("log")
+    ax.set_title("Balancing losses (64 experts)")
+    ax.legend(fontsize=7)
+
+    ax = axes[2]
+    if router_ms:
+        Es = list(router_ms)
+        for j, gate in enumerate(("flat", "hierarchical")):
+            ax.bar([i + 0.4 * j for i in range(len(Es))], [router_ms[E][gate] for E in Es], width=0.4, label=gate)
+        ax.set_xticks([i + 0.2 for i in range(len(Es))], [f"{E} experts" for E in Es])
+        ax.set_ylabel("router fwd+bwd ms / call")
+        hier = group(results, "hierarchy")
+        flat = flat_rows(results)
+        text = [f"flat: {mean_std([r['val_bpb'] for r in flat])[0]:.3f} bpb"] if flat else []
+        text += [f"{n}: {mean_std([r['val_bpb'] for r in rows])[0]:.3f} bpb" for n, rows in hier.items()
+                 if n.startswith("hier")]
+        ax.set_title("Hierarchical vs flat gate\n" + "; ".join(text), fontsize=9)
+        ax.legend(fontsize=7)
+
+    ax = axes[3]
+    routers = group(results, "routers")
+    names = list(routers)
+    ax.bar(range(len(names)), [routers[n][0]["val_bpb"] for n in names], color="C2")
+    for i, n in enumerate(names):
+        r = routers[n][0]
+        ax.text(i, r["val_bpb"], f"dropped {100 * r['dropped_assignments']:.0f}%\nno expert {100 * r['unrouted_tokens']:.0f}%",
+                ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
+    if names:
+        lo = min(routers[n][0]["val_bpb"] for n in names)
+        ax.set_ylim(lo - 0.15, max(routers[n][0]["val_bpb"] for n in names) + 0.1)
+    ax.set_ylabel("validation bits per byte")
+    ax.set_title("Routing policies (64 experts, cf 1.25)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="400 steps, one seed (< 10 min on 2 cores)")
+    p.add_argument("--only", default=",".join(EXPERIMENTS), help=f"comma-separated subset of {EXPERIMENTS}")
+    p.add_argument("--steps", type=int, default=0, help="override the steps per run")
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--out", default="", help="output stem (default benchmarks/results/shazeer_findings[_quick])")
+    args = p.parse_args(argv)
+    only = set(args.only.split(","))
+    if only - set(EXPERIMENTS):
+        raise SystemExit(f"unknown experiment(s) {sorted(only - set(EXPERIMENTS))}; choose from {EXPERIMENTS}")
+    s = QUICK if args.quick else FULL
+    if args.steps:
+        s.steps = args.steps
+    runs = plan_runs(s, only)
+    # Longest first, so the pool does not end on one slow run.
+    runs.sort(key=lambda r: -ffn_macs(r.moe, s.d_model) * r.moe["num_experts"] ** 0.5)
+    print(f"{len(runs)} runs of {s.steps} steps on {args.workers} workers", flush=True)
+    start = time.time()
+    results = []
+    with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(train_one, run, s) for run in runs]
+        for run, fut in zip(runs, futures):
+            r = fut.result()
+            results.append(r)
+            print(f"[{(time.time() - start) / 60:5.1f} min] {run.experiment:9s} {run.name:22s} seed {run.seed}: "
+                  f"{r['val_bpb']:.3f} bpb, {r['tokens_per_s']:.0f} tok/s"
+                  + (f", max/mean load {r['max_mean_load']:.2f}" if "max_mean_load" in r else ""), flush=True)
+    router_ms = router_time_ms(s) if "hierarchy" in only else None
+    wall = time.time() - start
+    order = {e: i for i, e in enumerate(EXPERIMENTS)}
+    results.sort(key=lambda r: (order[r["experiment"]], r.get("series", ""), r.get("experts", 0), r["name"], r["seed"]))
+    stem = Path(args.out) if args.out else RESULTS / f"shazeer_findings{'_quick' if args.quick else ''}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    summary = {"scale": {**vars(s), "tokens": s.tokens}, "wall_seconds": wall, "router_ms": router_ms, "runs": results}
+    stem.with_suffix(".json").write_text(json.dumps(summary, indent=1))
+    md = markdown(results, router_ms, s, wall)
+    stem.with_suffix(".md").write_text(md)
+    plot(results, router_ms, stem.with_suffix(".png"))
+    print("\n" + md)
+    print(f"wrote {stem}.json, .md, .png")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
