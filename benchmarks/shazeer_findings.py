@@ -149,7 +149,7 @@ def plan_runs(s: Scale, only: set[str]) -> list[Run]:
                     runs.append(Run("experts", f"{E}, {series}", gate(E, s), seed, {"experts": E, "series": series}))
     if "balance" in only:
         variants = {"none": NO_AUX, "importance": balancing_losses(0.2, 0.0), "load": balancing_losses(0.0, 0.2),
-                    "both": balancing_losses(0.1, 0.1)}
+                    "both": balancing_losses(0.1, 0.1), "both, weak": balancing_losses(0.01, 0.01)}
         for seed in s.seeds:
             for name, aux in variants.items():
                 runs.append(Run("balance", name, noisy(64, s, aux), seed, {"aux": aux}))
@@ -198,13 +198,29 @@ def held_out_routing(trainer, batches: int) -> dict:
 
     Per batch: max/mean and coefficient of variation (std/mean) of the assignments routed to each
     expert (before capacity), as in the paper's Table 6; over all batches: dropped assignments and
-    tokens left with no expert.
+    tokens left with no expert; for noisy top-k gates, the spread (std over experts) of a token's
+    clean logits and the mean noise std softplus(x W_noise): routing is learned only where the
+    first is not small against the second.
     """
     import torch
+
+    import torch.nn.functional as F
+
+    from moe_scale.moe.routing import NOISE_EPSILON, NoisyTopKRouter
 
     model, task = trainer.model, trainer.task
     model.train()
     ratios, cvs, dropped, assignments, unrouted, tokens = [], [], 0.0, 0.0, 0.0, 0
+    gate: dict[str, list[float]] = {"gate_logit_std": [], "gate_noise_std": []}
+
+    def noisy_gate_scales(layer, args, kwargs):
+        """How far apart the clean gate logits of one token are, against the noise added to them."""
+        x_Sd = args[0].reshape(-1, layer.cfg.d_model)
+        gate["gate_logit_std"].append(float((x_Sd @ layer.router.w_gate).std(-1).mean()))
+        gate["gate_noise_std"].append(float((F.softplus(x_Sd @ layer.router.w_noise) + NOISE_EPSILON).mean()))
+
+    hooks = [m.register_forward_pre_hook(noisy_gate_scales, with_kwargs=True) for m in model.modules()
+             if isinstance(getattr(m, "router", None), NoisyTopKRouter)]
     with torch.no_grad():
         for batch in task.val_batches(batches):
             for st in task.loss(model, batch, trainer.rt.device).moe_stats:
@@ -215,10 +231,13 @@ def held_out_routing(trainer, batches: int) -> dict:
                 assignments += float(st.num_assignments)
                 unrouted += float(st.num_unrouted)
                 tokens += st.num_tokens
+    for h in hooks:
+        h.remove()
     model.eval()
     n = max(len(ratios), 1)
     return {"max_mean_load": sum(ratios) / n, "cv_load": sum(cvs) / n,
-            "dropped_assignments": dropped / max(assignments, 1.0), "unrouted_tokens": unrouted / max(tokens, 1)}
+            "dropped_assignments": dropped / max(assignments, 1.0), "unrouted_tokens": unrouted / max(tokens, 1),
+            **{k: sum(v) / len(v) for k, v in gate.items() if v}}
 
 
 def train_one(run: Run, s: Scale) -> dict:
@@ -305,6 +324,10 @@ def flat_rows(results: list[dict]) -> list[dict]:
     return group(results, "experts").get(name) or group(results, "hierarchy").get(name, [])
 
 
+def gate_scales(r: dict) -> str:
+    return f"{r['gate_logit_std']:.3f} vs {r['gate_noise_std']:.2f}" if "gate_logit_std" in r else "-"
+
+
 def fmt_seeds(rows: list[dict], key: str, digits: int = 3) -> str:
     return " / ".join(f"{r[key]:.{digits}f}" for r in sorted(rows, key=lambda r: r["seed"]))
 
@@ -328,11 +351,13 @@ def markdown(results: list[dict], router_ms: dict | None, s: Scale, wall: float)
         lines.append("")
     if any(r["experiment"] == "balance" for r in results):
         lines += ["## Balancing losses (Table 6), 64 experts, noisy top-2, dropless", "",
-                  "| loss | w_importance | w_load | val bpb (per seed) | max/mean load | CV(load) |", "|---|---|---|---|---|---|"]
+                  "| loss | w_importance | w_load | val bpb (per seed) | max/mean load | CV(load) | clean-logit spread vs noise std |",
+                  "|---|---|---|---|---|---|---|"]
         for name, rows in group(results, "balance").items():
             aux = rows[0]["aux"]
             lines.append(f"| {name} | {aux['importance']} | {aux['load']} | {fmt_seeds(rows, 'val_bpb')} | "
-                         f"{fmt_seeds(rows, 'max_mean_load', 2)} | {fmt_seeds(rows, 'cv_load', 2)} |")
+                         f"{fmt_seeds(rows, 'max_mean_load', 2)} | {fmt_seeds(rows, 'cv_load', 2)} | "
+                         f"{'; '.join(gate_scales(r) for r in sorted(rows, key=lambda r: r['seed']))} |")
         lines += ["", "Paper (Table 6): max/mean load 17.8 without balancing losses, 1.07-1.47 with them.", ""]
     if any(r["experiment"] in ("hierarchy", "experts") for r in results) and router_ms:
         lines += ["## Hierarchical vs flat gating", "",
@@ -447,6 +472,7 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=0, help="override the steps per run")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--out", default="", help="output stem (default benchmarks/results/shazeer_findings[_quick])")
+    p.add_argument("--reuse", default="", help="a previous JSON of the same scale: its runs are taken, not trained again")
     args = p.parse_args(argv)
     only = set(args.only.split(","))
     if only - set(EXPERIMENTS):
@@ -455,11 +481,20 @@ def main(argv=None) -> dict:
     if args.steps:
         s.steps = args.steps
     runs = plan_runs(s, only)
+    reused, previous_wall = [], 0.0
+    if args.reuse:
+        previous = json.loads(Path(args.reuse).read_text())
+        if previous["scale"] != {**vars(s), "seeds": list(s.seeds), "tokens": s.tokens}:
+            raise SystemExit(f"{args.reuse} was run at another scale: {previous['scale']}")
+        done = {(r["experiment"], r["name"], r["seed"]) for r in previous["runs"]}
+        reused = [r for r in previous["runs"] if r["experiment"] in only]
+        runs = [r for r in runs if (r.experiment, r.name, r.seed) not in done]
+        previous_wall = previous["wall_seconds"]
     # Longest first, so the pool does not end on one slow run.
     runs.sort(key=lambda r: -ffn_macs(r.moe, s.d_model) * r.moe["num_experts"] ** 0.5)
     print(f"{len(runs)} runs of {s.steps} steps on {args.workers} workers", flush=True)
     start = time.time()
-    results = []
+    results = list(reused)
     with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
         futures = [pool.submit(train_one, run, s) for run in runs]
         for run, fut in zip(runs, futures):
@@ -468,8 +503,10 @@ def main(argv=None) -> dict:
             print(f"[{(time.time() - start) / 60:5.1f} min] {run.experiment:9s} {run.name:22s} seed {run.seed}: "
                   f"{r['val_bpb']:.3f} bpb, {r['tokens_per_s']:.0f} tok/s"
                   + (f", max/mean load {r['max_mean_load']:.2f}" if "max_mean_load" in r else ""), flush=True)
-    router_ms = router_time_ms(s) if "hierarchy" in only else None
-    wall = time.time() - start
+    router_ms = None
+    if "hierarchy" in only:
+        router_ms = (previous.get("router_ms") if reused else None) or router_time_ms(s)
+    wall = time.time() - start + previous_wall  # the whole set, as if run at once
     order = {e: i for i, e in enumerate(EXPERIMENTS)}
     results.sort(key=lambda r: (order[r["experiment"]], r.get("series", ""), r.get("experts", 0), r["name"], r["seed"]))
     stem = Path(args.out) if args.out else RESULTS / f"shazeer_findings{'_quick' if args.quick else ''}"

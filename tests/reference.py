@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+NOISE_EPSILON = 1e-2  # floor of the noisy gate's noise std (tensor2tensor's noise_epsilon)
+
 
 @dataclass
 class Assignment:
@@ -87,7 +89,8 @@ def _slot_major(index_Sk: Tensor, gate_SE: Tensor) -> list[Assignment]:
 def _noisy_gate(clean_SE: Tensor, noise_raw_SE: Tensor | None, k: int, training: bool):
     """Shazeer eqs. 3-5: keep the top-k of H, softmax over them. Returns (index_Sk, G_SE)."""
     if training:
-        h_SE = clean_SE + torch.randn(clean_SE.shape, dtype=clean_SE.dtype) * F.softplus(noise_raw_SE)
+        noise_std_SE = F.softplus(noise_raw_SE) + NOISE_EPSILON
+        h_SE = clean_SE + torch.randn(clean_SE.shape, dtype=clean_SE.dtype) * noise_std_SE
     else:
         h_SE = clean_SE
     index_Sk, keep_SE = _top_mask(h_SE, k)
@@ -149,7 +152,7 @@ def _hierarchical(router, x_Sd: Tensor, training: bool) -> list[Assignment]:
             clean_b = x_Sd[s] @ router.w_gate_inner[g]
             h_b = clean_b
             if training:
-                h_b = clean_b + eps_Pb[gs * S + s] * F.softplus(x_Sd[s] @ router.w_noise_inner[g])
+                h_b = clean_b + eps_Pb[gs * S + s] * (F.softplus(x_Sd[s] @ router.w_noise_inner[g]) + NOISE_EPSILON)
             idx_1k, keep_1b = _top_mask(h_b[None], kb)
             inner[gs, s] = (g, idx_1k[0], _masked_softmax(h_b[None], keep_1b)[0])
     out = []

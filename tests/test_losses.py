@@ -17,7 +17,7 @@ from scipy.stats import norm
 
 from moe_scale.moe import MoELayer
 from moe_scale.moe.losses import AuxLossWeights, aux_losses, cv_squared, weighted_total
-from moe_scale.moe.routing import HierarchicalRouter, NoisyTopKRouter, RouterStats, noisy_topk
+from moe_scale.moe.routing import NOISE_EPSILON, HierarchicalRouter, NoisyTopKRouter, RouterStats, noisy_topk
 
 D = 4
 
@@ -132,7 +132,7 @@ def shazeer_in_topk_prob(clean: np.ndarray, std: np.ndarray, h: np.ndarray, k: i
 def _noisy_parts(router, x, seed):
     """Clean logits, noise std and the noisy logits H the router drew under `seed`."""
     clean = x @ router.w_gate
-    std = F.softplus(x @ router.w_noise)
+    std = F.softplus(x @ router.w_noise) + NOISE_EPSILON
     torch.manual_seed(seed)
     h = clean + torch.randn(clean.shape, dtype=clean.dtype) * std
     return clean.detach().numpy(), std.detach().numpy(), h.detach().numpy()
@@ -213,7 +213,7 @@ def test_hierarchical_importance_and_load_eqs_13_14(training, k_groups, k_expert
     # Redraw the router's noise: [S, a] for the primary gate, then [k_groups * S, b] for pairs.
     torch.manual_seed(21)
     clean_p = (x @ router.w_gate).detach().numpy()
-    std_p = F.softplus(x @ router.w_noise).detach().numpy()
+    std_p = (F.softplus(x @ router.w_noise) + NOISE_EPSILON).detach().numpy()
     eps_p = torch.randn(S, a, dtype=torch.float64).numpy() if training else np.zeros((S, a))
     eps_in = torch.randn(k_groups * S, b, dtype=torch.float64).numpy() if training else None
     h_p = clean_p + eps_p * std_p
@@ -237,7 +237,7 @@ def test_hierarchical_importance_and_load_eqs_13_14(training, k_groups, k_expert
             ni = router.w_noise_inner[i].detach().numpy()
             xs = x[s].numpy()
             clean_i = xs @ wi
-            std_i = np.log1p(np.exp(xs @ ni))
+            std_i = np.log1p(np.exp(xs @ ni)) + NOISE_EPSILON
             h_i = clean_i + (eps_in[slot * S + s] * std_i if training else 0.0)
             top = np.argsort(-h_i)[:k_experts]
             g_i = np.zeros(b)
@@ -255,3 +255,23 @@ def test_hierarchical_importance_and_load_eqs_13_14(training, k_groups, k_expert
     losses = aux_losses(stats, a * b)
     for name, v in (("importance", importance), ("load", load)):
         assert float(losses[name].detach()) == pytest.approx(v.var() / v.mean() ** 2, rel=1e-9)
+
+
+@pytest.mark.parametrize("router_cls", ["flat", "hierarchical"])
+def test_noisy_gate_stays_finite_when_the_noise_softplus_underflows(router_cls):
+    """A very negative x W_noise makes softplus 0 in float32; the noise-std floor keeps the smooth
+    load and its gradients finite (without it, training on the MultiModel turned NaN)."""
+    torch.manual_seed(0)
+    router = NoisyTopKRouter(8, 16, k=2) if router_cls == "flat" else HierarchicalRouter(8, 4, 4, k_groups=1, k_experts=2)
+    with torch.no_grad():
+        for name, p in router.named_parameters():
+            p.copy_(torch.randn_like(p) if "gate" in name else torch.full_like(p, -1e4))
+    x = torch.randn(32, 8).abs()  # positive inputs: x @ W_noise is about -1e4 * 8
+    assert float(F.softplus(x @ router.w_noise).max()) == 0.0  # the case under test: no noise left at all
+    routing = router(x)
+    losses = aux_losses(routing.stats, 16)
+    total = routing.weight_N.sum() + losses["load"] + losses["importance"]
+    total.backward()
+    assert torch.isfinite(total)
+    for name, p in router.named_parameters():
+        assert torch.isfinite(p.grad).all(), name

@@ -105,10 +105,15 @@ def _check_k(k: int, num_experts: int) -> None:
         raise ValueError(f"top-k must satisfy 1 <= k <= num_experts, got k={k}, num_experts={num_experts}")
 
 
+# Floor of the noise std, as in the paper's code (tensor2tensor `noise_epsilon`): without it a
+# softplus that underflows to 0 divides the smooth load by zero and training turns NaN.
+NOISE_EPSILON = 1e-2
+
+
 def noisy_topk(clean_SE: Tensor, noise_raw_SE: Tensor, k: int, training: bool):
     """Noisy top-k gating (Shazeer et al. eqs. 3-5) and its smooth load (appendix A).
 
-    H = clean + N(0,1) * softplus(noise_raw) in training, H = clean in eval; keep the top-k of H
+    H = clean + N(0,1) * (softplus(noise_raw) + NOISE_EPSILON) in training, H = clean in eval; keep the top-k of H
     and softmax over them. Returns index_Sk, gates_Sk and, in training, in_topk_prob_SE:
     P(expert in top-k | x) under re-drawn noise, Phi((clean_i - kth_excluding(H, k, i)) / std_i)
     (None in eval, where the load is the hard count).
@@ -117,7 +122,7 @@ def noisy_topk(clean_SE: Tensor, noise_raw_SE: Tensor, k: int, training: bool):
     if not training:
         top_val, index_Sk = torch.topk(clean_SE, k, dim=-1)
         return index_Sk, torch.softmax(top_val, dim=-1), None
-    noise_std_SE = F.softplus(noise_raw_SE)
+    noise_std_SE = F.softplus(noise_raw_SE) + NOISE_EPSILON
     noisy_SE = clean_SE + torch.randn_like(clean_SE) * noise_std_SE
     top_val, top_idx = torch.topk(noisy_SE, min(k + 1, E), dim=-1)
     index_Sk, gates_Sk = top_idx[:, :k], torch.softmax(top_val[:, :k], dim=-1)
