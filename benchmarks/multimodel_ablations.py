@@ -95,8 +95,8 @@ def main(argv=None) -> dict:
              f"examples per task. Wall time {(time.time() - start) / 60:.1f} min.", "",
              "| task | joint MoE | joint dense (width 512) | single-task MoE, equal steps | chance |", "|---|---|---|---|---|"]
     for t in tasks:
-        lines.append(f"| {t} | {cell('joint MoE', t)} | {cell('joint dense', t)} | {cell(f'single {t}', t)} | "
-                     f"{chance[t] if chance[t] is not None else '-'} |")
+        shown = f"{chance[t]:.3f}" if chance[t] is not None else "-"
+        lines.append(f"| {t} | {cell('joint MoE', t)} | {cell('joint dense', t)} | {cell(f'single {t}', t)} | {shown} |")
     mean = lambda name: sum(sum(acc(name, t)) / len(seeds) for t in tasks) / len(tasks)  # noqa: E731
     lines += ["", f"Mean over tasks: joint MoE {mean('joint MoE'):.3f}, joint dense {mean('joint dense'):.3f}.", ""]
     md = "\n".join(lines)
