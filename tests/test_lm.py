@@ -79,3 +79,18 @@ def test_model_holds_no_process_group():
     import moe_scale.models.lm.model as mod
 
     assert "torch.distributed" not in inspect.getsource(mod)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_experts_start_at_the_scale_of_the_dense_ffn_they_replace(activation):
+    """Experts get GPT-2's init like the dense FFN (fc: std 0.02, proj: 0.02 / sqrt(2 L)), not nn.Linear's
+    U(+-1/sqrt(fan_in)), whose outputs would dwarf the residual stream; biases start at zero."""
+    model = make(n_layers=4, d_hidden=256, activation=activation, expert_bias=True)
+    dense = make(moe_every=0, n_layers=4)
+    experts = model.blocks[0].ffn.experts
+    out_std = 0.02 / (2 * 4) ** 0.5
+    for w, std in ((experts.w1, 0.02), (experts.w3, 0.02), (experts.w2, out_std)):
+        if w is not None:
+            assert float(w.std()) == pytest.approx(std, rel=0.05)
+    assert float(dense.blocks[0].ffn.proj.weight.std()) == pytest.approx(out_std, rel=0.05)
+    assert not experts.b1.any() and not experts.b2.any()
