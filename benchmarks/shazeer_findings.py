@@ -283,9 +283,8 @@ def router_time_ms(s: Scale, repeats: int = 30) -> dict:
     for E in (1024, 4096):
         a = int(math.isqrt(E))
         layers = {
-            "flat": MoELayer(s.d_model, E, **{k: v for k, v in noisy(E, s).items() if k != "num_experts"}),
-            "hierarchical": MoELayer(s.d_model, E, **{k: v for k, v in noisy(
-                E, s, router="hierarchical", hierarchical_groups=a).items() if k != "num_experts"}),
+            "flat": MoELayer(s.d_model, **noisy(E, s)),
+            "hierarchical": MoELayer(s.d_model, **noisy(E, s, router="hierarchical", hierarchical_groups=a)),
         }
         x = torch.randn(S, s.d_model, requires_grad=True)
         times = {name: [] for name in layers}
@@ -305,9 +304,8 @@ def router_time_ms(s: Scale, repeats: int = 30) -> dict:
 # ---------------------------------------------------------------- report
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    m = sum(values) / len(values)
-    return m, (sum((v - m) ** 2 for v in values) / max(len(values) - 1, 1)) ** 0.5
+def mean_of(rows: list[dict], key: str) -> float:
+    return sum(r[key] for r in rows) / len(rows)
 
 
 def group(results: list[dict], experiment: str) -> dict[str, list[dict]]:
@@ -332,22 +330,28 @@ def fmt_seeds(rows: list[dict], key: str, digits: int = 3) -> str:
     return " / ".join(f"{r[key]:.{digits}f}" for r in sorted(rows, key=lambda r: r["seed"]))
 
 
-def markdown(results: list[dict], router_ms: dict | None, s: Scale, wall: float) -> str:
+def wall_text(timing: dict) -> str:
+    text = f"{timing['trained_runs']} runs trained in {timing['seconds'] / 60:.1f} min"
+    if timing.get("reused_runs"):
+        text += f"; {timing['reused_runs']} more taken from an earlier invocation of the same scale (--reuse)"
+    return text + "."
+
+
+def markdown(results: list[dict], router_ms: dict | None, s: Scale, timing: dict) -> str:
     lines = [f"# Shazeer et al. 2017 findings at CPU scale ({'quick' if s is QUICK else 'full'} run)", "",
              f"Byte-level LM, d_model={s.d_model}, {s.n_layers} blocks (MoE in the second), experts of width "
              f"{s.hidden}, k={s.k}; {s.steps} steps x {s.batch_size * s.seq_len} tokens = {s.tokens / 1e6:.2f}M "
              f"training tokens; validation bits per byte on {s.eval_batches * s.batch_size * s.seq_len / 1e3:.0f}k "
-             f"held-out bytes; seeds {list(s.seeds)} (values listed per seed). Whole set: {wall / 60:.1f} min.", ""]
+             f"held-out bytes; seeds {list(s.seeds)} (values listed per seed). {wall_text(timing)}", ""]
     if any(r["experiment"] == "experts" for r in results):
         lines += ["## More experts at equal active compute (Table 7 trend)", "",
                   "| experts, gate | val bpb (per seed) | mean | total params | active params | MoE MACs/token | tokens/s |",
                   "|---|---|---|---|---|---|---|"]
         for name, rows in group(results, "experts").items():
-            m, _ = mean_std([r["val_bpb"] for r in rows])
             r0 = rows[0]
-            lines.append(f"| {name} | {fmt_seeds(rows, 'val_bpb')} | {m:.3f} | {r0['params'] / 1e6:.2f}M | "
-                         f"{r0['active_params'] / 1e6:.3f}M | {r0['moe_macs_per_token'] / 1e3:.0f}k | "
-                         f"{mean_std([r['tokens_per_s'] for r in rows])[0]:.0f} |")
+            lines.append(f"| {name} | {fmt_seeds(rows, 'val_bpb')} | {mean_of(rows, 'val_bpb'):.3f} | "
+                         f"{r0['params'] / 1e6:.2f}M | {r0['active_params'] / 1e6:.3f}M | {r0['moe_macs_per_token'] / 1e3:.0f}k | "
+                         f"{mean_of(rows, 'tokens_per_s'):.0f} |")
         lines.append("")
     if any(r["experiment"] == "balance" for r in results):
         lines += ["## Balancing losses (Table 6), 64 experts, noisy top-2, dropless", "",
@@ -366,7 +370,7 @@ def markdown(results: list[dict], router_ms: dict | None, s: Scale, wall: float)
                    **{n: rows for n, rows in group(results, "hierarchy").items() if n.startswith("hier")}}
         for name, rows in rows_by.items():
             if rows:
-                lines.append(f"| {name} | {fmt_seeds(rows, 'val_bpb')} | {mean_std([r['tokens_per_s'] for r in rows])[0]:.0f} | "
+                lines.append(f"| {name} | {fmt_seeds(rows, 'val_bpb')} | {mean_of(rows, 'tokens_per_s'):.0f} | "
                              f"{rows[0]['moe_macs_per_token'] / 1e3:.0f}k | {fmt_seeds(rows, 'max_mean_load', 2)} |")
         lines += ["", f"Router forward+backward per call ({s.batch_size * s.seq_len} tokens, d={s.d_model}, one thread, "
                   "median of interleaved repeats):", "", "| experts | flat ms | hierarchical ms | ratio |", "|---|---|---|---|"]
@@ -421,11 +425,11 @@ def plot(results: list[dict], router_ms: dict | None, path: Path) -> None:
     balance = group(results, "balance")
     names = list(balance)
     for j, key in enumerate(("max_mean_load", "cv_load")):
-        vals = [mean_std([r[key] for r in balance[n]])[0] for n in names]
+        vals = [mean_of(balance[n], key) for n in names]
         ax.bar([i + 0.4 * j for i in range(len(names))], vals, width=0.4, label=key.replace("_", " "))
     for i, n in enumerate(names):
-        top = max(mean_std([r[key] for r in balance[n]])[0] for key in ("max_mean_load", "cv_load"))
-        ax.text(i + 0.2, top * 1.05, f"{mean_std([r['val_bpb'] for r in balance[n]])[0]:.3f} bpb", ha="center",
+        top = max(mean_of(balance[n], key) for key in ("max_mean_load", "cv_load"))
+        ax.text(i + 0.2, top * 1.05, f"{mean_of(balance[n], 'val_bpb'):.3f} bpb", ha="center",
                 va="bottom", fontsize=7)
     ax.set_xticks([i + 0.2 for i in range(len(names))], names)
     ax.set_yscale("log")
@@ -441,8 +445,8 @@ def plot(results: list[dict], router_ms: dict | None, path: Path) -> None:
         ax.set_ylabel("router fwd+bwd ms / call")
         hier = group(results, "hierarchy")
         flat = flat_rows(results)
-        text = [f"flat: {mean_std([r['val_bpb'] for r in flat])[0]:.3f} bpb"] if flat else []
-        text += [f"{n}: {mean_std([r['val_bpb'] for r in rows])[0]:.3f} bpb" for n, rows in hier.items()
+        text = [f"flat: {mean_of(flat, 'val_bpb'):.3f} bpb"] if flat else []
+        text += [f"{n}: {mean_of(rows, 'val_bpb'):.3f} bpb" for n, rows in hier.items()
                  if n.startswith("hier")]
         ax.set_title("Hierarchical vs flat gate\n" + "; ".join(text), fontsize=9)
         ax.legend(fontsize=7)
@@ -481,7 +485,7 @@ def main(argv=None) -> dict:
     if args.steps:
         s.steps = args.steps
     runs = plan_runs(s, only)
-    reused, previous_wall = [], 0.0
+    reused = []
     if args.reuse:
         previous = json.loads(Path(args.reuse).read_text())
         if previous["scale"] != {**vars(s), "seeds": list(s.seeds), "tokens": s.tokens}:
@@ -489,7 +493,6 @@ def main(argv=None) -> dict:
         done = {(r["experiment"], r["name"], r["seed"]) for r in previous["runs"]}
         reused = [r for r in previous["runs"] if r["experiment"] in only]
         runs = [r for r in runs if (r.experiment, r.name, r.seed) not in done]
-        previous_wall = previous["wall_seconds"]
     # Longest first, so the pool does not end on one slow run.
     runs.sort(key=lambda r: -ffn_macs(r.moe, s.d_model) * r.moe["num_experts"] ** 0.5)
     print(f"{len(runs)} runs of {s.steps} steps on {args.workers} workers", flush=True)
@@ -506,14 +509,14 @@ def main(argv=None) -> dict:
     router_ms = None
     if "hierarchy" in only:
         router_ms = (previous.get("router_ms") if reused else None) or router_time_ms(s)
-    wall = time.time() - start + previous_wall  # the whole set, as if run at once
+    timing = {"seconds": time.time() - start, "trained_runs": len(runs), "reused_runs": len(reused)}
     order = {e: i for i, e in enumerate(EXPERIMENTS)}
     results.sort(key=lambda r: (order[r["experiment"]], r.get("series", ""), r.get("experts", 0), r["name"], r["seed"]))
     stem = Path(args.out) if args.out else RESULTS / f"shazeer_findings{'_quick' if args.quick else ''}"
     stem.parent.mkdir(parents=True, exist_ok=True)
-    summary = {"scale": {**vars(s), "tokens": s.tokens}, "wall_seconds": wall, "router_ms": router_ms, "runs": results}
+    summary = {"scale": {**vars(s), "tokens": s.tokens}, "timing": timing, "router_ms": router_ms, "runs": results}
     stem.with_suffix(".json").write_text(json.dumps(summary, indent=1))
-    md = markdown(results, router_ms, s, wall)
+    md = markdown(results, router_ms, s, timing)
     stem.with_suffix(".md").write_text(md)
     plot(results, router_ms, stem.with_suffix(".png"))
     print("\n" + md)
