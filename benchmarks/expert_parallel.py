@@ -136,10 +136,13 @@ def _rank_main(rank: int, world: int, impl: str, setup: Setup) -> dict:
     layer, step = (_build_moe_scale if impl == "moe_scale" else _build_deepspeed)(setup, world)
     layer.train()
     g = torch.Generator().manual_seed(rank)
-    x = torch.randn(1, setup.tokens_per_rank, setup.d_model, generator=g)
+    # The layer's input needs a gradient, as it does inside a network (both layers then run
+    # every backward GEMM).
+    x = torch.randn(1, setup.tokens_per_rank, setup.d_model, generator=g).requires_grad_()
     wall, cpu, a2a_bytes, a2a_s = [], [], [], []
     for i in range(setup.warmup + setup.steps):
         layer.zero_grad(set_to_none=True)
+        x.grad = None
         meter.reset()
         dist.barrier()
         t0, c0 = time.perf_counter(), time.process_time()

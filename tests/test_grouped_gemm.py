@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.utils._python_dispatch
 from torch import nn
 
 from moe_scale.moe import GroupedExperts
@@ -150,6 +151,35 @@ def test_grouped_experts_equal_per_expert_linear(activation, bias, method):
             want = getattr(m[which], attr).grad
             want = want.t() if attr == "weight" else want
             torch.testing.assert_close(got[e], want, rtol=1e-12, atol=1e-12, msg=lambda s, n=name, e=e: f"{n}[{e}]: {s}")
+
+
+class _CountGEMMs(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm, torch.ops.aten.baddbmm):
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("method", ["loop", "bmm"])
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_backward_skips_the_input_gradient_gemms_when_the_input_needs_none(activation, method):
+    """Only the weight gradients are computed for an input without requires_grad (as nn.Linear)."""
+    counts = [4, 0, 7, 1]
+    experts = GroupedExperts(len(counts), 6, 10, activation=activation, method=method)
+    calls = {}
+    for needs_grad in (True, False):
+        x = torch.randn(sum(counts), 6, requires_grad=needs_grad)
+        y = experts(x, counts)
+        with _CountGEMMs() as counter:
+            y.sum().backward()
+        calls[needs_grad] = counter.calls
+    per_expert_input_gemms = 2 if activation == "swiglu" else 1
+    groups = 1 if method == "bmm" else sum(c > 0 for c in counts)
+    assert calls[True] - calls[False] == per_expert_input_gemms * groups
 
 
 def test_grouped_experts_init_matches_nn_linear_bounds():

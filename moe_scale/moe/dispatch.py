@@ -6,9 +6,12 @@ and rows of the expert input are in one-to-one correspondence, so for token-choi
 (k slots per token) both directions of the exchange are gathers, forward and backward:
 
     permute     x_Sd -> x_Md          row m = token of kept assignment m
-    unpermute   y_Md -> y_Sd          y[s] = sum_j w[s, j] * y[pos[s, j]]   (zero if dropped)
+    unpermute   y_Md -> y_Sd          y[s] = sum_j w[j, s] * y[pos[j, s]]   (zero if dropped)
 
-`pos_Sk` maps each (token, slot) to its row, or to M (a zero row) when it was dropped. On CPU a
+`pos_kS` maps each (slot, token) to its row, or to M (a zero row) when it was dropped. It is
+slot-major, like the routing's assignment list, so each slot's row is contiguous and the
+combine runs as k gathers and k fused multiply-adds over `[S, d]` (a batched `[1, k] x [k, d]`
+matmul per token is several times slower on CPU). On CPU a
 gather is much faster than the scatter-add that autograd would use for these backwards, and
 it is deterministic. Expert-choice routing (a variable number of experts per token) falls
 back to `index_add`.
@@ -37,9 +40,9 @@ class DispatchPlan:
     routed_E         valid assignments per expert before capacity drops (int64)
     num_dropped      valid assignments dropped for capacity (0-dim int64)
     capacity         per-expert capacity, None when uncapped
-    pos_Sk           row of each (token, slot) assignment, M where it is not computed; None
+    pos_kS           row of each (slot, token) assignment, M where it is not computed; None
                      for routings that are not slot-major
-    weight_Sk        routing weights as [S, k] (slot-major routings only)
+    weight_kS        routing weights as [k, S] (slot-major routings only)
     """
 
     token_idx_M: Tensor
@@ -49,8 +52,8 @@ class DispatchPlan:
     routed_E: Tensor
     num_dropped: Tensor
     capacity: int | None
-    pos_Sk: Tensor | None
-    weight_Sk: Tensor | None
+    pos_kS: Tensor | None
+    weight_kS: Tensor | None
 
     @property
     def num_rows(self) -> int:
@@ -86,13 +89,13 @@ def plan_dispatch(routing: Routing, capacity: int | None, drop_policy: str = "po
         order = order[rank < capacity]
         kept_E = routed_E.clamp(max=capacity)
         dropped = routed_E.sum() - kept_E.sum()
-    pos_Sk = weight_Sk = None
+    pos_kS = weight_kS = None
     if routing.num_slots is not None:
         M, S, k = order.numel(), routing.num_tokens, routing.num_slots
         pos_N = torch.full((N,), M, dtype=torch.long, device=order.device)
         pos_N[order] = torch.arange(M, device=order.device)
-        pos_Sk = pos_N.view(k, S).t()
-        weight_Sk = routing.weight_N.view(k, S).t()
+        pos_kS = pos_N.view(k, S)
+        weight_kS = routing.weight_N.view(k, S)
     return DispatchPlan(
         token_idx_M=routing.token_idx_N[order],
         weight_M=routing.weight_N[order],
@@ -101,80 +104,82 @@ def plan_dispatch(routing: Routing, capacity: int | None, drop_policy: str = "po
         routed_E=routed_E,
         num_dropped=dropped,
         capacity=capacity,
-        pos_Sk=pos_Sk,
-        weight_Sk=weight_Sk,
+        pos_kS=pos_kS,
+        weight_kS=weight_kS,
     )
 
 
-def _gather_sum(rows_Md: Tensor, pos_Sk: Tensor) -> Tensor:
-    """out[s] = sum_j rows[pos[s, j]], with pos == M reading a zero row. `[S, d]`."""
-    S, k = pos_Sk.shape
-    ext = torch.cat([rows_Md, rows_Md.new_zeros(1, rows_Md.shape[-1])])
-    if k == 1:
-        return ext.index_select(0, pos_Sk[:, 0])
-    return ext.index_select(0, pos_Sk.reshape(-1)).view(S, k, rows_Md.shape[-1]).sum(1)
+def _with_zero_row(rows_Md: Tensor) -> Tensor:
+    """`[M + 1, d]`: the rows and a zero row at index M, where dropped assignments point."""
+    return torch.cat([rows_Md, rows_Md.new_zeros(1, rows_Md.shape[-1])])
+
+
+def _gather_sum(rows_Md: Tensor, pos_kS: Tensor, weight_kS: Tensor | None = None) -> Tensor:
+    """out[s] = sum_j w[j, s] * rows[pos[j, s]] (w = 1 when None), pos == M reads zero. `[S, d]`."""
+    ext = _with_zero_row(rows_Md)
+    out = ext.index_select(0, pos_kS[0])
+    if weight_kS is not None:
+        out.mul_(weight_kS[0, :, None])
+    for j in range(1, pos_kS.shape[0]):
+        slot = ext.index_select(0, pos_kS[j])
+        if weight_kS is None:
+            out.add_(slot)
+        else:
+            out.addcmul_(slot, weight_kS[j, :, None])
+    return out
 
 
 class _Permute(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_Sd: Tensor, token_idx_M: Tensor, pos_Sk: Tensor):
-        ctx.save_for_backward(pos_Sk)
+    def forward(ctx, x_Sd: Tensor, token_idx_M: Tensor, pos_kS: Tensor):
+        ctx.save_for_backward(pos_kS)
         return x_Sd.index_select(0, token_idx_M)
 
     @staticmethod
     def backward(ctx, grad_Md):
-        (pos_Sk,) = ctx.saved_tensors
-        return _gather_sum(grad_Md, pos_Sk), None, None
+        (pos_kS,) = ctx.saved_tensors
+        return _gather_sum(grad_Md, pos_kS), None, None
 
 
 class _Unpermute(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y_Md: Tensor, weight_Sk: Tensor, pos_Sk: Tensor, token_idx_M: Tensor, slot_M: Tensor):
-        S, k = pos_Sk.shape
-        ext = torch.cat([y_Md, y_Md.new_zeros(1, y_Md.shape[-1])])
-        w = weight_Sk.to(y_Md.dtype)
-        if k == 1:
-            out = ext.index_select(0, pos_Sk[:, 0]) * w
-        else:
-            gathered = ext.index_select(0, pos_Sk.reshape(-1)).view(S, k, y_Md.shape[-1])
-            out = torch.bmm(w[:, None, :], gathered)[:, 0]
-        ctx.save_for_backward(y_Md, weight_Sk, pos_Sk, token_idx_M, slot_M)
-        return out
+    def forward(ctx, y_Md: Tensor, weight_kS: Tensor, pos_kS: Tensor, token_idx_M: Tensor, slot_M: Tensor):
+        ctx.save_for_backward(y_Md, weight_kS, pos_kS, token_idx_M, slot_M)
+        return _gather_sum(y_Md, pos_kS, weight_kS.to(y_Md.dtype))
 
     @staticmethod
     def backward(ctx, grad_Sd):
-        y_Md, weight_Sk, pos_Sk, token_idx_M, slot_M = ctx.saved_tensors
-        S, k = pos_Sk.shape
+        y_Md, weight_kS, pos_kS, token_idx_M, slot_M = ctx.saved_tensors
         grad_y = grad_w = None
         if ctx.needs_input_grad[0]:
-            w_M = weight_Sk.to(grad_Sd.dtype)[token_idx_M, slot_M]
+            w_M = weight_kS.to(grad_Sd.dtype)[slot_M, token_idx_M]
             grad_y = grad_Sd.index_select(0, token_idx_M).mul_(w_M[:, None])
         if ctx.needs_input_grad[1]:
-            ext = torch.cat([y_Md, y_Md.new_zeros(1, y_Md.shape[-1])])
-            gathered = ext.index_select(0, pos_Sk.reshape(-1)).view(S, k, y_Md.shape[-1])
-            grad_w = torch.bmm(gathered, grad_Sd[:, :, None])[:, :, 0].to(weight_Sk.dtype)
+            ext = _with_zero_row(y_Md)
+            grad_w = torch.stack([(ext.index_select(0, pos) * grad_Sd).sum(-1) for pos in pos_kS])
+            grad_w = grad_w.to(weight_kS.dtype)
         return grad_y, grad_w, None, None, None
 
 
 def permute(x_Sd: Tensor, plan: DispatchPlan) -> Tensor:
     """Gather the token of every kept assignment: `[S, d]` -> `[M, d]` grouped by expert."""
-    if plan.pos_Sk is None:
+    if plan.pos_kS is None:
         return x_Sd.index_select(0, plan.token_idx_M)
-    return _Permute.apply(x_Sd, plan.token_idx_M, plan.pos_Sk)
+    return _Permute.apply(x_Sd, plan.token_idx_M, plan.pos_kS)
 
 
 def unpermute(y_Md: Tensor, plan: DispatchPlan, num_tokens: int) -> Tensor:
     """Weighted sum of each token's expert outputs: `[M, d]` -> `[S, d]` (zero if none kept)."""
-    if plan.pos_Sk is None:
+    if plan.pos_kS is None:
         weighted = y_Md * plan.weight_M.to(y_Md.dtype)[:, None]
         return y_Md.new_zeros(num_tokens, y_Md.shape[-1]).index_add(0, plan.token_idx_M, weighted)
     slot_M = torch.div(plan.assignment_M, num_tokens, rounding_mode="floor")
-    return _Unpermute.apply(y_Md, plan.weight_Sk, plan.pos_Sk, plan.token_idx_M, slot_M)
+    return _Unpermute.apply(y_Md, plan.weight_kS, plan.pos_kS, plan.token_idx_M, slot_M)
 
 
 def served_tokens(plan: DispatchPlan, num_tokens: int) -> Tensor:
     """Number of tokens with at least one computed assignment (0-dim int64)."""
-    if plan.pos_Sk is not None:
-        return (plan.pos_Sk < plan.num_rows).any(1).sum()
+    if plan.pos_kS is not None:
+        return (plan.pos_kS < plan.num_rows).any(0).sum()
     served = torch.zeros(num_tokens, dtype=torch.bool, device=plan.token_idx_M.device)
     return served.index_fill(0, plan.token_idx_M, True).sum()

@@ -64,18 +64,27 @@ class _Ops:
     def wgrad(self, a: Tensor, g: Tensor) -> Tensor:
         if self.method == "bmm":
             return torch.bmm(a.transpose(1, 2), g)
-        out = a.new_zeros(len(self.blocks.counts), a.shape[-1], g.shape[-1])
+        # Empty rather than zeros: a fresh buffer costs page faults on first touch, so writing
+        # it once (GEMM output, or zeros for an expert without rows) halves that cost.
+        out = a.new_empty(len(self.blocks.counts), a.shape[-1], g.shape[-1])
+        self._zero_empty_experts(out)
         for grp, s, e in self.blocks.spans:
             torch.mm(a[s:e].t(), g[s:e], out=out[grp])
         return out
+
+    def _zero_empty_experts(self, out: Tensor) -> None:
+        if len(self.blocks.spans) < len(self.blocks.counts):
+            empty = [e for e, c in enumerate(self.blocks.counts) if c == 0]
+            out.index_fill_(0, torch.tensor(empty, device=out.device), 0)
 
     def bias_grad(self, g: Tensor) -> Tensor:
         """Per-expert sum of row gradients (padded rows carry zero gradient)."""
         if self.method == "bmm":
             return g.sum(1)
-        out = g.new_zeros(len(self.blocks.counts), g.shape[-1])
+        out = g.new_empty(len(self.blocks.counts), g.shape[-1])
+        self._zero_empty_experts(out)
         for grp, s, e in self.blocks.spans:
-            out[grp] = g[s:e].sum(0)
+            torch.sum(g[s:e], 0, out=out[grp])
         return out
 
 
@@ -115,13 +124,16 @@ class _Up(torch.autograd.Function):
             g_h = torch.ops.aten.silu_backward.grad_input(g_a.mul_(h3), t, grad_input=g_a)
         x = layout.pad_(x_Md) if layout is not None else x_Md
         g_w1 = ops.wgrad(x, g_h)
-        g_x = ops.mm(g_h, w1, transpose=True)
+        g_x = None
+        if ctx.needs_input_grad[0]:
+            g_x = ops.mm(g_h, w1, transpose=True)
+            if g_h3 is not None:
+                g_x += ops.mm(g_h3, w3, transpose=True)
+            if layout is not None:
+                g_x = layout.unpad_(g_x)
         if g_h3 is not None:
             g_w3 = ops.wgrad(x, g_h3)
-            g_x += ops.mm(g_h3, w3, transpose=True)
         g_b1 = ops.bias_grad(g_h) if ctx.has_b1 else None
-        if layout is not None:
-            g_x = layout.unpad_(g_x)
         return g_x, g_w1, g_w3, g_b1, None, None, None
 
 
