@@ -18,7 +18,13 @@ Oversubscription: this box may have fewer cores than ranks (2 cores, up to 4 ran
 jobs). Each rank runs with one intra-op thread (torch.set_num_threads(1), OMP_NUM_THREADS=1),
 so the 1-rank baseline uses the same single thread per rank as the N-rank runs. On a shared,
 oversubscribed box wall time measures time-slicing as much as the code, so per-rank throughput
-is computed from CPU time: tokens per rank / CPU seconds per step. CPU time counts what a rank
+is computed from CPU time: tokens per rank / CPU seconds per step.
+
+Host memory: every rank of both implementations first calls `keep_freed_host_memory()` (glibc
+keeps freed blocks instead of returning them to the kernel, the effect PyTorch's CPU tuning
+guide gets from jemalloc / tcmalloc). Without it the multi-MiB buffers an expert-parallel step
+allocates are page-faulted in again every step, which cost about 10 ms of a 60 ms step at 2
+ranks and 64 experts of h=256 per rank. `--no-keep-freed-memory` measures without it. CPU time counts what a rank
 computes (including the copies and serialisation of its all-to-alls) and not the time it
 sleeps waiting for a peer that the OS has not scheduled. Wall time and a2a wall time are
 reported next to it for completeness; they are inflated at 4 ranks on 2 cores.
@@ -44,6 +50,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moe_scale.distributed.host_memory import keep_freed_host_memory
 from moe_scale.distributed.launch import run_local
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -60,6 +67,7 @@ class Setup:
     steps: int = 8
     warmup: int = 2
     grouped_gemm: str = "auto"
+    keep_freed_memory: bool = True
 
 
 class _A2AMeter:
@@ -130,6 +138,8 @@ def _build_deepspeed(setup: Setup, world: int):
 
 
 def _rank_main(rank: int, world: int, impl: str, setup: Setup) -> dict:
+    if setup.keep_freed_memory:
+        keep_freed_host_memory()
     meter = _A2AMeter()
     torch.manual_seed(0)
     rss_before = _rss_mb()
@@ -164,18 +174,31 @@ def _rank_main(rank: int, world: int, impl: str, setup: Setup) -> dict:
     )
 
 
-def run(ranks: list[int], impls: list[str], setup: Setup) -> list[dict]:
-    rows = []
-    for impl in impls:
+def _one_run(impl: str, n: int, setup: Setup) -> dict:
+    per_rank = run_local(_rank_main, n, impl, setup, timeout=600, collective_timeout=300)
+    run = {key: statistics.fmean(r[key] for r in per_rank) for key in per_rank[0]}
+    run["per_rank"] = per_rank
+    print(f"{impl:10s} ranks={n}  wall {run['wall_ms']:.1f} ms  cpu {run['cpu_ms']:.1f} ms  "
+          f"a2a {run['a2a_mb']:.2f} MB {run['a2a_ms']:.1f} ms  rss {run['peak_rss_mb']:.0f} MB", flush=True)
+    return run
+
+
+def run(ranks: list[int], impls: list[str], setup: Setup, repeats: int = 1) -> list[dict]:
+    """Every (impl, ranks) point `repeats` times, the implementations interleaved within each
+    repeat so that a slow spell of the shared machine hits both; a row holds the median run
+    (by CPU time) and every run's CPU time."""
+    runs: dict[tuple[str, int], list[dict]] = {(impl, n): [] for n in ranks for impl in impls}
+    for rep in range(repeats):
         for n in ranks:
-            per_rank = run_local(_rank_main, n, impl, setup, timeout=600, collective_timeout=300)
-            row = {key: statistics.fmean(r[key] for r in per_rank) for key in per_rank[0]}
-            row.update(impl=impl, ranks=n, experts=setup.experts_per_rank * n, per_rank=per_rank)
-            row["tokens_per_cpu_s"] = setup.tokens_per_rank / (row["cpu_ms"] / 1e3)
-            row["tokens_per_wall_s"] = setup.tokens_per_rank / (row["wall_ms"] / 1e3)
-            rows.append(row)
-            print(f"{impl:10s} ranks={n}  wall {row['wall_ms']:.1f} ms  cpu {row['cpu_ms']:.1f} ms  "
-                  f"a2a {row['a2a_mb']:.2f} MB {row['a2a_ms']:.1f} ms  rss {row['peak_rss_mb']:.0f} MB", flush=True)
+            for impl in impls:
+                runs[impl, n].append(_one_run(impl, n, setup))
+    rows = []
+    for (impl, n), done in runs.items():
+        row = dict(sorted(done, key=lambda r: r["cpu_ms"])[len(done) // 2])
+        row.update(impl=impl, ranks=n, experts=setup.experts_per_rank * n, cpu_ms_runs=[r["cpu_ms"] for r in done])
+        row["tokens_per_cpu_s"] = setup.tokens_per_rank / (row["cpu_ms"] / 1e3)
+        row["tokens_per_wall_s"] = setup.tokens_per_rank / (row["wall_ms"] / 1e3)
+        rows.append(row)
     for row in rows:
         base = next(r for r in rows if r["impl"] == row["impl"] and r["ranks"] == min(ranks))
         row["cpu_efficiency"] = row["tokens_per_cpu_s"] / base["tokens_per_cpu_s"]
@@ -185,20 +208,28 @@ def run(ranks: list[int], impls: list[str], setup: Setup) -> list[dict]:
         if peer:
             row["speedup_vs_deepspeed_cpu"] = peer["cpu_ms"] / row["cpu_ms"]
             row["speedup_vs_deepspeed_wall"] = peer["wall_ms"] / row["wall_ms"]
+            # Per repeat (both runs from the same spell of the machine): the spread of the ratio.
+            pairs = [p / o for p, o in zip(peer["cpu_ms_runs"], row["cpu_ms_runs"])]
+            row["speedup_vs_deepspeed_cpu_runs"] = pairs
     return rows
 
 
-def markdown(rows: list[dict], setup: Setup) -> str:
+def markdown(rows: list[dict], setup: Setup, repeats: int) -> str:
     lines = [
         f"Weak scaling, {setup.tokens_per_rank} tokens and {setup.experts_per_rank} experts per rank, "
         f"d={setup.d_model}, h={setup.d_hidden}, top-{setup.k}, capacity factor {setup.capacity_factor}, "
-        f"fwd+bwd, 1 thread per rank, median of {setup.steps} steps, mean over ranks.",
+        f"fwd+bwd, 1 thread per rank, median of {setup.steps} steps, mean over ranks; each point "
+        f"run {repeats} time(s), interleaved, the median run shown (vs DeepSpeed: range over the repeats).",
         "",
         "| impl | ranks | E | wall ms/step | CPU ms/step/rank | tokens/CPU-s/rank | vs 1 rank | a2a MB/rank | a2a ms | peak RSS MB | RSS growth MB | vs DeepSpeed (CPU) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
-        vs = f"{r['speedup_vs_deepspeed_cpu']:.2f}x" if "speedup_vs_deepspeed_cpu" in r else ""
+        vs = ""
+        if "speedup_vs_deepspeed_cpu" in r:
+            runs = r["speedup_vs_deepspeed_cpu_runs"]
+            vs = f"{r['speedup_vs_deepspeed_cpu']:.2f}x"
+            vs += f" ({min(runs):.2f}-{max(runs):.2f})" if len(runs) > 1 else ""
         lines.append(
             f"| {r['impl']} | {r['ranks']} | {r['experts']} | {r['wall_ms']:.1f} | {r['cpu_ms']:.1f} | "
             f"{r['tokens_per_cpu_s']:,.0f} | {r['cpu_efficiency']:.2f} | {r['a2a_mb']:.2f} | {r['a2a_ms']:.1f} | "
@@ -210,19 +241,23 @@ def markdown(rows: list[dict], setup: Setup) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--repeats", type=int, default=3, help="runs of every point, interleaved")
     parser.add_argument("--impl", nargs="+", default=["moe_scale", "deepspeed"], choices=["moe_scale", "deepspeed"])
     for field, value in asdict(Setup()).items():
-        parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
+        if isinstance(value, bool):
+            parser.add_argument(f"--{field.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=value)
+        else:
+            parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON path (default results/expert_parallel_<experts/rank>x<d_hidden>.json; .md beside)")
     args = parser.parse_args(argv)
     setup = Setup(**{f: getattr(args, f) for f in asdict(Setup())})
     out = args.out or RESULTS / f"expert_parallel_{setup.experts_per_rank}x{setup.d_hidden}.json"
-    rows = run(args.ranks, args.impl, setup)
-    table = markdown(rows, setup)
+    rows = run(args.ranks, args.impl, setup, args.repeats)
+    table = markdown(rows, setup, args.repeats)
     print(table)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(setup=asdict(setup), torch=torch.__version__, machine=platform.machine(), cores=os.cpu_count(),
+    meta = dict(setup=asdict(setup), repeats=args.repeats, torch=torch.__version__, machine=platform.machine(), cores=os.cpu_count(),
                 load_average=os.getloadavg(), when=time.strftime("%Y-%m-%d %H:%M:%S"))
     out.write_text(json.dumps(dict(meta=meta, rows=rows, table=table), indent=2))
     out.with_suffix(".md").write_text(table + "\n")
