@@ -8,7 +8,11 @@ Every (row, dtype, implementation) runs in its own process so its peak memory (r
 above the process's RSS after its imports, before the layer is built: weights, grads,
 activations, transients) is its own. Each process does warm-up steps and reports the median of timed steps. A peer
 that fails (out of memory under the address-space limit, or past the time limit) is
-reported as such. Prints a markdown table with ratios to the floor and to DeepSpeed, and
+reported as such. Every worker first calls `keep_freed_host_memory()` (glibc keeps freed blocks
+rather than returning them to the kernel, as jemalloc / tcmalloc would): otherwise each step
+page-faults its fresh multi-MiB buffers in again, at a cost that depends on glibc's adaptive
+mmap threshold, i.e. on the order of earlier allocations, for the floor as much as for the
+layers (`--no-keep-freed-memory` to measure without). Prints a markdown table with ratios to the floor and to DeepSpeed, and
 writes the rows to benchmarks/results/moe_layer.json.
 
     python benchmarks/moe_layer.py                  # every row, float32 and bfloat16
@@ -159,11 +163,16 @@ def _import(impl: str) -> None:
         import fairscale.nn.moe  # noqa: F401
 
 
-def _worker(impl: str, E: int, S: int, d: int, dtype_name: str, warmup: int, repeats: int, mem_limit: int):
+def _worker(impl: str, E: int, S: int, d: int, dtype_name: str, warmup: int, repeats: int, mem_limit: int,
+            keep_freed_memory: bool):
     import torch
 
     if mem_limit:
         resource.setrlimit(resource.RLIMIT_AS, (mem_limit, mem_limit))
+    if keep_freed_memory:
+        from moe_scale.distributed.host_memory import keep_freed_host_memory
+
+        keep_freed_host_memory()
     dtype = getattr(torch, dtype_name)
     _import(impl)  # module imports are not the layer's memory: load them before the baseline
     _warm_kernels(dtype)  # nor is the one-time initialisation of the GEMM libraries
@@ -201,6 +210,7 @@ def _worker(impl: str, E: int, S: int, d: int, dtype_name: str, warmup: int, rep
 def _run_one(impl, E, S, d, dtype, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", impl, str(E), str(S), str(d), dtype,
            "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--mem-limit-gb", str(args.mem_limit_gb)]
+    cmd += [] if args.keep_freed_memory else ["--no-keep-freed-memory"]
     env = dict(os.environ, MOE_BENCH_STORE=f"/tmp/moe_bench_store_{os.getpid()}_{impl}_{E}_{S}")
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
@@ -254,11 +264,14 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--timeout", type=int, default=900, help="seconds per implementation and row")
     p.add_argument("--mem-limit-gb", type=float, default=20.0)
+    p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="every worker (floor and peers alike) keeps freed host memory (see module docstring)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "moe_layer.json"))
     args = p.parse_args()
     if args.worker:
         impl, E, S, d, dtype = args.worker
-        _worker(impl, int(E), int(S), int(d), dtype, args.warmup, args.repeats, int(args.mem_limit_gb * 2**30))
+        _worker(impl, int(E), int(S), int(d), dtype, args.warmup, args.repeats, int(args.mem_limit_gb * 2**30),
+                args.keep_freed_memory)
         return
     rows = QUICK_ROWS if args.quick else ROWS
     if args.rows:
@@ -276,7 +289,8 @@ def main():
     print(_table(results))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"k": K, "capacity_factor": CAPACITY_FACTOR, "rows": results}, indent=1))
+    out.write_text(json.dumps({"k": K, "capacity_factor": CAPACITY_FACTOR, "keep_freed_memory": args.keep_freed_memory,
+                               "when": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": results}, indent=1))
     print(f"\nwrote {out}", file=sys.stderr)
 
 

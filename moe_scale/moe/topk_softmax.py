@@ -24,7 +24,7 @@ from moe_scale.moe.autocast import outside_autocast
 
 # Elements of a [chunk, E] block processed at once: about 1 MiB in float32, so a block stays
 # in L2 across the several passes over it, and the chunk GEMMs are still large enough.
-_CHUNK_ELEMENTS = 1 << 18
+_CHUNK_ELEMENTS = 1 << 19
 
 
 def _token_chunks(num_tokens: int, num_experts: int) -> list[tuple[int, int]]:
@@ -32,11 +32,12 @@ def _token_chunks(num_tokens: int, num_experts: int) -> list[tuple[int, int]]:
     return [(s, min(s + step, num_tokens)) for s in range(0, num_tokens, step)]
 
 
-def _top_k(block: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """`torch.topk(block, k, dim=-1)`; for k <= 2 as vectorised row maxima, several times faster
-    on CPU than the general top-k kernel at thousands of experts."""
-    if k > 2:
-        return torch.topk(block, k, dim=-1)
+# Experts per segment of the segmented top-k (see `_top_k`).
+_SEGMENT = 64
+
+
+def _top2_by_max(block: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-1 / top-2 of each row as row maxima, first occurrence first (torch.max's tie rule)."""
     val1, idx1 = block.max(dim=-1, keepdim=True)
     if k == 1:
         return val1, idx1
@@ -44,6 +45,31 @@ def _top_k(block: Tensor, k: int) -> tuple[Tensor, Tensor]:
     val2, idx2 = block.max(dim=-1, keepdim=True)
     block.scatter_(1, idx1, val1)
     return torch.cat([val1, val2], 1), torch.cat([idx1, idx2], 1)
+
+
+def _top_k(block: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """`torch.topk(block, k, dim=-1)` for `[C, E]`, ties to the lowest index.
+
+    For k <= 2 at hundreds of experts or more, one pass of segment maxima (`amax` over
+    segments of 64 experts, ~2.5x faster on CPU than `max` with indices, which is itself
+    several times faster than `topk`) finds the k segments that hold the answer: the largest
+    element lies in the segment with the largest maximum, the second largest in that segment
+    or in the one with the next largest maximum. The exact top-k is then taken over those k
+    segments' elements, kept in index order so ties resolve as in a full-row `max`.
+    """
+    if k > 2:
+        return torch.topk(block, k, dim=-1)
+    C, E = block.shape
+    if E % _SEGMENT or E < 4 * _SEGMENT:
+        return _top2_by_max(block, k)
+    segments = block.view(C, E // _SEGMENT, _SEGMENT)
+    _, seg_idx = _top2_by_max(segments.amax(-1), k)  # [C, k]
+    if k == 2:
+        seg_idx = seg_idx.sort(dim=-1).values  # index order, so first occurrence still wins ties
+    candidates = segments.gather(1, seg_idx[:, :, None].expand(C, k, _SEGMENT)).view(C, k * _SEGMENT)
+    top_val, cand_idx = _top2_by_max(candidates, k)
+    top_idx = seg_idx.gather(1, cand_idx // _SEGMENT) * _SEGMENT + cand_idx % _SEGMENT
+    return top_val, top_idx
 
 
 def router_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -116,8 +142,10 @@ class _TopKSoftmaxRouter(torch.autograd.Function):
             grad_logits.scatter_add_(1, index_Sk[s:e], sparse_Sk[s:e])
             grad_logits = grad_logits.to(x_Sd.dtype)
             if need_x:
-                grad_x[s:e] = grad_logits @ w_dE.t()
-            if need_w:
+                torch.mm(grad_logits, w_dE.t(), out=grad_x[s:e])
+            if need_w and grad_w.dtype == grad_logits.dtype:
+                grad_w.addmm_(x_Sd[s:e].t(), grad_logits)  # accumulates inside the GEMM: no [d, E] temporary
+            elif need_w:
                 grad_w += (x_Sd[s:e].t() @ grad_logits).to(acc)
         if grad_w is not None:
             grad_w = grad_w.to(w_dE.dtype)
