@@ -17,6 +17,7 @@ writes the rows to benchmarks/results/moe_layer.json.
 
     python benchmarks/moe_layer.py                  # every row, float32 and bfloat16
     python benchmarks/moe_layer.py --quick          # two small rows
+    python benchmarks/moe_layer.py --impls floor,moe_scale,moe_scale_hier --trials 3   # spread vs the floor
 """
 
 from __future__ import annotations
@@ -247,10 +248,32 @@ def _table(results: list[dict]) -> str:
     for r in results:
         row = (r["E"], r["S"], r["d"], r["dtype"])
         floor, ds = keyed.get(row + ("floor",), {}), keyed.get(row + ("deepspeed",), {})
+        vs_floor = _ratio(r, floor, "time_s")
+        if r.get("floor_time_ratio_trials"):
+            vs_floor += f" ({min(r['floor_time_ratio_trials']):.2f}-{max(r['floor_time_ratio_trials']):.2f})"
         lines.append(f"| {r['E']} | {r['S']} | {r['d']} | {r['dtype']} | {r['impl']} | {_fmt_time(r)} | "
-                     f"{_ratio(r, floor, 'time_s')} | {_ratio(r, ds, 'time_s')} | {_fmt_mem(r)} | "
+                     f"{vs_floor} | {_ratio(r, ds, 'time_s')} | {_fmt_mem(r)} | "
                      f"{_ratio(r, floor, 'peak_bytes')} |")
     return "\n".join(lines)
+
+
+def _median_trials(runs: dict[str, list[dict]]) -> list[dict]:
+    """One result per implementation: its median-time trial, with every trial's time and, next
+    to the floor of the same trial, every trial's ratio to the floor."""
+    floor = runs.get("floor")
+    out = []
+    for impl, trials in runs.items():
+        ok = sorted((r for r in trials if r.get("status") == "ok"), key=lambda r: r["time_s"])
+        r = dict(ok[len(ok) // 2]) if ok else dict(trials[-1])
+        if len(trials) > 1:
+            r["trial_times_s"] = [t.get("time_s") for t in trials]
+            if floor and impl != "floor":
+                r["floor_time_ratio_trials"] = [
+                    t["time_s"] / f["time_s"] for t, f in zip(trials, floor)
+                    if t.get("status") == "ok" and f.get("status") == "ok"
+                ]
+        out.append(r)
+    return out
 
 
 def main():
@@ -262,6 +285,9 @@ def main():
     p.add_argument("--rows", default="", help="E:S:d,... overrides the row list")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--trials", type=int, default=1,
+                   help="processes per implementation and row, interleaved; the median is reported "
+                        "and the range of the per-trial ratio to the floor")
     p.add_argument("--timeout", type=int, default=900, help="seconds per implementation and row")
     p.add_argument("--mem-limit-gb", type=float, default=20.0)
     p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
@@ -279,17 +305,20 @@ def main():
     results = []
     for E, S, d in rows:
         for dtype in args.dtypes.split(","):
-            for impl in args.impls.split(","):
-                if impl == "moe_scale_hier" and E < HIER_MIN_EXPERTS:
-                    continue
-                r = _run_one(impl, E, S, d, dtype, args)
-                print(f"  {impl:15s} E={E:5d} S={S:6d} d={d:4d} {dtype:9s} {_fmt_time(r):>10s} ms  "
-                      f"{_fmt_mem(r):>8s} MiB", file=sys.stderr, flush=True)
-                results.append(r)
+            impls = [i for i in args.impls.split(",") if not (i == "moe_scale_hier" and E < HIER_MIN_EXPERTS)]
+            runs = {impl: [] for impl in impls}
+            for _ in range(args.trials):  # implementations interleaved within each trial
+                for impl in impls:
+                    r = _run_one(impl, E, S, d, dtype, args)
+                    print(f"  {impl:15s} E={E:5d} S={S:6d} d={d:4d} {dtype:9s} {_fmt_time(r):>10s} ms  "
+                          f"{_fmt_mem(r):>8s} MiB", file=sys.stderr, flush=True)
+                    runs[impl].append(r)
+            results += _median_trials(runs)
     print(_table(results))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"k": K, "capacity_factor": CAPACITY_FACTOR, "keep_freed_memory": args.keep_freed_memory,
+                               "trials": args.trials,
                                "when": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": results}, indent=1))
     print(f"\nwrote {out}", file=sys.stderr)
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import torch.utils._python_dispatch
 from torch import nn
 
-from moe_scale.moe import GroupedExperts
+from moe_scale.moe import GroupedExperts, grouped_mlp
 from moe_scale.moe.grouped_gemm import choose_method, grouped_linear
 
 COUNTS = {
@@ -123,12 +123,19 @@ def _run_reference(mods, activation, x_Md, counts):
     return torch.cat(outs)
 
 
-@pytest.mark.parametrize("method", ["loop", "bmm"])
+@pytest.mark.parametrize("method", ["loop", "bmm", "loop-bucketed"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu"])
-def test_grouped_experts_equal_per_expert_linear(activation, bias, method):
+def test_grouped_experts_equal_per_expert_linear(activation, bias, method, monkeypatch):
+    """loop-bucketed: the bf16-on-CPU shape bucketing forced on in float64 with a bucket of 3
+    rows: blocks that extend into lower experts, one too close to row 0 to extend, experts
+    with a head and a tail, or a tail only."""
     torch.manual_seed(0)
     counts = [4, 0, 7, 1, 3]
+    if method == "loop-bucketed":
+        monkeypatch.setattr(grouped_mlp, "bucketed_shapes", lambda device, dtype: True)
+        monkeypatch.setattr(grouped_mlp, "_SHAPE_BUCKET", 3)
+        method = "loop"
     experts = GroupedExperts(len(counts), 6, 10, activation=activation, bias=bias, method=method).double()
     mods = _linear_reference(experts)
     x = torch.randn(sum(counts), 6, dtype=torch.float64, requires_grad=True)
@@ -180,6 +187,25 @@ def test_backward_skips_the_input_gradient_gemms_when_the_input_needs_none(activ
     per_expert_input_gemms = 2 if activation == "swiglu" else 1
     groups = 1 if method == "bmm" else sum(c > 0 for c in counts)
     assert calls[True] - calls[False] == per_expert_input_gemms * groups
+
+
+def test_bucketed_blocks_use_few_row_counts_and_cover_every_row_once():
+    counts = (130, 0, 64, 1, 200, 63, 129)
+    blocks = grouped_mlp._Blocks(counts, bucket=64)
+    # Row-wise products: each expert's block ends where its rows end, runs from the last expert
+    # to the first, and has a multiple of 64 rows unless it cannot reach back (the first one).
+    ends = torch.cumsum(torch.tensor(counts), 0).tolist()
+    assert [e for e, _, _ in blocks.spans] == [6, 5, 4, 3, 2, 0]
+    for e, s, end in blocks.spans:
+        assert end == ends[e]
+        assert (end - s) % 64 == 0 or (e, s, end) == (0, 0, 130)
+    # Weight gradients: exact rows, each row once, row counts multiples of 64 or below 64.
+    covered = []
+    for e, s, end in blocks.sum_spans:
+        assert ends[e] - counts[e] <= s < end <= ends[e]
+        assert (end - s) % 64 == 0 or end - s < 64
+        covered += range(s, end)
+    assert covered == list(range(sum(counts)))
 
 
 def test_grouped_experts_init_matches_nn_linear_bounds():
