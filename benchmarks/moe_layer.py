@@ -18,6 +18,7 @@ writes the rows to benchmarks/results/moe_layer.json.
     python benchmarks/moe_layer.py                  # every row, float32 and bfloat16
     python benchmarks/moe_layer.py --quick          # two small rows
     python benchmarks/moe_layer.py --impls floor,moe_scale,moe_scale_hier --trials 3   # spread vs the floor
+    python benchmarks/moe_layer.py --vary-input     # a new input every step (loads change, as in training)
 """
 
 from __future__ import annotations
@@ -62,14 +63,21 @@ def _peak_bytes() -> int:
 # ----------------------------------------------------------------------------- workers
 
 
-def _build(impl: str, E: int, S: int, d: int, dtype):
-    """Return (step_fn) that runs one forward + backward."""
+def _build(impl: str, E: int, S: int, d: int, dtype, vary_input: bool = False):
+    """Return (step_fn) that runs one forward + backward (on a new input each call if vary_input)."""
     import torch
     from torch import nn
 
     h = 4 * d
     torch.manual_seed(0)
-    x = torch.randn(S, d, dtype=dtype, requires_grad=True)
+    inputs = [torch.randn(S, d, dtype=dtype, requires_grad=True) for _ in range(8 if vary_input else 1)]
+    calls = iter(range(1 << 62))
+
+    def next_x():
+        """The same input every step, or a new one (new routing, new expert loads) in turn."""
+        return inputs[next(calls) % len(inputs)]
+
+    x = inputs[0]
     grad_out = torch.randn(S, d, dtype=dtype)
 
     if impl in ("floor_bmm", "floor_loop"):
@@ -106,7 +114,7 @@ def _build(impl: str, E: int, S: int, d: int, dtype):
         layer = MoELayer(d, E, **opts).to(dtype)
 
         def step():
-            y, stats = layer(x)
+            y, stats = layer(next_x())
             torch.autograd.backward([y, stats.aux_loss], [grad_out, None])
 
         return step
@@ -127,7 +135,7 @@ def _build(impl: str, E: int, S: int, d: int, dtype):
                     min_capacity=4, drop_tokens=True, use_rts=False).to(dtype)
 
         def step():
-            y, l_aux, _ = layer(x[None])
+            y, l_aux, _ = layer(next_x()[None])
             torch.autograd.backward([y[0], l_aux], [grad_out, None])
 
         return step
@@ -137,10 +145,8 @@ def _build(impl: str, E: int, S: int, d: int, dtype):
 
         # FairScale wants [groups, tokens, d] with groups divisible by the local experts.
         layer = MOELayer(Top2Gate(d, E), nn.ModuleList(make_expert() for _ in range(E))).to(dtype)
-        x_g = x.view(E, S // E, d)
-
         def step():
-            y = layer(x_g)
+            y = layer(next_x().view(E, S // E, d))
             torch.autograd.backward([y.reshape(S, d), layer.l_aux], [grad_out, None])
 
         return step
@@ -165,7 +171,7 @@ def _import(impl: str) -> None:
 
 
 def _worker(impl: str, E: int, S: int, d: int, dtype_name: str, warmup: int, repeats: int, mem_limit: int,
-            keep_freed_memory: bool):
+            keep_freed_memory: bool, vary_input: bool):
     import torch
 
     if mem_limit:
@@ -187,7 +193,7 @@ def _worker(impl: str, E: int, S: int, d: int, dtype_name: str, warmup: int, rep
             variants = ["floor_bmm", "floor_loop"] if E <= LOOP_FLOOR_MAX_EXPERTS else ["floor_bmm"]
         best = None
         for variant in variants:
-            step = _build(variant, E, S, d, dtype)
+            step = _build(variant, E, S, d, dtype, vary_input)
             for _ in range(warmup):
                 step()
             times = []
@@ -212,6 +218,7 @@ def _run_one(impl, E, S, d, dtype, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", impl, str(E), str(S), str(d), dtype,
            "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--mem-limit-gb", str(args.mem_limit_gb)]
     cmd += [] if args.keep_freed_memory else ["--no-keep-freed-memory"]
+    cmd += ["--vary-input"] if args.vary_input else []
     env = dict(os.environ, MOE_BENCH_STORE=f"/tmp/moe_bench_store_{os.getpid()}_{impl}_{E}_{S}")
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
@@ -292,12 +299,15 @@ def main():
     p.add_argument("--mem-limit-gb", type=float, default=20.0)
     p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
                    help="every worker (floor and peers alike) keeps freed host memory (see module docstring)")
+    p.add_argument("--vary-input", action="store_true",
+                   help="a new input (new routing, new expert loads) every step, as in training; "
+                        "default: the same input every step")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "moe_layer.json"))
     args = p.parse_args()
     if args.worker:
         impl, E, S, d, dtype = args.worker
         _worker(impl, int(E), int(S), int(d), dtype, args.warmup, args.repeats, int(args.mem_limit_gb * 2**30),
-                args.keep_freed_memory)
+                args.keep_freed_memory, args.vary_input)
         return
     rows = QUICK_ROWS if args.quick else ROWS
     if args.rows:
@@ -318,7 +328,7 @@ def main():
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"k": K, "capacity_factor": CAPACITY_FACTOR, "keep_freed_memory": args.keep_freed_memory,
-                               "trials": args.trials,
+                               "trials": args.trials, "vary_input": args.vary_input,
                                "when": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": results}, indent=1))
     print(f"\nwrote {out}", file=sys.stderr)
 
