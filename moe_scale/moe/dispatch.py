@@ -8,7 +8,7 @@ and rows of the expert input are in one-to-one correspondence, so for token-choi
     permute     x_Sd -> x_Md          row m = token of kept assignment m
     unpermute   y_Md -> y_Sd          y[s] = sum_j w[j, s] * y[pos[j, s]]   (zero if dropped)
 
-`pos_kS` maps each (slot, token) to its row, or to M (a zero row) when it was dropped. It is
+`pos_kS` maps each (slot, token) to its row, or to M when it was dropped. It is
 slot-major, like the routing's assignment list, so each slot's row is contiguous and the
 combine runs as k gathers and k fused multiply-adds over `[S, d]` (a batched `[1, k] x [k, d]`
 matmul per token is several times slower on CPU). On CPU a
@@ -109,23 +109,26 @@ def plan_dispatch(routing: Routing, capacity: int | None, drop_policy: str = "po
     )
 
 
-def _with_zero_row(rows_Md: Tensor) -> Tensor:
-    """`[M + 1, d]`: the rows and a zero row at index M, where dropped assignments point."""
-    return torch.cat([rows_Md, rows_Md.new_zeros(1, rows_Md.shape[-1])])
+def _clamped(pos_kS: Tensor, num_rows: int) -> tuple[Tensor, Tensor]:
+    """Positions with the dropped ones (== M) pointing at a real row, and the kept mask `[k, S]`.
+
+    Gathers read the clamped row and give it weight zero, rather than reading a zero row
+    appended to the `[M, d]` rows: that append would copy all of them (and page-fault a new
+    buffer) on every call.
+    """
+    return pos_kS.clamp(max=max(num_rows - 1, 0)), pos_kS < num_rows
 
 
 def _gather_sum(rows_Md: Tensor, pos_kS: Tensor, weight_kS: Tensor | None = None) -> Tensor:
-    """out[s] = sum_j w[j, s] * rows[pos[j, s]] (w = 1 when None), pos == M reads zero. `[S, d]`."""
-    ext = _with_zero_row(rows_Md)
-    out = ext.index_select(0, pos_kS[0])
-    if weight_kS is not None:
-        out.mul_(weight_kS[0, :, None])
-    for j in range(1, pos_kS.shape[0]):
-        slot = ext.index_select(0, pos_kS[j])
-        if weight_kS is None:
-            out.add_(slot)
-        else:
-            out.addcmul_(slot, weight_kS[j, :, None])
+    """out[s] = sum_j w[j, s] * rows[pos[j, s]] (w = 1 when None), pos == M adds nothing. `[S, d]`."""
+    S, d, M = pos_kS.shape[1], rows_Md.shape[-1], rows_Md.shape[0]
+    if M == 0:
+        return rows_Md.new_zeros(S, d)
+    pos, kept = _clamped(pos_kS, M)
+    w = kept.to(rows_Md.dtype) if weight_kS is None else weight_kS * kept
+    out = rows_Md.index_select(0, pos[0]).mul_(w[0, :, None])
+    for j in range(1, pos.shape[0]):
+        out.addcmul_(rows_Md.index_select(0, pos[j]), w[j, :, None])
     return out
 
 
@@ -155,9 +158,12 @@ class _Unpermute(torch.autograd.Function):
             w_M = weight_kS.to(grad_Sd.dtype)[slot_M, token_idx_M]
             grad_y = grad_Sd.index_select(0, token_idx_M).mul_(w_M[:, None])
         if ctx.needs_input_grad[1]:
-            ext = _with_zero_row(y_Md)
-            grad_w = torch.stack([(ext.index_select(0, pos) * grad_Sd).sum(-1) for pos in pos_kS])
-            grad_w = grad_w.to(weight_kS.dtype)
+            pos, kept = _clamped(pos_kS, y_Md.shape[0])
+            if y_Md.shape[0] == 0:
+                grad_w = torch.zeros_like(weight_kS)
+            else:
+                grad_w = torch.stack([(y_Md.index_select(0, p) * grad_Sd).sum(-1) for p in pos])
+                grad_w = grad_w.mul_(kept).to(weight_kS.dtype)
         return grad_y, grad_w, None, None, None
 
 
