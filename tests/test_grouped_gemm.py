@@ -123,15 +123,18 @@ def _run_reference(mods, activation, x_Md, counts):
     return torch.cat(outs)
 
 
-@pytest.mark.parametrize("method", ["loop", "bmm", "loop-bucketed"])
+@pytest.mark.parametrize("method", ["loop", "bmm", "loop-bucketed", "loop-fused"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu"])
 def test_grouped_experts_equal_per_expert_linear(activation, bias, method, monkeypatch):
-    """loop-bucketed: the bf16-on-CPU shape bucketing forced on in float64 with a bucket of 3
+    """loop-fused: the single-node MLP. loop-bucketed: the bf16-on-CPU shape bucketing forced on in float64 with a bucket of 3
     rows: blocks that extend into lower experts, one too close to row 0 to extend, experts
     with a head and a tail, or a tail only."""
     torch.manual_seed(0)
     counts = [4, 0, 7, 1, 3]
+    if method == "loop-fused":  # one node, backward expert by expert (many rows per expert)
+        monkeypatch.setattr(grouped_mlp, "fused_backward", lambda rows, experts, d: True)
+        method = "loop"
     if method == "loop-bucketed":
         monkeypatch.setattr(grouped_mlp, "bucketed_shapes", lambda device, dtype: True)
         monkeypatch.setattr(grouped_mlp, "_SHAPE_BUCKET", 3)
@@ -166,15 +169,19 @@ class _CountGEMMs(torch.utils._python_dispatch.TorchDispatchMode):
         self.calls = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm, torch.ops.aten.baddbmm):
+        gemms = (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_, torch.ops.aten.bmm, torch.ops.aten.baddbmm)
+        if func.overloadpacket in gemms:
             self.calls += 1
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("method", ["loop", "bmm"])
+@pytest.mark.parametrize("method", ["loop", "bmm", "loop-fused"])
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
-def test_backward_skips_the_input_gradient_gemms_when_the_input_needs_none(activation, method):
+def test_backward_skips_the_input_gradient_gemms_when_the_input_needs_none(activation, method, monkeypatch):
     """Only the weight gradients are computed for an input without requires_grad (as nn.Linear)."""
+    if method == "loop-fused":
+        monkeypatch.setattr(grouped_mlp, "fused_backward", lambda rows, experts, d: True)
+        method = "loop"
     counts = [4, 0, 7, 1]
     experts = GroupedExperts(len(counts), 6, 10, activation=activation, method=method)
     calls = {}

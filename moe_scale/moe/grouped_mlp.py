@@ -136,22 +136,35 @@ class _Ops:
         return out
 
 
+def _up(x, w1, w3, b1, ops: _Ops, activation: str) -> tuple[Tensor, Tensor, Tensor | None]:
+    """a = act(x w1 [+ b1]) (SwiGLU: silu(x w1) * (x w3)) -> (a, t, h3): t is what the
+    activation's backward reads (a itself for ReLU, the pre-activation otherwise)."""
+    h = ops.mm(x, w1, bias=b1)
+    h3 = ops.mm(x, w3) if w3 is not None else None
+    if activation == "relu":
+        a = torch.relu_(h)
+        return a, a, None
+    if activation == "gelu":
+        return F.gelu(h), h, None
+    return F.silu(h) * h3, h, h3
+
+
+def _act_backward_(g_a: Tensor, t: Tensor, h3: Tensor | None, activation: str) -> tuple[Tensor, Tensor | None]:
+    """Activation backward, in place on g_a -> (g_h, g_h3 for SwiGLU else None)."""
+    if activation == "relu":
+        return torch.ops.aten.threshold_backward.grad_input(g_a, t, 0, grad_input=g_a), None
+    if activation == "gelu":
+        return torch.ops.aten.gelu_backward.grad_input(g_a, t, grad_input=g_a), None
+    g_h3 = g_a * F.silu(t)
+    return torch.ops.aten.silu_backward.grad_input(g_a.mul_(h3), t, grad_input=g_a), g_h3
+
+
 class _Up(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_Md, w1, w3, b1, ops: _Ops, layout: PaddedLayout | None, activation: str):
         x = layout.pad_(x_Md) if layout is not None else x_Md
-        h = ops.mm(x, w1, bias=b1)
-        h3 = ops.mm(x, w3) if w3 is not None else None
-        if activation == "relu":
-            a = torch.relu_(h)
-            saved = (x_Md, a, None)
-        elif activation == "gelu":
-            a = F.gelu(h)
-            saved = (x_Md, h, None)
-        else:
-            a = F.silu(h) * h3
-            saved = (x_Md, h, h3)
-        ctx.save_for_backward(w1, w3, *saved)
+        a, t, h3 = _up(x, w1, w3, b1, ops, activation)
+        ctx.save_for_backward(w1, w3, x_Md, t, h3)
         ctx.ops, ctx.layout, ctx.activation, ctx.has_b1 = ops, layout, activation, b1 is not None
         return a
 
@@ -162,14 +175,8 @@ class _Up(torch.autograd.Function):
         # g_a is a fresh buffer from `down`'s backward: the activation backward reuses it in
         # place, since a new [M, h] allocation costs page faults comparable to the op itself.
         g_a = g_a.contiguous()
-        g_h3 = g_w3 = None
-        if ctx.activation == "relu":
-            g_h = torch.ops.aten.threshold_backward.grad_input(g_a, t, 0, grad_input=g_a)
-        elif ctx.activation == "gelu":
-            g_h = torch.ops.aten.gelu_backward.grad_input(g_a, t, grad_input=g_a)
-        else:
-            g_h3 = g_a * F.silu(t)
-            g_h = torch.ops.aten.silu_backward.grad_input(g_a.mul_(h3), t, grad_input=g_a)
+        g_w3 = None
+        g_h, g_h3 = _act_backward_(g_a, t, h3, ctx.activation)
         x = layout.pad_(x_Md) if layout is not None else x_Md
         g_w1 = ops.wgrad(x, g_h)
         g_x = None
@@ -206,6 +213,64 @@ class _Down(torch.autograd.Function):
         return g_a, g_w2, g_b2, None, None
 
 
+def fused_backward(num_rows: int, num_experts: int, d_model: int) -> bool:
+    """One node with a per-expert backward (`_MLP`) when the `[M, h]` hidden gradient it avoids
+    is larger than the extra weight gradient it holds (`[E, d, h]`): M > E * d."""
+    return num_rows > num_experts * d_model
+
+
+class _MLP(torch.autograd.Function):
+    """Both layers in one node (loop layout, exact blocks), backward expert by expert.
+
+    The two-node form materialises the hidden gradient of every row, `[M, h]`, between the
+    nodes; this one reuses one `[max count, h]` buffer across experts, at the price of holding
+    dW1 and dW2 at once (`grouped_mlp` picks it when M > E * d, where that is the smaller cost).
+    """
+
+    @staticmethod
+    def forward(ctx, x_Md, w1, w2, w3, b1, b2, ops: _Ops, activation: str):
+        a, t, h3 = _up(x_Md, w1, w3, b1, ops, activation)
+        y = ops.mm(a, w2, bias=b2)
+        ctx.save_for_backward(x_Md, w1, w2, w3, a, t, h3)
+        ctx.ops, ctx.activation, ctx.has_bias = ops, activation, (b1 is not None, b2 is not None)
+        return y
+
+    @staticmethod
+    def backward(ctx, g_y):
+        x, w1, w2, w3, a, t, h3 = ctx.saved_tensors
+        ops, act = ctx.ops, ctx.activation
+        g_y = g_y.contiguous()
+        E, d, h = w1.shape
+
+        g_w1, g_w2 = x.new_empty(E, d, h), x.new_empty(E, h, d)
+        g_w3 = x.new_empty(E, d, h) if w3 is not None else None
+        g_b1 = x.new_empty(E, h) if ctx.has_bias[0] else None
+        g_b2 = x.new_empty(E, d) if ctx.has_bias[1] else None
+        for out in (g_w1, g_w2, g_w3, g_b1, g_b2):
+            if out is not None:
+                ops._zero_empty_experts(out)
+        g_x = x.new_empty(x.shape) if ctx.needs_input_grad[0] else None
+        most = max(ops.blocks.counts, default=0)
+        scratch = x.new_empty(most, h)
+        for e, s, end in ops.blocks.spans:
+            gy, n = g_y[s:end], end - s
+            g_a = torch.mm(gy, w2[e].t(), out=scratch[:n])
+            torch.mm(a[s:end].t(), gy, out=g_w2[e])
+            if g_b2 is not None:
+                torch.sum(gy, 0, out=g_b2[e])
+            g_h, g_h3 = _act_backward_(g_a, t[s:end], h3[s:end] if h3 is not None else None, act)
+            torch.mm(x[s:end].t(), g_h, out=g_w1[e])
+            if g_b1 is not None:
+                torch.sum(g_h, 0, out=g_b1[e])
+            if g_h3 is not None:
+                torch.mm(x[s:end].t(), g_h3, out=g_w3[e])
+            if g_x is not None:
+                torch.mm(g_h, w1[e].t(), out=g_x[s:end])
+                if g_h3 is not None:
+                    g_x[s:end].addmm_(g_h3, w3[e].t())
+        return g_x, g_w1, g_w2, g_w3, g_b1, g_b2, None, None
+
+
 def grouped_mlp(
     x_Md: Tensor,
     w1: Tensor,
@@ -221,5 +286,7 @@ def grouped_mlp(
     layout = PaddedLayout(counts, x_Md.device) if method == "bmm" else None
     bucket = _SHAPE_BUCKET if method == "loop" and bucketed_shapes(x_Md.device, x_Md.dtype) else 0
     ops = _Ops(method, _Blocks(tuple(counts), bucket))
+    if method == "loop" and not bucket and fused_backward(x_Md.shape[0], len(counts), x_Md.shape[-1]):
+        return _MLP.apply(x_Md, w1, w2, w3, b1, b2, ops, activation)
     a = _Up.apply(x_Md, w1, w3, b1, ops, layout, activation)
     return _Down.apply(a, w2, b2, ops, layout)
