@@ -18,16 +18,16 @@ Oversubscription: this box may have fewer cores than ranks (2 cores, up to 4 ran
 jobs). Each rank runs with one intra-op thread (torch.set_num_threads(1), OMP_NUM_THREADS=1),
 so the 1-rank baseline uses the same single thread per rank as the N-rank runs. On a shared,
 oversubscribed box wall time measures time-slicing as much as the code, so per-rank throughput
-is computed from CPU time: tokens per rank / CPU seconds per step.
+is computed from CPU time: tokens per rank / CPU seconds per step. CPU time counts what a rank
+computes (including the copies and serialisation of its all-to-alls) and not the time it
+sleeps waiting for a peer that the OS has not scheduled. Wall time and a2a wall time are
+reported next to it for completeness; they are inflated at 4 ranks on 2 cores.
 
 Host memory: every rank of both implementations first calls `keep_freed_host_memory()` (glibc
 keeps freed blocks instead of returning them to the kernel, the effect PyTorch's CPU tuning
 guide gets from jemalloc / tcmalloc). Without it the multi-MiB buffers an expert-parallel step
 allocates are page-faulted in again every step, which cost about 10 ms of a 60 ms step at 2
-ranks and 64 experts of h=256 per rank. `--no-keep-freed-memory` measures without it. CPU time counts what a rank
-computes (including the copies and serialisation of its all-to-alls) and not the time it
-sleeps waiting for a peer that the OS has not scheduled. Wall time and a2a wall time are
-reported next to it for completeness; they are inflated at 4 ranks on 2 cores.
+ranks and 64 experts of h=256 per rank. `--no-keep-freed-memory` measures without it.
 
     python benchmarks/expert_parallel.py                    # 1, 2, 4 ranks, both implementations
     python benchmarks/expert_parallel.py --experts-per-rank 64 --d-hidden 256   # many small experts

@@ -24,6 +24,7 @@ writes the rows to benchmarks/results/moe_layer.json.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -70,13 +71,9 @@ def _build(impl: str, E: int, S: int, d: int, dtype, vary_input: bool = False):
 
     h = 4 * d
     torch.manual_seed(0)
+    # The same input every step, or a new one (new routing, new expert loads) in turn.
     inputs = [torch.randn(S, d, dtype=dtype, requires_grad=True) for _ in range(8 if vary_input else 1)]
-    calls = iter(range(1 << 62))
-
-    def next_x():
-        """The same input every step, or a new one (new routing, new expert loads) in turn."""
-        return inputs[next(calls) % len(inputs)]
-
+    next_x = itertools.cycle(inputs).__next__
     x = inputs[0]
     grad_out = torch.randn(S, d, dtype=dtype)
 
@@ -194,8 +191,7 @@ def _worker(impl: str, E: int, S: int, d: int, dtype_name: str, warmup: int, rep
             t0 = time.perf_counter()
             step()
             times.append(time.perf_counter() - t0)
-        best = (impl, statistics.median(times))
-        result.update(status="ok", variant=best[0], time_s=best[1], peak_bytes=_peak_bytes() - base)
+        result.update(status="ok", variant=impl, time_s=statistics.median(times), peak_bytes=_peak_bytes() - base)
     except (MemoryError, RuntimeError) as err:
         oom = isinstance(err, MemoryError) or "alloc" in str(err).lower() or "memory" in str(err).lower()
         result.update(status="oom" if oom else "error", error=str(err)[:300])

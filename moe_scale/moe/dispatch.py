@@ -158,10 +158,10 @@ class _Unpermute(torch.autograd.Function):
             w_M = weight_kS.to(grad_Sd.dtype)[slot_M, token_idx_M]
             grad_y = grad_Sd.index_select(0, token_idx_M).mul_(w_M[:, None])
         if ctx.needs_input_grad[1]:
-            pos, kept = _clamped(pos_kS, y_Md.shape[0])
             if y_Md.shape[0] == 0:
                 grad_w = torch.zeros_like(weight_kS)
             else:
+                pos, kept = _clamped(pos_kS, y_Md.shape[0])
                 grad_w = torch.stack([(y_Md.index_select(0, p) * grad_Sd).sum(-1) for p in pos])
                 grad_w = grad_w.mul_(kept).to(weight_kS.dtype)
         return grad_y, grad_w, None, None, None

@@ -75,6 +75,13 @@ class _Blocks:
             self.sum_spans += [(e, s, s + head)] if head else []
             self.sum_spans += [(e, s + head, end)] if s + head < end else []
 
+    def sums(self):
+        """`sum_spans` with a flag: True where the span adds onto its expert's previous one."""
+        previous = None
+        for e, s, end in self.sum_spans:
+            yield e, s, end, e == previous
+            previous = e
+
 
 class _Ops:
     """The three products of a grouped GEMM layer, in one layout.
@@ -106,13 +113,11 @@ class _Ops:
         # it once (GEMM output, or zeros for an expert without rows) halves that cost.
         out = a.new_empty(len(self.blocks.counts), a.shape[-1], g.shape[-1])
         self._zero_empty_experts(out)
-        previous = None
-        for grp, s, e in self.blocks.sum_spans:
-            if grp == previous:  # the tail of a bucketed expert accumulates onto its head
+        for grp, s, e, accumulate in self.blocks.sums():
+            if accumulate:  # the tail of a bucketed expert adds onto its head
                 out[grp].addmm_(a[s:e].t(), g[s:e])
             else:
                 torch.mm(a[s:e].t(), g[s:e], out=out[grp])
-            previous = grp
         return out
 
     def _zero_empty_experts(self, out: Tensor) -> None:
@@ -126,13 +131,11 @@ class _Ops:
             return g.sum(1)
         out = g.new_empty(len(self.blocks.counts), g.shape[-1])
         self._zero_empty_experts(out)
-        previous = None
-        for grp, s, e in self.blocks.sum_spans:
-            if grp == previous:
+        for grp, s, e, accumulate in self.blocks.sums():
+            if accumulate:
                 out[grp] += g[s:e].sum(0)
             else:
                 torch.sum(g[s:e], 0, out=out[grp])
-            previous = grp
         return out
 
 

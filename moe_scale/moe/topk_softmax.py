@@ -22,8 +22,9 @@ from torch import Tensor
 
 from moe_scale.moe.autocast import outside_autocast
 
-# Elements of a [chunk, E] block processed at once: about 1 MiB in float32, so a block stays
-# in L2 across the several passes over it, and the chunk GEMMs are still large enough.
+# Elements of a [chunk, E] block processed at once: 2 MiB in float32, 1 MiB per core with two
+# intra-op threads, so a block stays in L2 across the several passes over it, and the chunk
+# GEMMs and per-chunk Python stay cheap (2^19 beat 2^18 by ~6% fwd+bwd at E=4096 on CI's CPU).
 _CHUNK_ELEMENTS = 1 << 19
 
 
