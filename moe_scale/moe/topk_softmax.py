@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from moe_scale.moe.autocast import outside_autocast
+from moe_scale.moe.fused_router import fused_kernels_for
 
 # Elements of a [chunk, E] block processed at once: 2 MiB in float32, 1 MiB per core with two
 # intra-op threads, so a block stays in L2 across the several passes over it, and the chunk
@@ -78,6 +79,18 @@ def router_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _logit_grad_eager(prob, g_prob_E, g_lse_sq, lse, dense_shift, index, sparse, acc) -> Tensor:
+    """Logit gradient of one chunk, in the probabilities' dtype (see `router_backward` in
+    csrc/router_kernels.cpp for the fused form of the same formula)."""
+    out_dtype, prob = prob.dtype, prob.to(acc)
+    # prob_sum term: p (gP - p.gP); z term: 2 lse p g_z; dense part of the weight term.
+    prob_gP = prob * g_prob_E
+    coef = (2.0 * g_lse_sq) * lse - prob_gP.sum(-1) - dense_shift
+    grad = prob_gP.addcmul_(prob, coef[:, None])
+    grad.scatter_add_(1, index, sparse)
+    return grad.to(out_dtype)
+
+
 class _TopKSoftmaxRouter(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_Sd: Tensor, w_dE: Tensor, k: int, renormalize: bool):
@@ -88,29 +101,32 @@ class _TopKSoftmaxRouter(torch.autograd.Function):
         index_Sk = torch.empty(S, k, dtype=torch.long, device=x_Sd.device)
         lse_S = x_Sd.new_empty(S, dtype=acc)
         prob_sum_E = torch.zeros(E, dtype=acc, device=x_Sd.device)
-        ones_E = torch.ones(E, dtype=acc, device=x_Sd.device)
+        kernels = fused_kernels_for(x_Sd)
         for s, e in _token_chunks(S, E):
-            # One exp pass per chunk: topk yields the row max, the exp'd block becomes p in place.
+            if kernels is not None:  # one pass per row in L1 (csrc/router_kernels.cpp)
+                top_val, top_idx, lse, prob_sum = kernels.router_forward(x_Sd[s:e] @ w_dE, prob_SE[s:e], k)
+                prob_sum_E += prob_sum
+                weight_Sk[s:e] = torch.softmax(top_val, dim=-1) if renormalize else torch.exp(top_val - lse[:, None])
+                index_Sk[s:e] = top_idx
+                lse_S[s:e] = lse
+                continue
             block = (x_Sd[s:e] @ w_dE).to(acc)
             top_val, top_idx = _top_k(block, k)
-            row_max = top_val[:, :1]
-            block.sub_(row_max).exp_()
-            denom = block @ ones_E
-            lse = row_max.squeeze(-1) + denom.log()
-            inv_denom = denom.reciprocal_()
-            prob_sum_E.addmv_(block.t(), inv_denom)
-            if prob_SE.dtype == acc:
-                torch.mul(block, inv_denom[:, None], out=prob_SE[s:e])
-            else:
-                prob_SE[s:e] = block.mul_(inv_denom[:, None])
-            if renormalize:
-                weight_Sk[s:e] = torch.softmax(top_val, dim=-1)
-            else:
-                weight_Sk[s:e] = torch.exp(top_val - lse[:, None])
+            # One fused softmax pass (ATen's vectorised kernel: max, exp, sum, scale); its output
+            # goes straight into the saved probabilities when they are kept in `acc`.
+            prob = prob_SE[s:e] if prob_SE.dtype == acc else torch.empty_like(block)
+            torch._softmax(block, -1, False, out=prob)
+            top_prob = prob.gather(1, top_idx)
+            # The row max has probability exp(max - lse) = 1 / sum: lse = max - log(p_max).
+            lse = top_val[:, 0] - top_prob[:, 0].log()
+            prob_sum_E += prob.sum(0)
+            if prob_SE.dtype != acc:
+                prob_SE[s:e] = prob
+            weight_Sk[s:e] = torch.softmax(top_val, dim=-1) if renormalize else top_prob
             index_Sk[s:e] = top_idx
             lse_S[s:e] = lse
         ctx.save_for_backward(x_Sd, w_dE, prob_SE, lse_S, weight_Sk, index_Sk)
-        ctx.renormalize = renormalize
+        ctx.renormalize, ctx.kernels = renormalize, kernels
         ctx.mark_non_differentiable(index_Sk)
         return weight_Sk, index_Sk, prob_sum_E, (lse_S * lse_S).sum()
 
@@ -135,13 +151,18 @@ class _TopKSoftmaxRouter(torch.autograd.Function):
         need_w = ctx.needs_input_grad[1]
         grad_x = torch.empty_like(x_Sd) if need_x else None
         grad_w = torch.zeros_like(w_dE, dtype=acc) if need_w else None
+        kernels = ctx.kernels
+        if kernels is not None:
+            g_prob_E, sparse_Sk = g_prob_E.contiguous(), sparse_Sk.contiguous()
+            g_lse_sq = float(g_lse_sq)
         for s, e in _token_chunks(S, E):
-            prob = prob_SE[s:e].to(acc)
-            # prob_sum term: p (gP - p.gP); z term: 2 lse p g_z; dense part of the weight term.
-            coef = (2.0 * g_lse_sq) * lse_S[s:e] - prob @ g_prob_E - dense_shift_S[s:e]
-            grad_logits = torch.mul(prob, g_prob_E).addcmul_(prob, coef[:, None])
-            grad_logits.scatter_add_(1, index_Sk[s:e], sparse_Sk[s:e])
-            grad_logits = grad_logits.to(x_Sd.dtype)
+            if kernels is not None:
+                grad_logits = torch.empty_like(prob_SE[s:e])
+                kernels.router_backward(prob_SE[s:e], g_prob_E, lse_S[s:e], g_lse_sq, dense_shift_S[s:e],
+                                        index_Sk[s:e], sparse_Sk[s:e], grad_logits)
+            else:
+                grad_logits = _logit_grad_eager(prob_SE[s:e], g_prob_E, g_lse_sq, lse_S[s:e], dense_shift_S[s:e],
+                                                index_Sk[s:e], sparse_Sk[s:e], acc)
             if need_x:
                 torch.mm(grad_logits, w_dE.t(), out=grad_x[s:e])
             if need_w and grad_w.dtype == grad_logits.dtype:

@@ -1,0 +1,264 @@
+// Fused CPU kernels for the softmax top-k router (see moe_scale/moe/fused_router.py).
+//
+// Eager PyTorch spends several passes over each [C, E] logit block (convert, segment maxima,
+// top-k bookkeeping, softmax, column sums, store) and as many small dispatches per chunk. At
+// thousands of experts and d = 64 these cost more than the router GEMM itself. Here each row
+// is read once into a float row buffer that stays in L1, and every statistic comes from it:
+//
+//   forward   top-k (values best first, ties to the lowest index, as torch.max), the row's
+//             log-sum-exp, the probabilities p = softmax(row) written in the output dtype,
+//             and the column sums of p (per-thread partial sums, added at the end)
+//   backward  grad = p * (g_p + coef) with coef = 2 g_z lse - <p, g_p> - shift, plus the
+//             sparse gradient of the chosen logits, written in the output dtype
+//
+// Accumulation is in float32 (float64 tensors use the eager path). Masks use -FLT_MAX, never
+// -inf, so -ffast-math (which lets gcc call glibc's vector expf) cannot change the results.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+inline float bf16_to_float(uint16_t v) {
+  uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+inline uint16_t float_to_bf16(float f) {  // round to nearest even, as c10::BFloat16 (finite inputs)
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  bits += 0x7FFFu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+template <typename T>
+inline void load_row(const T* src, float* dst, int64_t n);
+
+template <>
+inline void load_row<float>(const float* src, float* dst, int64_t n) {
+  std::memcpy(dst, src, n * sizeof(float));
+}
+
+template <>
+inline void load_row<uint16_t>(const uint16_t* src, float* dst, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_float(src[i]);
+}
+
+template <typename T>
+inline void store(T* dst, int64_t i, float v);
+
+template <>
+inline void store<float>(float* dst, int64_t i, float v) { dst[i] = v; }
+
+template <>
+inline void store<uint16_t>(uint16_t* dst, int64_t i, float v) { dst[i] = float_to_bf16(v); }
+
+inline float row_max(const float* row, int64_t n) {
+  float m = -FLT_MAX;
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < n; ++i) m = row[i] > m ? row[i] : m;
+  return m;
+}
+
+// First index holding `value` (it is in the row): blocks of 16 are tested with vector
+// compares, only the block that holds it is scanned element by element.
+inline int64_t first_index_of(const float* __restrict row, int64_t n, float value) {
+  constexpr int64_t kBlock = 16;
+  int64_t b = 0;
+  for (; b + kBlock <= n; b += kBlock) {
+    int hit = 0;
+#pragma omp simd reduction(| : hit)
+    for (int64_t i = b; i < b + kBlock; ++i) hit |= row[i] == value;
+    if (hit) break;
+  }
+  for (int64_t i = b; i < n; ++i)
+    if (row[i] == value) return i;
+  return n - 1;  // not reached: `value` was taken from the row
+}
+
+// exp(x) for x <= 0 (a logit minus its row max), relative error ~2e-7: Cody-Waite reduction
+// x = n ln2 + r, |r| <= ln2 / 2, a degree-6 Taylor polynomial for exp(r), 2^n built in the
+// exponent bits. Written so gcc vectorises it; glibc's vector expf is exact to 1 ulp and took
+// most of the forward kernel's time. Below -87 (exp < 1.7e-38) the result is that tiny value.
+inline float exp_nonpositive(float x) {
+  x = x < -87.f ? -87.f : x;
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  float p = 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// Row kernels take plain pointers (no lambda captures: gcc turned captured pointers inside
+// `omp simd` loops into gathers, 4x slower).
+inline void exp_shift_(float* __restrict x, int64_t n, float m, float& sum_out) {
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) {
+    x[i] = exp_nonpositive(x[i] - m);
+    sum += x[i];
+  }
+  sum_out = sum;
+}
+
+template <typename T>
+inline void scale_store_accumulate(const float* __restrict x, int64_t n, float inv, T* __restrict out,
+                                   float* __restrict col_sum) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float p = x[i] * inv;
+    store<T>(out, i, p);
+    col_sum[i] += p;
+  }
+}
+
+template <typename T>
+void forward_row(const T* __restrict logits, T* __restrict prob, int64_t E, int64_t k, float* __restrict row,
+                 float* __restrict top_val, int64_t* __restrict top_idx,
+                 float* __restrict lse, float* __restrict col_sum) {
+  load_row<T>(logits, row, E);
+  // top-k: k rounds of (max, first index of it); each chosen entry is set to -FLT_MAX for the
+  // later rounds and restored afterwards.
+  for (int64_t j = 0; j < k; ++j) {
+    top_val[j] = row_max(row, E);
+    top_idx[j] = first_index_of(row, E, top_val[j]);
+    row[top_idx[j]] = -FLT_MAX;
+  }
+  for (int64_t j = 0; j < k; ++j) row[top_idx[j]] = top_val[j];
+  float sum;
+  exp_shift_(row, E, top_val[0], sum);
+  scale_store_accumulate<T>(row, E, 1.f / sum, prob, col_sum);
+  *lse = top_val[0] + std::log(sum);
+}
+
+template <typename T>
+void forward_rows(const T* logits, T* prob, int64_t C, int64_t E, int64_t k, float* top_val,
+                  int64_t* top_idx, float* lse, float* prob_sum_partial) {
+  at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(E);
+    float* col_sum = prob_sum_partial + at::get_thread_num() * E;
+    for (int64_t r = begin; r < end; ++r)
+      forward_row<T>(logits + r * E, prob + r * E, E, k, row.data(), top_val + r * k,
+                     top_idx + r * k, lse + r, col_sum);
+  });
+}
+
+inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+
+template <typename T>
+inline void scaled_sum_store(const float* __restrict p, const float* __restrict g_prob, float coef, int64_t n,
+                             T* __restrict out) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) store<T>(out, i, p[i] * (g_prob[i] + coef));
+}
+
+template <typename T>
+void backward_row(const T* __restrict prob, const float* __restrict g_prob, float lse, float g_lse_sq, float shift,
+                  const int64_t* __restrict idx, const float* __restrict sparse, T* __restrict grad, int64_t E,
+                  int64_t k, float* __restrict row) {
+  load_row<T>(prob, row, E);
+  const float coef = 2.f * g_lse_sq * lse - dot(row, g_prob, E) - shift;
+  scaled_sum_store<T>(row, g_prob, coef, E, grad);
+  for (int64_t j = 0; j < k; ++j)  // the chosen logits also get their sparse term
+    store<T>(grad, idx[j], row[idx[j]] * (g_prob[idx[j]] + coef) + sparse[j]);
+}
+
+template <typename T>
+void backward_rows(const T* prob, const float* g_prob, const float* lse, float g_lse_sq,
+                   const float* shift, const int64_t* idx, const float* sparse, T* grad,
+                   int64_t C, int64_t E, int64_t k) {
+  at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(E);
+    for (int64_t r = begin; r < end; ++r)
+      backward_row<T>(prob + r * E, g_prob, lse[r], g_lse_sq, shift[r], idx + r * k, sparse + r * k, grad + r * E,
+                      E, k, row.data());
+  });
+}
+
+void check_block(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.dim() == 2, name, " must be a contiguous 2-D CPU tensor");
+  TORCH_CHECK(t.scalar_type() == torch::kFloat || t.scalar_type() == torch::kBFloat16, name,
+              " must be float32 or bfloat16");
+}
+
+}  // namespace
+
+// logits, prob_out: [C, E] of one dtype (float32 / bfloat16); writes prob_out.
+// Returns top_val [C, k] f32, top_idx [C, k] i64, lse [C] f32, prob_sum [E] f32.
+std::vector<torch::Tensor> router_forward(torch::Tensor logits, torch::Tensor prob_out, int64_t k) {
+  check_block(logits, "logits");
+  check_block(prob_out, "prob_out");
+  TORCH_CHECK(prob_out.sizes() == logits.sizes() && prob_out.scalar_type() == logits.scalar_type(),
+              "prob_out must match logits in shape and dtype");
+  const int64_t C = logits.size(0), E = logits.size(1);
+  TORCH_CHECK(k >= 1 && k <= E, "k must lie in [1, E]");
+  auto f32 = logits.options().dtype(torch::kFloat);
+  auto top_val = torch::empty({C, k}, f32);
+  auto top_idx = torch::empty({C, k}, logits.options().dtype(torch::kLong));
+  auto lse = torch::empty({C}, f32);
+  auto partial = torch::zeros({at::get_num_threads(), E}, f32);
+  if (logits.scalar_type() == torch::kFloat) {
+    forward_rows<float>(logits.data_ptr<float>(), prob_out.data_ptr<float>(), C, E, k,
+                        top_val.data_ptr<float>(), top_idx.data_ptr<int64_t>(), lse.data_ptr<float>(),
+                        partial.data_ptr<float>());
+  } else {
+    forward_rows<uint16_t>(reinterpret_cast<const uint16_t*>(logits.data_ptr<at::BFloat16>()),
+                           reinterpret_cast<uint16_t*>(prob_out.data_ptr<at::BFloat16>()), C, E, k,
+                           top_val.data_ptr<float>(), top_idx.data_ptr<int64_t>(), lse.data_ptr<float>(),
+                           partial.data_ptr<float>());
+  }
+  return {top_val, top_idx, lse, partial.sum(0)};
+}
+
+// prob, grad_out: [C, E] of one dtype; g_prob [E], lse [C], shift [C], sparse [C, k] f32;
+// idx [C, k] i64. Writes grad_out.
+void router_backward(torch::Tensor prob, torch::Tensor g_prob, torch::Tensor lse, double g_lse_sq,
+                     torch::Tensor shift, torch::Tensor idx, torch::Tensor sparse, torch::Tensor grad_out) {
+  check_block(prob, "prob");
+  check_block(grad_out, "grad_out");
+  const int64_t C = prob.size(0), E = prob.size(1), k = idx.size(1);
+  TORCH_CHECK(grad_out.sizes() == prob.sizes() && grad_out.scalar_type() == prob.scalar_type(),
+              "grad_out must match prob in shape and dtype");
+  for (const auto& t : {g_prob, lse, shift, sparse})
+    TORCH_CHECK(t.scalar_type() == torch::kFloat && t.is_contiguous(), "router statistics must be contiguous float32");
+  TORCH_CHECK(idx.scalar_type() == torch::kLong && idx.is_contiguous() && idx.size(0) == C, "idx must be [C, k] int64");
+  TORCH_CHECK(g_prob.numel() == E && lse.numel() == C && shift.numel() == C && sparse.sizes() == idx.sizes(),
+              "router statistics have the wrong shapes");
+  if (prob.scalar_type() == torch::kFloat) {
+    backward_rows<float>(prob.data_ptr<float>(), g_prob.data_ptr<float>(), lse.data_ptr<float>(),
+                         static_cast<float>(g_lse_sq), shift.data_ptr<float>(), idx.data_ptr<int64_t>(),
+                         sparse.data_ptr<float>(), grad_out.data_ptr<float>(), C, E, k);
+  } else {
+    backward_rows<uint16_t>(reinterpret_cast<const uint16_t*>(prob.data_ptr<at::BFloat16>()),
+                            g_prob.data_ptr<float>(), lse.data_ptr<float>(), static_cast<float>(g_lse_sq),
+                            shift.data_ptr<float>(), idx.data_ptr<int64_t>(), sparse.data_ptr<float>(),
+                            reinterpret_cast<uint16_t*>(grad_out.data_ptr<at::BFloat16>()), C, E, k);
+  }
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("router_forward", &router_forward, "fused softmax top-k router forward (CPU)");
+  m.def("router_backward", &router_backward, "fused softmax top-k router backward (CPU)");
+}
