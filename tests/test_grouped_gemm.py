@@ -123,7 +123,7 @@ def _run_reference(mods, activation, x_Md, counts):
     return torch.cat(outs)
 
 
-@pytest.mark.parametrize("method", ["loop", "bmm", "loop-bucketed", "loop-fused"])
+@pytest.mark.parametrize("method", ["loop", "bmm", "loop-bucketed", "loop-fused", "loop-bucketed-fused"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu"])
 def test_grouped_experts_equal_per_expert_linear(activation, bias, method, monkeypatch):
@@ -132,9 +132,11 @@ def test_grouped_experts_equal_per_expert_linear(activation, bias, method, monke
     with a head and a tail, or a tail only."""
     torch.manual_seed(0)
     counts = [4, 0, 7, 1, 3]
-    if method == "loop-fused":  # one node, backward expert by expert (many rows per expert)
+    if method.endswith("fused"):  # one node, backward expert by expert (many rows per expert)
         monkeypatch.setattr(grouped_mlp, "fused_backward", lambda rows, experts, d: True)
-        method = "loop"
+        method = method.removesuffix("-fused")
+    else:
+        monkeypatch.setattr(grouped_mlp, "fused_backward", lambda rows, experts, d: False)
     if method == "loop-bucketed":
         monkeypatch.setattr(grouped_mlp, "bucketed_shapes", lambda device, dtype: True)
         monkeypatch.setattr(grouped_mlp, "_SHAPE_BUCKET", 3)

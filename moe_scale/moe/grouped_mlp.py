@@ -223,11 +223,15 @@ def fused_backward(num_rows: int, num_experts: int, d_model: int) -> bool:
 
 
 class _MLP(torch.autograd.Function):
-    """Both layers in one node (loop layout, exact blocks), backward expert by expert.
+    """Both layers in one node (loop layout), backward expert by expert.
 
     The two-node form materialises the hidden gradient of every row, `[M, h]`, between the
-    nodes; this one reuses one `[max count, h]` buffer across experts, at the price of holding
-    dW1 and dW2 at once (`grouped_mlp` picks it when M > E * d, where that is the smaller cost).
+    nodes; this one reuses one `[largest span, h]` buffer across experts, at the price of
+    holding dW1 and dW2 at once (`grouped_mlp` picks it when M > E * d, where that is the
+    smaller cost). With bucketed shapes (`_Blocks`) the row-wise products run over the
+    bucketed spans (rows of lower experts at the front are recomputed later by their own
+    expert), and the weight gradients over each expert's exact head and tail rows, which lie
+    inside its span.
     """
 
     @staticmethod
@@ -253,20 +257,36 @@ class _MLP(torch.autograd.Function):
             if out is not None:
                 ops._zero_empty_experts(out)
         g_x = x.new_empty(x.shape) if ctx.needs_input_grad[0] else None
-        most = max(ops.blocks.counts, default=0)
+        sums: dict[int, list[tuple[int, int, bool]]] = {}
+        for e, s, end, accumulate in ops.blocks.sums():
+            sums.setdefault(e, []).append((s, end, accumulate))
+
+        def weight_grad(out: Tensor, rows: Tensor, g: Tensor, e: int, offset: int) -> None:
+            """out[e] = rows[exact rows of e]^T @ g[same rows]; g's row 0 is row `offset`."""
+            for s, end, accumulate in sums[e]:
+                lhs, rhs = rows[s:end].t(), g[s - offset : end - offset]
+                if accumulate:  # the tail of a bucketed expert adds onto its head
+                    out[e].addmm_(lhs, rhs)
+                else:
+                    torch.mm(lhs, rhs, out=out[e])
+
+        def bias_grad(out: Tensor | None, g: Tensor, e: int, offset: int) -> None:
+            if out is not None:
+                for s, end, accumulate in sums[e]:
+                    part = g[s - offset : end - offset].sum(0)
+                    out[e] = out[e] + part if accumulate else part
+
+        most = max((end - s for _, s, end in ops.blocks.spans), default=0)
         scratch = x.new_empty(most, h)
         for e, s, end in ops.blocks.spans:
-            gy, n = g_y[s:end], end - s
-            g_a = torch.mm(gy, w2[e].t(), out=scratch[:n])
-            torch.mm(a[s:end].t(), gy, out=g_w2[e])
-            if g_b2 is not None:
-                torch.sum(gy, 0, out=g_b2[e])
+            g_a = torch.mm(g_y[s:end], w2[e].t(), out=scratch[: end - s])
+            weight_grad(g_w2, a, g_y, e, 0)
+            bias_grad(g_b2, g_y, e, 0)
             g_h, g_h3 = _act_backward_(g_a, t[s:end], h3[s:end] if h3 is not None else None, act)
-            torch.mm(x[s:end].t(), g_h, out=g_w1[e])
-            if g_b1 is not None:
-                torch.sum(g_h, 0, out=g_b1[e])
+            weight_grad(g_w1, x, g_h, e, s)
+            bias_grad(g_b1, g_h, e, s)
             if g_h3 is not None:
-                torch.mm(x[s:end].t(), g_h3, out=g_w3[e])
+                weight_grad(g_w3, x, g_h3, e, s)
             if g_x is not None:
                 torch.mm(g_h, w1[e].t(), out=g_x[s:end])
                 if g_h3 is not None:
@@ -289,7 +309,7 @@ def grouped_mlp(
     layout = PaddedLayout(counts, x_Md.device) if method == "bmm" else None
     bucket = _SHAPE_BUCKET if method == "loop" and bucketed_shapes(x_Md.device, x_Md.dtype) else 0
     ops = _Ops(method, _Blocks(tuple(counts), bucket))
-    if method == "loop" and not bucket and fused_backward(x_Md.shape[0], len(counts), x_Md.shape[-1]):
+    if method == "loop" and fused_backward(x_Md.shape[0], len(counts), x_Md.shape[-1]):
         return _MLP.apply(x_Md, w1, w2, w3, b1, b2, ops, activation)
     a = _Up.apply(x_Md, w1, w3, b1, ops, layout, activation)
     return _Down.apply(a, w2, b2, ops, layout)
