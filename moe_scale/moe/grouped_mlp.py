@@ -55,7 +55,7 @@ class _Blocks:
     """
 
     def __init__(self, counts: tuple[int, ...], bucket: int = 0):
-        self.counts = counts
+        self.counts, self.bucket = counts, bucket
         exact, start = [], 0
         for e, c in enumerate(counts):
             if c:
@@ -114,11 +114,28 @@ class _Ops:
         out = a.new_empty(len(self.blocks.counts), a.shape[-1], g.shape[-1])
         self._zero_empty_experts(out)
         for grp, s, e, accumulate in self.blocks.sums():
-            if accumulate:  # the tail of a bucketed expert adds onto its head
-                out[grp].addmm_(a[s:e].t(), g[s:e])
-            else:
-                torch.mm(a[s:e].t(), g[s:e], out=out[grp])
+            self.span_wgrad(out[grp], a, g, s, e, 0, accumulate)
         return out
+
+    def span_wgrad(self, out_e: Tensor, rows: Tensor, g: Tensor, s: int, end: int, offset: int, accumulate: bool):
+        """out_e (+)= rows[s:end]^T @ g[s - offset : end - offset], one span of `sum_spans`.
+
+        A bucketed tail (fewer rows than the bucket) runs as a bucket-row GEMM, so no GEMM sees
+        a new shape (each new shape is a JIT-compiled oneDNN kernel, cached with its memory):
+        its rows, zero-padded at the front, times the bucket rows of `g` that end where it
+        ends (rows of the head or of lower experts: finite values, multiplied by zero).
+        """
+        n, bucket = end - s, self.blocks.bucket
+        if bucket and n % bucket and end - offset >= bucket:
+            lhs = rows.new_zeros(bucket, rows.shape[-1])
+            lhs[bucket - n :] = rows[s:end]
+            rhs = g[end - offset - bucket : end - offset]
+        else:
+            lhs, rhs = rows[s:end], g[s - offset : end - offset]
+        if accumulate:  # the tail of a bucketed expert adds onto its head
+            out_e.addmm_(lhs.t(), rhs)
+        else:
+            torch.mm(lhs.t(), rhs, out=out_e)
 
     def _zero_empty_experts(self, out: Tensor) -> None:
         if self.blocks.num_nonempty < len(self.blocks.counts):
@@ -264,11 +281,7 @@ class _MLP(torch.autograd.Function):
         def weight_grad(out: Tensor, rows: Tensor, g: Tensor, e: int, offset: int) -> None:
             """out[e] = rows[exact rows of e]^T @ g[same rows]; g's row 0 is row `offset`."""
             for s, end, accumulate in sums[e]:
-                lhs, rhs = rows[s:end].t(), g[s - offset : end - offset]
-                if accumulate:  # the tail of a bucketed expert adds onto its head
-                    out[e].addmm_(lhs, rhs)
-                else:
-                    torch.mm(lhs, rhs, out=out[e])
+                ops.span_wgrad(out[e], rows, g, s, end, offset, accumulate)
 
         def bias_grad(out: Tensor | None, g: Tensor, e: int, offset: int) -> None:
             if out is not None:
