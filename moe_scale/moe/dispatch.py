@@ -146,24 +146,25 @@ class _Permute(torch.autograd.Function):
 
 class _Unpermute(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y_Md: Tensor, weight_kS: Tensor, pos_kS: Tensor, token_idx_M: Tensor, slot_M: Tensor):
-        ctx.save_for_backward(y_Md, weight_kS, pos_kS, token_idx_M, slot_M)
+    def forward(ctx, y_Md: Tensor, weight_kS: Tensor, pos_kS: Tensor, token_idx_M: Tensor, assignment_M: Tensor):
+        ctx.save_for_backward(y_Md, weight_kS, token_idx_M, assignment_M)
         return _gather_sum(y_Md, pos_kS, weight_kS.to(y_Md.dtype))
 
     @staticmethod
     def backward(ctx, grad_Sd):
-        y_Md, weight_kS, pos_kS, token_idx_M, slot_M = ctx.saved_tensors
-        grad_y = grad_w = None
-        if ctx.needs_input_grad[0]:
-            w_M = weight_kS.to(grad_Sd.dtype)[slot_M, token_idx_M]
-            grad_y = grad_Sd.index_select(0, token_idx_M).mul_(w_M[:, None])
-        if ctx.needs_input_grad[1]:
-            if y_Md.shape[0] == 0:
-                grad_w = torch.zeros_like(weight_kS)
-            else:
-                pos, kept = _clamped(pos_kS, y_Md.shape[0])
-                grad_w = torch.stack([(y_Md.index_select(0, p) * grad_Sd).sum(-1) for p in pos])
-                grad_w = grad_w.mul_(kept).to(weight_kS.dtype)
+        y_Md, weight_kS, token_idx_M, assignment_M = ctx.saved_tensors
+        need_y, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # One gather serves both: the row gradient is w_m * grad[token_m], the weight gradient
+        # of a kept assignment is <y_m, grad[token_m]>, and dropped ones get zero.
+        grad_tok_Md = grad_Sd.index_select(0, token_idx_M) if need_y or need_w else None
+        grad_w = grad_y = None
+        if need_w:
+            grad_w = torch.zeros_like(weight_kS)
+            row_dots = torch.linalg.vecdot(y_Md, grad_tok_Md).to(weight_kS.dtype)
+            grad_w.view(-1).index_copy_(0, assignment_M, row_dots)
+        if need_y:
+            w_M = weight_kS.reshape(-1).index_select(0, assignment_M).to(grad_Sd.dtype)
+            grad_y = grad_tok_Md.mul_(w_M[:, None])
         return grad_y, grad_w, None, None, None
 
 
@@ -179,8 +180,7 @@ def unpermute(y_Md: Tensor, plan: DispatchPlan, num_tokens: int) -> Tensor:
     if plan.pos_kS is None:
         weighted = y_Md * plan.weight_M.to(y_Md.dtype)[:, None]
         return y_Md.new_zeros(num_tokens, y_Md.shape[-1]).index_add(0, plan.token_idx_M, weighted)
-    slot_M = torch.div(plan.assignment_M, num_tokens, rounding_mode="floor")
-    return _Unpermute.apply(y_Md, plan.weight_kS, plan.pos_kS, plan.token_idx_M, slot_M)
+    return _Unpermute.apply(y_Md, plan.weight_kS, plan.pos_kS, plan.token_idx_M, plan.assignment_M)
 
 
 def served_tokens(plan: DispatchPlan, num_tokens: int) -> Tensor:
