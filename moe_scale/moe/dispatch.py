@@ -125,6 +125,11 @@ def _gather_sum(rows_Md: Tensor, pos_kS: Tensor, weight_kS: Tensor | None = None
     if M == 0:
         return rows_Md.new_zeros(S, d)
     pos, kept = _clamped(pos_kS, M)
+    if weight_kS is None and bool(kept.all()):  # nothing dropped: a plain sum of gathers
+        out = rows_Md.index_select(0, pos[0])
+        for j in range(1, pos.shape[0]):
+            out += rows_Md.index_select(0, pos[j])
+        return out
     w = kept.to(rows_Md.dtype) if weight_kS is None else weight_kS * kept
     out = rows_Md.index_select(0, pos[0]).mul_(w[0, :, None])
     for j in range(1, pos.shape[0]):
