@@ -123,15 +123,16 @@ def _run_reference(mods, activation, x_Md, counts):
     return torch.cat(outs)
 
 
+@pytest.mark.parametrize("counts", [[4, 0, 7, 1, 3], [2, 5, 0, 4]])
 @pytest.mark.parametrize("method", ["loop", "bmm", "loop-bucketed", "loop-fused", "loop-bucketed-fused"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu"])
-def test_grouped_experts_equal_per_expert_linear(activation, bias, method, monkeypatch):
+def test_grouped_experts_equal_per_expert_linear(activation, bias, method, counts, monkeypatch):
     """loop-fused: the single-node MLP. loop-bucketed: the bf16-on-CPU shape bucketing forced on in float64 with a bucket of 3
-    rows: blocks that extend into lower experts, one too close to row 0 to extend, experts
-    with a head and a tail, or a tail only."""
+    rows: blocks that reach back into lower experts, a first block that reaches forward,
+    experts with a head and a tail, or a tail only (first counts); a first expert with a tail
+    only, whose weight gradient looks ahead (second counts)."""
     torch.manual_seed(0)
-    counts = [4, 0, 7, 1, 3]
     if method.endswith("fused"):  # one node, backward expert by expert (many rows per expert)
         monkeypatch.setattr(grouped_mlp, "fused_backward", lambda rows, experts, d: True)
         method = method.removesuffix("-fused")
@@ -201,13 +202,16 @@ def test_backward_skips_the_input_gradient_gemms_when_the_input_needs_none(activ
 def test_bucketed_blocks_use_few_row_counts_and_cover_every_row_once():
     counts = (130, 0, 64, 1, 200, 63, 129)
     blocks = grouped_mlp._Blocks(counts, bucket=64)
-    # Row-wise products: each expert's block ends where its rows end, runs from the last expert
-    # to the first, and has a multiple of 64 rows unless it cannot reach back (the first one).
+    # Row-wise products: every block computes a multiple of 64 rows that holds its expert's
+    # rows; they end where those rows end and run from the last expert to the first, except
+    # the first block, which cannot reach back and reaches forward instead.
     ends = torch.cumsum(torch.tensor(counts), 0).tolist()
-    assert [e for e, _, _ in blocks.spans] == [6, 5, 4, 3, 2, 0]
-    for e, s, end in blocks.spans:
-        assert end == ends[e]
-        assert (end - s) % 64 == 0 or (e, s, end) == (0, 0, 130)
+    assert [e for e, *_ in blocks.spans] == [6, 5, 4, 3, 2, 0]
+    for e, lo, hi, s, end in blocks.spans:
+        assert (s, end) == (ends[e] - counts[e], ends[e])
+        assert (hi - lo) % 64 == 0 and lo <= s < end <= hi <= sum(counts)
+        assert hi == end or (e, lo, hi) == (0, 0, 192)
+    assert grouped_mlp._Blocks((5, 0, 7), bucket=64).spans == [(2, 5, 12, 5, 12), (0, 0, 5, 0, 5)]
     # Weight gradients: exact rows, each row once, row counts multiples of 64 or below 64.
     covered = []
     for e, s, end in blocks.sum_spans:

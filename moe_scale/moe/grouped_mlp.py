@@ -39,19 +39,21 @@ def bucketed_shapes(device: torch.device, dtype: torch.dtype) -> bool:
 class _Blocks:
     """Row blocks of the sorted input, per non-empty expert, in two views.
 
-    spans      (expert, start, end) over the rows that the row-wise products (`mm`) compute,
-               in the order they must run
+    spans      (expert, lo, hi, start, end): the row-wise products (`mm`) of the expert whose
+               rows are [start, end) compute rows [lo, hi) (a superset), in the order given
     sum_spans  (expert, start, end) over the rows that the weight gradients sum, in expert
                order; an expert may have two (accumulated)
 
     Without `bucket` both are one exact block per expert. With `bucket` (bf16 / fp16 on CPU,
     see `bucketed_shapes`) no GEMM sees a row count outside a small fixed set:
-    - a row-wise product computes the `roundup(count, bucket)` rows that end at its block's
-      end. The extra rows at the front belong to lower experts, whose own products run later
-      (spans go from the last expert to the first) and overwrite them with the right values.
-      A block too close to row 0 to extend stays exact.
+    - a row-wise product computes `roundup(count, bucket)` rows. Normally they end at its
+      block's end: the extra rows at the front belong to lower experts, whose own products run
+      later (spans go from the last expert to the first) and overwrite them. A block too
+      close to row 0 to reach back reaches forward instead (hi > end) and keeps only its own
+      rows (the caller writes through a temporary); only when all rows together are fewer
+      than a bucket is a block exact.
     - a weight gradient cannot take foreign rows: it sums a head of a multiple of `bucket`
-      rows and a tail of fewer than `bucket` rows.
+      rows and a tail of fewer than `bucket` rows (see `_Ops.span_wgrad`).
     """
 
     def __init__(self, counts: tuple[int, ...], bucket: int = 0):
@@ -63,12 +65,18 @@ class _Blocks:
             start += c
         self.num_nonempty = len(exact)
         if not bucket:
-            self.spans = self.sum_spans = exact
+            self.spans = [(e, s, end, s, end) for e, s, end in exact]
+            self.sum_spans = exact
             return
         self.spans = []
         for e, s, end in reversed(exact):
             rows = -(-(end - s) // bucket) * bucket
-            self.spans.append((e, end - rows if end >= rows else s, end))
+            if end >= rows:
+                self.spans.append((e, end - rows, end, s, end))
+            elif s + rows <= start:
+                self.spans.append((e, s, s + rows, s, end))
+            else:
+                self.spans.append((e, s, end, s, end))
         self.sum_spans = []
         for e, s, end in exact:
             head = (end - s) // bucket * bucket
@@ -99,11 +107,14 @@ class _Ops:
         if self.method == "bmm":
             return torch.bmm(a, w) if bias is None else torch.baddbmm(bias[:, None], a, w)
         out = a.new_empty(a.shape[0], w.shape[-1])
-        for g, s, e in self.blocks.spans:
-            if bias is None:
-                torch.mm(a[s:e], w[g], out=out[s:e])
+        for g, lo, hi, s, e in self.blocks.spans:
+            if hi > e:  # reaches forward into rows already computed: keep only its own rows
+                part = a[lo:hi] @ w[g] if bias is None else torch.addmm(bias[g], a[lo:hi], w[g])
+                out[s:e] = part[: e - s]
+            elif bias is None:
+                torch.mm(a[lo:hi], w[g], out=out[lo:hi])
             else:
-                torch.addmm(bias[g], a[s:e], w[g], out=out[s:e])
+                torch.addmm(bias[g], a[lo:hi], w[g], out=out[lo:hi])
         return out
 
     def wgrad(self, a: Tensor, g: Tensor) -> Tensor:
@@ -123,13 +134,18 @@ class _Ops:
         A bucketed tail (fewer rows than the bucket) runs as a bucket-row GEMM, so no GEMM sees
         a new shape (each new shape is a JIT-compiled oneDNN kernel, cached with its memory):
         its rows, zero-padded at the front, times the bucket rows of `g` that end where it
-        ends (rows of the head or of lower experts: finite values, multiplied by zero).
+        ends (rows of the head or of lower experts: finite values, multiplied by zero), or, too
+        close to row 0 for that, zero-padded at the back against the rows that start with it.
         """
         n, bucket = end - s, self.blocks.bucket
         if bucket and n % bucket and end - offset >= bucket:
             lhs = rows.new_zeros(bucket, rows.shape[-1])
             lhs[bucket - n :] = rows[s:end]
             rhs = g[end - offset - bucket : end - offset]
+        elif bucket and n % bucket and g.shape[0] - (s - offset) >= bucket:  # near row 0: look ahead
+            lhs = rows.new_zeros(bucket, rows.shape[-1])
+            lhs[:n] = rows[s:end]
+            rhs = g[s - offset : s - offset + bucket]
         else:
             lhs, rhs = rows[s:end], g[s - offset : end - offset]
         if accumulate:  # the tail of a bucketed expert adds onto its head
@@ -289,21 +305,24 @@ class _MLP(torch.autograd.Function):
                     part = g[s - offset : end - offset].sum(0)
                     out[e] = out[e] + part if accumulate else part
 
-        most = max((end - s for _, s, end in ops.blocks.spans), default=0)
+        most = max((hi - lo for _, lo, hi, _, _ in ops.blocks.spans), default=0)
         scratch = x.new_empty(most, h)
-        for e, s, end in ops.blocks.spans:
-            g_a = torch.mm(g_y[s:end], w2[e].t(), out=scratch[: end - s])
+        for e, lo, hi, s, end in ops.blocks.spans:
+            g_a = torch.mm(g_y[lo:hi], w2[e].t(), out=scratch[: hi - lo])
             weight_grad(g_w2, a, g_y, e, 0)
             bias_grad(g_b2, g_y, e, 0)
-            g_h, g_h3 = _act_backward_(g_a, t[s:end], h3[s:end] if h3 is not None else None, act)
-            weight_grad(g_w1, x, g_h, e, s)
-            bias_grad(g_b1, g_h, e, s)
+            g_h, g_h3 = _act_backward_(g_a, t[lo:hi], h3[lo:hi] if h3 is not None else None, act)
+            weight_grad(g_w1, x, g_h, e, lo)
+            bias_grad(g_b1, g_h, e, lo)
             if g_h3 is not None:
-                weight_grad(g_w3, x, g_h3, e, s)
+                weight_grad(g_w3, x, g_h3, e, lo)
             if g_x is not None:
-                torch.mm(g_h, w1[e].t(), out=g_x[s:end])
+                forward = hi > end  # reaches into rows already computed: keep only its own
+                g_x_rows = g_h @ w1[e].t() if forward else torch.mm(g_h, w1[e].t(), out=g_x[lo:hi])
                 if g_h3 is not None:
-                    g_x[s:end].addmm_(g_h3, w3[e].t())
+                    g_x_rows.addmm_(g_h3, w3[e].t())
+                if forward:
+                    g_x[s:end] = g_x_rows[: end - s]
         return g_x, g_w1, g_w2, g_w3, g_b1, g_b2, None, None
 
 
