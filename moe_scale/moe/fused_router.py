@@ -10,7 +10,8 @@ The extension is compiled with the host's compiler by `torch.utils.cpp_extension
 first time a process needs it (about a minute; cached under TORCH_EXTENSIONS_DIR, shared by
 later processes). Where that fails (no compiler) the router warns once and stays eager.
 
-    MOE_SCALE_ROUTER_KERNEL=auto    fused on CPU for float32 / bfloat16 (default)
+    MOE_SCALE_ROUTER_KERNEL=auto    fused on CPU for float32 / bfloat16 (default; eager while
+                                    torch.compile traces)
     MOE_SCALE_ROUTER_KERNEL=eager   never build or use the kernels
 """
 
@@ -70,5 +71,7 @@ def load_kernels() -> ModuleType | None:
 def fused_kernels_for(x: torch.Tensor) -> ModuleType | None:
     """The kernels if they apply to router input `x` (CPU, float32 / bfloat16), else None."""
     if x.device.type != "cpu" or x.dtype not in _DTYPES or kernel_mode() == "eager":
+        return None
+    if torch.compiler.is_compiling():  # an opaque extension call: let torch.compile trace ATen
         return None
     return load_kernels()
