@@ -261,10 +261,12 @@ class _MLP(torch.autograd.Function):
     The two-node form materialises the hidden gradient of every row, `[M, h]`, between the
     nodes; this one reuses one `[largest span, h]` buffer across experts, at the price of
     holding dW1 and dW2 at once (`grouped_mlp` picks it when M > E * d, where that is the
-    smaller cost). With bucketed shapes (`_Blocks`) the row-wise products run over the
-    bucketed spans (rows of lower experts at the front are recomputed later by their own
-    expert), and the weight gradients over each expert's exact head and tail rows, which lie
-    inside its span.
+    smaller cost). With bucketed shapes (`_Blocks`) every product of the backward runs over
+    the expert's bucketed span, with the other experts' rows of the output gradient zeroed
+    in a copy: their weight-gradient terms vanish (the activations there are finite) and their
+    input-gradient rows come out zero, to be rewritten by their own expert later (or, for a
+    span reaching forward, not written at all). No head / tail split: five GEMMs per expert
+    (ReLU / GELU), each of a bucketed shape.
     """
 
     @staticmethod
@@ -290,32 +292,30 @@ class _MLP(torch.autograd.Function):
             if out is not None:
                 ops._zero_empty_experts(out)
         g_x = x.new_empty(x.shape) if ctx.needs_input_grad[0] else None
-        sums: dict[int, list[tuple[int, int, bool]]] = {}
-        for e, s, end, accumulate in ops.blocks.sums():
-            sums.setdefault(e, []).append((s, end, accumulate))
-
-        def weight_grad(out: Tensor, rows: Tensor, g: Tensor, e: int, offset: int) -> None:
-            """out[e] = rows[exact rows of e]^T @ g[same rows]; g's row 0 is row `offset`."""
-            for s, end, accumulate in sums[e]:
-                ops.span_wgrad(out[e], rows, g, s, end, offset, accumulate)
-
-        def bias_grad(out: Tensor | None, g: Tensor, e: int, offset: int) -> None:
-            if out is not None:
-                for s, end, accumulate in sums[e]:
-                    part = g[s - offset : end - offset].sum(0)
-                    out[e] = out[e] + part if accumulate else part
-
         most = max((hi - lo for _, lo, hi, _, _ in ops.blocks.spans), default=0)
-        scratch = x.new_empty(most, h)
+        scratch_h = x.new_empty(most, h)
+        scratch_y = g_y.new_empty(most, d)
         for e, lo, hi, s, end in ops.blocks.spans:
-            g_a = torch.mm(g_y[lo:hi], w2[e].t(), out=scratch[: hi - lo])
-            weight_grad(g_w2, a, g_y, e, 0)
-            bias_grad(g_b2, g_y, e, 0)
+            # The span's output gradient with the rows of other experts zeroed: every product
+            # below then runs on the whole (bucketed) span and stays exact, since zero rows add
+            # nothing to a weight gradient and yield zero hidden gradients.
+            if (lo, hi) == (s, end):
+                gy = g_y[s:end]
+            else:
+                gy = scratch_y[: hi - lo]
+                gy[: s - lo].zero_()
+                gy[s - lo : end - lo] = g_y[s:end]
+                gy[end - lo :].zero_()
+            g_a = torch.mm(gy, w2[e].t(), out=scratch_h[: hi - lo])
+            torch.mm(a[lo:hi].t(), gy, out=g_w2[e])
+            if g_b2 is not None:
+                torch.sum(gy, 0, out=g_b2[e])
             g_h, g_h3 = _act_backward_(g_a, t[lo:hi], h3[lo:hi] if h3 is not None else None, act)
-            weight_grad(g_w1, x, g_h, e, lo)
-            bias_grad(g_b1, g_h, e, lo)
+            torch.mm(x[lo:hi].t(), g_h, out=g_w1[e])
+            if g_b1 is not None:
+                torch.sum(g_h, 0, out=g_b1[e])
             if g_h3 is not None:
-                weight_grad(g_w3, x, g_h3, e, lo)
+                torch.mm(x[lo:hi].t(), g_h3, out=g_w3[e])
             if g_x is not None:
                 forward = hi > end  # reaches into rows already computed: keep only its own
                 g_x_rows = g_h @ w1[e].t() if forward else torch.mm(g_h, w1[e].t(), out=g_x[lo:hi])
