@@ -212,13 +212,17 @@ def test_bucketed_blocks_use_few_row_counts_and_cover_every_row_once():
         assert (hi - lo) % 64 == 0 and lo <= s < end <= hi <= sum(counts)
         assert hi == end or (e, lo, hi) == (0, 0, 192)
     assert grouped_mlp._Blocks((5, 0, 7), bucket=64).spans == [(2, 5, 12, 5, 12), (0, 0, 5, 0, 5)]
-    # Weight gradients: exact rows, each row once, row counts multiples of 64 or below 64.
-    covered = []
-    for e, s, end in blocks.sum_spans:
-        assert ends[e] - counts[e] <= s < end <= ends[e]
-        assert (end - s) % 64 == 0 or end - s < 64
-        covered += range(s, end)
+    # Sums over rows (weight gradients) count each expert's own rows: each row exactly once.
+    covered = sorted(row for _, _, _, s, end in blocks.spans for row in range(s, end))
     assert covered == list(range(sum(counts)))
+
+
+def test_own_rows_zeroes_the_rows_of_other_experts():
+    g = torch.arange(1.0, 9.0)[:, None]
+    scratch = torch.full((6, 1), float("nan"))
+    rows = grouped_mlp._Ops.own_rows(g, 1, 7, 3, 5, scratch)
+    assert rows.flatten().tolist() == [0.0, 0.0, 4.0, 5.0, 0.0, 0.0]
+    assert grouped_mlp._Ops.own_rows(g, 2, 4, 2, 4, scratch).data_ptr() == g[2:4].data_ptr()
 
 
 def test_grouped_experts_init_matches_nn_linear_bounds():

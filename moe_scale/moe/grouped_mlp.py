@@ -37,27 +37,24 @@ def bucketed_shapes(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 class _Blocks:
-    """Row blocks of the sorted input, per non-empty expert, in two views.
+    """Row blocks of the sorted input, one per non-empty expert.
 
-    spans      (expert, lo, hi, start, end): the row-wise products (`mm`) of the expert whose
-               rows are [start, end) compute rows [lo, hi) (a superset), in the order given
-    sum_spans  (expert, start, end) over the rows that the weight gradients sum, in expert
-               order; an expert may have two (accumulated)
+    spans      (expert, lo, hi, start, end): the expert whose rows are [start, end) computes
+               over rows [lo, hi) (a superset), in the order given
 
-    Without `bucket` both are one exact block per expert. With `bucket` (bf16 / fp16 on CPU,
-    see `bucketed_shapes`) no GEMM sees a row count outside a small fixed set:
-    - a row-wise product computes `roundup(count, bucket)` rows. Normally they end at its
-      block's end: the extra rows at the front belong to lower experts, whose own products run
-      later (spans go from the last expert to the first) and overwrite them. A block too
-      close to row 0 to reach back reaches forward instead (hi > end) and keeps only its own
-      rows (the caller writes through a temporary); only when all rows together are fewer
-      than a bucket is a block exact.
-    - a weight gradient cannot take foreign rows: it sums a head of a multiple of `bucket`
-      rows and a tail of fewer than `bucket` rows (see `_Ops.span_wgrad`).
+    Without `bucket` every span is exact (lo, hi = start, end). With `bucket` (bf16 / fp16 on
+    CPU, see `bucketed_shapes`) no GEMM sees a row count outside a small fixed set: a span has
+    `roundup(count, bucket)` rows. Normally they end at the block's end: the extra rows at the
+    front belong to lower experts, whose own products run later (spans go from the last expert
+    to the first) and overwrite them. A block too close to row 0 to reach back reaches forward
+    instead (hi > end) and keeps only its own rows (the caller writes through a temporary);
+    only when all rows together are fewer than a bucket is a block exact. Sums over rows
+    (weight and bias gradients) take the span's gradient rows with the foreign ones zeroed
+    (`_Ops.own_rows`).
     """
 
     def __init__(self, counts: tuple[int, ...], bucket: int = 0):
-        self.counts, self.bucket = counts, bucket
+        self.counts = counts
         exact, start = [], 0
         for e, c in enumerate(counts):
             if c:
@@ -66,7 +63,6 @@ class _Blocks:
         self.num_nonempty = len(exact)
         if not bucket:
             self.spans = [(e, s, end, s, end) for e, s, end in exact]
-            self.sum_spans = exact
             return
         self.spans = []
         for e, s, end in reversed(exact):
@@ -77,18 +73,11 @@ class _Blocks:
                 self.spans.append((e, s, s + rows, s, end))
             else:
                 self.spans.append((e, s, end, s, end))
-        self.sum_spans = []
-        for e, s, end in exact:
-            head = (end - s) // bucket * bucket
-            self.sum_spans += [(e, s, s + head)] if head else []
-            self.sum_spans += [(e, s + head, end)] if s + head < end else []
 
-    def sums(self):
-        """`sum_spans` with a flag: True where the span adds onto its expert's previous one."""
-        previous = None
-        for e, s, end in self.sum_spans:
-            yield e, s, end, e == previous
-            previous = e
+    @property
+    def longest(self) -> int:
+        """Rows of the longest span."""
+        return max((hi - lo for _, lo, hi, _, _ in self.spans), default=0)
 
 
 class _Ops:
@@ -124,34 +113,24 @@ class _Ops:
         # it once (GEMM output, or zeros for an expert without rows) halves that cost.
         out = a.new_empty(len(self.blocks.counts), a.shape[-1], g.shape[-1])
         self._zero_empty_experts(out)
-        for grp, s, e, accumulate in self.blocks.sums():
-            self.span_wgrad(out[grp], a, g, s, e, 0, accumulate)
+        scratch = g.new_empty(self.blocks.longest, g.shape[-1])
+        for grp, lo, hi, s, e in self.blocks.spans:
+            torch.mm(a[lo:hi].t(), self.own_rows(g, lo, hi, s, e, scratch), out=out[grp])
         return out
 
-    def span_wgrad(self, out_e: Tensor, rows: Tensor, g: Tensor, s: int, end: int, offset: int, accumulate: bool):
-        """out_e (+)= rows[s:end]^T @ g[s - offset : end - offset], one span of `sum_spans`.
-
-        A bucketed tail (fewer rows than the bucket) runs as a bucket-row GEMM, so no GEMM sees
-        a new shape (each new shape is a JIT-compiled oneDNN kernel, cached with its memory):
-        its rows, zero-padded at the front, times the bucket rows of `g` that end where it
-        ends (rows of the head or of lower experts: finite values, multiplied by zero), or, too
-        close to row 0 for that, zero-padded at the back against the rows that start with it.
-        """
-        n, bucket = end - s, self.blocks.bucket
-        if bucket and n % bucket and end - offset >= bucket:
-            lhs = rows.new_zeros(bucket, rows.shape[-1])
-            lhs[bucket - n :] = rows[s:end]
-            rhs = g[end - offset - bucket : end - offset]
-        elif bucket and n % bucket and g.shape[0] - (s - offset) >= bucket:  # near row 0: look ahead
-            lhs = rows.new_zeros(bucket, rows.shape[-1])
-            lhs[:n] = rows[s:end]
-            rhs = g[s - offset : s - offset + bucket]
-        else:
-            lhs, rhs = rows[s:end], g[s - offset : end - offset]
-        if accumulate:  # the tail of a bucketed expert adds onto its head
-            out_e.addmm_(lhs.t(), rhs)
-        else:
-            torch.mm(lhs.t(), rhs, out=out_e)
+    @staticmethod
+    def own_rows(g: Tensor, lo: int, hi: int, s: int, e: int, scratch: Tensor) -> Tensor:
+        """Rows [lo, hi) of `g` with those outside the expert's own [s, e) zeroed, in `scratch`
+        unless the span is exact. Sums over the span then count only the expert's rows (the
+        foreign rows of the other operand are finite: zero times them adds nothing), and every
+        weight-gradient GEMM keeps the span's bucketed shape."""
+        if (lo, hi) == (s, e):
+            return g[s:e]
+        rows = scratch[: hi - lo]
+        rows[: s - lo].zero_()
+        rows[s - lo : e - lo] = g[s:e]
+        rows[e - lo :].zero_()
+        return rows
 
     def _zero_empty_experts(self, out: Tensor) -> None:
         if self.blocks.num_nonempty < len(self.blocks.counts):
@@ -164,11 +143,8 @@ class _Ops:
             return g.sum(1)
         out = g.new_empty(len(self.blocks.counts), g.shape[-1])
         self._zero_empty_experts(out)
-        for grp, s, e, accumulate in self.blocks.sums():
-            if accumulate:
-                out[grp] += g[s:e].sum(0)
-            else:
-                torch.sum(g[s:e], 0, out=out[grp])
+        for grp, _, _, s, e in self.blocks.spans:
+            torch.sum(g[s:e], 0, out=out[grp])
         return out
 
 
@@ -263,10 +239,9 @@ class _MLP(torch.autograd.Function):
     holding dW1 and dW2 at once (`grouped_mlp` picks it when M > E * d, where that is the
     smaller cost). With bucketed shapes (`_Blocks`) every product of the backward runs over
     the expert's bucketed span, with the other experts' rows of the output gradient zeroed
-    in a copy: their weight-gradient terms vanish (the activations there are finite) and their
-    input-gradient rows come out zero, to be rewritten by their own expert later (or, for a
-    span reaching forward, not written at all). No head / tail split: five GEMMs per expert
-    (ReLU / GELU), each of a bucketed shape.
+    (`_Ops.own_rows`): their weight-gradient terms vanish and their input-gradient rows come
+    out zero, to be rewritten by their own expert later (or, for a span reaching forward, not
+    written at all).
     """
 
     @staticmethod
@@ -292,20 +267,13 @@ class _MLP(torch.autograd.Function):
             if out is not None:
                 ops._zero_empty_experts(out)
         g_x = x.new_empty(x.shape) if ctx.needs_input_grad[0] else None
-        most = max((hi - lo for _, lo, hi, _, _ in ops.blocks.spans), default=0)
-        scratch_h = x.new_empty(most, h)
-        scratch_y = g_y.new_empty(most, d)
+        scratch_h = x.new_empty(ops.blocks.longest, h)
+        scratch_y = g_y.new_empty(ops.blocks.longest, d)
         for e, lo, hi, s, end in ops.blocks.spans:
-            # The span's output gradient with the rows of other experts zeroed: every product
-            # below then runs on the whole (bucketed) span and stays exact, since zero rows add
-            # nothing to a weight gradient and yield zero hidden gradients.
-            if (lo, hi) == (s, end):
-                gy = g_y[s:end]
-            else:
-                gy = scratch_y[: hi - lo]
-                gy[: s - lo].zero_()
-                gy[s - lo : end - lo] = g_y[s:end]
-                gy[end - lo :].zero_()
+            # Every product below runs on the whole (bucketed) span and stays exact: the other
+            # experts' output-gradient rows are zero, so they add nothing to a weight gradient
+            # and yield zero hidden gradients.
+            gy = ops.own_rows(g_y, lo, hi, s, end, scratch_y)
             g_a = torch.mm(gy, w2[e].t(), out=scratch_h[: hi - lo])
             torch.mm(a[lo:hi].t(), gy, out=g_w2[e])
             if g_b2 is not None:
