@@ -151,6 +151,18 @@ def _build(impl: str, E: int, S: int, d: int, dtype, vary_input: bool = False):
     raise ValueError(f"unknown implementation {impl}")
 
 
+def median_step_seconds(step, warmup: int, repeats: int) -> float:
+    """Median wall time of `repeats` calls of `step` after `warmup` untimed ones."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def _warm_kernels(dtype) -> None:
     import torch
 
@@ -188,14 +200,8 @@ def _worker(impl: str, E: int, S: int, d: int, dtype_name: str, warmup: int, rep
     result = {"impl": impl, "E": E, "S": S, "d": d, "dtype": dtype_name}
     try:
         step = _build(impl, E, S, d, dtype, vary_input)
-        for _ in range(warmup):
-            step()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
-        result.update(status="ok", variant=impl, time_s=statistics.median(times), peak_bytes=_peak_bytes() - base)
+        time_s = median_step_seconds(step, warmup, repeats)
+        result.update(status="ok", variant=impl, time_s=time_s, peak_bytes=_peak_bytes() - base)
     except (MemoryError, RuntimeError) as err:
         oom = isinstance(err, MemoryError) or "alloc" in str(err).lower() or "memory" in str(err).lower()
         result.update(status="oom" if oom else "error", error=str(err)[:300])

@@ -25,9 +25,9 @@ MODES = ("auto", "eager")
 
 
 def _worker(E: int, S: int, d: int, dtype_name: str, k: int, warmup: int, repeats: int) -> None:
-    import time
-
     import torch
+    from moe_layer import median_step_seconds  # benchmarks/ is on sys.path: this file runs as a script
+
 
     from moe_scale.distributed.host_memory import keep_freed_host_memory
     from moe_scale.moe.fused_router import fused_kernels_for
@@ -44,14 +44,8 @@ def _worker(E: int, S: int, d: int, dtype_name: str, k: int, warmup: int, repeat
         weight, _, prob_sum, lse_sq = topk_softmax_router(x, w, k, True)
         (weight.sum() + 1e-3 * prob_sum.sum() + 1e-3 * lse_sq).backward()
 
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    print("RESULT " + json.dumps({"fused": fused, "time_s": statistics.median(times)}), flush=True)
+    time_s = median_step_seconds(step, warmup, repeats)
+    print("RESULT " + json.dumps({"fused": fused, "time_s": time_s}), flush=True)
 
 
 def _run(mode: str, args, dtype: str) -> dict:

@@ -84,6 +84,23 @@ def router_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _forward_chunk_eager(logits: Tensor, prob_out: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`router_forward` of csrc/router_kernels.cpp in ATen: top-k, softmax into `prob_out`,
+    log-sum-exp and the probability column sums, accumulated in `router_dtype`."""
+    acc = router_dtype(logits.dtype)
+    block = logits.to(acc)
+    top_val, top_idx = _top_k(block, k)
+    # One fused softmax pass (ATen's vectorised kernel: max, exp, sum, scale); its output goes
+    # straight into the saved probabilities when they are kept in `acc`.
+    prob = prob_out if prob_out.dtype == acc else torch.empty_like(block)
+    torch._softmax(block, -1, False, out=prob)
+    # The row max has probability exp(max - lse) = 1 / sum: lse = max - log(p_max).
+    lse = top_val[:, 0] - prob.gather(1, top_idx[:, :1]).squeeze(1).log()
+    if prob_out.dtype != acc:
+        prob_out.copy_(prob)
+    return top_val, top_idx, lse, prob.sum(0)
+
+
 def _logit_grad_eager(prob, g_prob_E, g_lse_sq, lse, dense_shift, index, sparse, acc) -> Tensor:
     """Logit gradient of one chunk, in the probabilities' dtype (see `router_backward` in
     csrc/router_kernels.cpp for the fused form of the same formula)."""
@@ -107,27 +124,13 @@ class _TopKSoftmaxRouter(torch.autograd.Function):
         lse_S = x_Sd.new_empty(S, dtype=acc)
         prob_sum_E = torch.zeros(E, dtype=acc, device=x_Sd.device)
         kernels = fused_kernels_for(x_Sd)
+        # One chunk of logits -> (top values, top indices, log-sum-exp, probability column sums),
+        # writing the probabilities: one pass per row in L1 (csrc/router_kernels.cpp), or ATen.
+        forward_chunk = kernels.router_forward if kernels is not None else _forward_chunk_eager
         for s, e in _token_chunks(S, E, fused=kernels is not None):
-            if kernels is not None:  # one pass per row in L1 (csrc/router_kernels.cpp)
-                top_val, top_idx, lse, prob_sum = kernels.router_forward(x_Sd[s:e] @ w_dE, prob_SE[s:e], k)
-                prob_sum_E += prob_sum
-                weight_Sk[s:e] = torch.softmax(top_val, dim=-1) if renormalize else torch.exp(top_val - lse[:, None])
-                index_Sk[s:e] = top_idx
-                lse_S[s:e] = lse
-                continue
-            block = (x_Sd[s:e] @ w_dE).to(acc)
-            top_val, top_idx = _top_k(block, k)
-            # One fused softmax pass (ATen's vectorised kernel: max, exp, sum, scale); its output
-            # goes straight into the saved probabilities when they are kept in `acc`.
-            prob = prob_SE[s:e] if prob_SE.dtype == acc else torch.empty_like(block)
-            torch._softmax(block, -1, False, out=prob)
-            top_prob = prob.gather(1, top_idx)
-            # The row max has probability exp(max - lse) = 1 / sum: lse = max - log(p_max).
-            lse = top_val[:, 0] - top_prob[:, 0].log()
-            prob_sum_E += prob.sum(0)
-            if prob_SE.dtype != acc:
-                prob_SE[s:e] = prob
-            weight_Sk[s:e] = torch.softmax(top_val, dim=-1) if renormalize else top_prob
+            top_val, top_idx, lse, prob_sum = forward_chunk(x_Sd[s:e] @ w_dE, prob_SE[s:e], k)
+            prob_sum_E += prob_sum
+            weight_Sk[s:e] = torch.softmax(top_val, dim=-1) if renormalize else torch.exp(top_val - lse[:, None])
             index_Sk[s:e] = top_idx
             lse_S[s:e] = lse
         ctx.save_for_backward(x_Sd, w_dE, prob_SE, lse_S, weight_Sk, index_Sk)
