@@ -64,7 +64,7 @@ def _peak_bytes() -> int:
 # ----------------------------------------------------------------------------- workers
 
 
-def _build(impl: str, E: int, S: int, d: int, dtype, vary_input: bool = False):
+def _build(impl: str, E: int, S: int, d: int, dtype, vary_input: bool = False, device: str = "cpu"):
     """Return (step_fn) that runs one forward + backward (on a new input each call if vary_input)."""
     import torch
     from torch import nn
@@ -72,19 +72,19 @@ def _build(impl: str, E: int, S: int, d: int, dtype, vary_input: bool = False):
     h = 4 * d
     torch.manual_seed(0)
     # The same input every step, or a new one (new routing, new expert loads) in turn.
-    inputs = [torch.randn(S, d, dtype=dtype, requires_grad=True) for _ in range(8 if vary_input else 1)]
+    inputs = [torch.randn(S, d, dtype=dtype, device=device, requires_grad=True) for _ in range(8 if vary_input else 1)]
     next_x = itertools.cycle(inputs).__next__
     x = inputs[0]
-    grad_out = torch.randn(S, d, dtype=dtype)
+    grad_out = torch.randn(S, d, dtype=dtype, device=device)
 
     if impl in ("floor_bmm", "floor_loop"):
         n = K * S // E
-        w_gate = torch.randn(d, E, dtype=dtype, requires_grad=True)
-        w1 = torch.randn(E, d, h, dtype=dtype, requires_grad=True)
-        w2 = torch.randn(E, h, d, dtype=dtype, requires_grad=True)
-        xe = torch.randn(E, max(n, 1), d, dtype=dtype, requires_grad=True)
-        g_logits = torch.randn(S, E, dtype=dtype)
-        g_y = torch.randn(E, max(n, 1), d, dtype=dtype)
+        w_gate = torch.randn(d, E, dtype=dtype, device=device, requires_grad=True)
+        w1 = torch.randn(E, d, h, dtype=dtype, device=device, requires_grad=True)
+        w2 = torch.randn(E, h, d, dtype=dtype, device=device, requires_grad=True)
+        xe = torch.randn(E, max(n, 1), d, dtype=dtype, device=device, requires_grad=True)
+        g_logits = torch.randn(S, E, dtype=dtype, device=device)
+        g_y = torch.randn(E, max(n, 1), d, dtype=dtype, device=device)
 
         def experts_bmm():
             return torch.bmm(torch.bmm(xe, w1), w2)
@@ -108,7 +108,7 @@ def _build(impl: str, E: int, S: int, d: int, dtype, vary_input: bool = False):
             groups = max(g for g in range(1, int(E**0.5) + 1) if E % g == 0)
             opts.update(router="hierarchical", hierarchical_groups=groups, hierarchical_k_groups=1,
                         aux_loss=dict(importance=0.01, load=0.01))
-        layer = MoELayer(d, E, **opts).to(dtype)
+        layer = MoELayer(d, E, **opts).to(device, dtype)
 
         def step():
             y, stats = layer(next_x())
@@ -120,7 +120,7 @@ def _build(impl: str, E: int, S: int, d: int, dtype, vary_input: bool = False):
 
     if not dist.is_initialized():
         store = dist.FileStore(os.environ["MOE_BENCH_STORE"], 1)
-        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+        dist.init_process_group("nccl" if device == "cuda" else "gloo", store=store, rank=0, world_size=1)
     def make_expert():
         return nn.Sequential(nn.Linear(d, h, bias=False), nn.ReLU(), nn.Linear(h, d, bias=False))
 
@@ -129,7 +129,7 @@ def _build(impl: str, E: int, S: int, d: int, dtype, vary_input: bool = False):
 
         layer = MoE(hidden_size=d, expert=make_expert(), num_experts=E, ep_size=1, k=K,
                     capacity_factor=CAPACITY_FACTOR, eval_capacity_factor=CAPACITY_FACTOR,
-                    min_capacity=4, drop_tokens=True, use_rts=False).to(dtype)
+                    min_capacity=4, drop_tokens=True, use_rts=False).to(device, dtype)
 
         def step():
             y, l_aux, _ = layer(next_x()[None])
@@ -141,7 +141,7 @@ def _build(impl: str, E: int, S: int, d: int, dtype, vary_input: bool = False):
         from fairscale.nn.moe import MOELayer, Top2Gate
 
         # FairScale wants [groups, tokens, d] with groups divisible by the local experts.
-        layer = MOELayer(Top2Gate(d, E), nn.ModuleList(make_expert() for _ in range(E))).to(dtype)
+        layer = MOELayer(Top2Gate(d, E), nn.ModuleList(make_expert() for _ in range(E))).to(device, dtype)
         def step():
             y = layer(next_x().view(E, S // E, d))
             torch.autograd.backward([y.reshape(S, d), layer.l_aux], [grad_out, None])
