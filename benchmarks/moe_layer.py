@@ -173,7 +173,7 @@ def _warm_kernels(dtype) -> None:
 def _import(impl: str) -> None:
     if impl.startswith("moe_scale"):
         import moe_scale  # noqa: F401
-        from moe_scale.moe.fused_router import kernel_mode, load_kernels
+        from moe_scale.moe.cpu_kernels import kernel_mode, load_kernels
 
         if kernel_mode() != "eager":
             load_kernels()  # the compiled router extension is a module import too

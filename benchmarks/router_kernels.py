@@ -2,7 +2,7 @@
 
 Times `topk_softmax_router` (the chunked router of the `topk` / `switch` layers: logits GEMM,
 top-k, softmax, log-sum-exp, probability column sums, and the logit gradient with its two
-GEMMs) with `MOE_SCALE_ROUTER_KERNEL=auto` (the kernels of moe/csrc/router_kernels.cpp) and
+GEMMs) with `MOE_SCALE_CPU_KERNELS=auto` (the kernels of moe/csrc/router_kernels.cpp) and
 `=eager`, each in its own process, interleaved, median of the timed steps per process and the
 median over trials. Every process calls `keep_freed_host_memory()` first, as the layer
 benchmark does.
@@ -27,10 +27,8 @@ MODES = ("auto", "eager")
 def _worker(E: int, S: int, d: int, dtype_name: str, k: int, warmup: int, repeats: int) -> None:
     import torch
     from moe_layer import median_step_seconds  # benchmarks/ is on sys.path: this file runs as a script
-
-
     from moe_scale.distributed.host_memory import keep_freed_host_memory
-    from moe_scale.moe.fused_router import fused_kernels_for
+    from moe_scale.moe.cpu_kernels import kernels_for
     from moe_scale.moe.topk_softmax import topk_softmax_router
 
     keep_freed_host_memory()
@@ -38,7 +36,7 @@ def _worker(E: int, S: int, d: int, dtype_name: str, k: int, warmup: int, repeat
     torch.manual_seed(0)
     x = torch.randn(S, d, dtype=dtype, requires_grad=True)
     w = (0.02 * torch.randn(d, E, dtype=dtype)).requires_grad_()
-    fused = fused_kernels_for(x) is not None
+    fused = kernels_for(x) is not None
 
     def step():
         weight, _, prob_sum, lse_sq = topk_softmax_router(x, w, k, True)
@@ -50,7 +48,7 @@ def _worker(E: int, S: int, d: int, dtype_name: str, k: int, warmup: int, repeat
 
 def _run(mode: str, args, dtype: str) -> dict:
     E, S, d = args.shape
-    env = dict(os.environ, MOE_SCALE_ROUTER_KERNEL=mode)
+    env = dict(os.environ, MOE_SCALE_CPU_KERNELS=mode)
     cmd = [sys.executable, __file__, "--worker", str(E), str(S), str(d), dtype, "--k", str(args.k),
            "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout

@@ -5,7 +5,7 @@
 #   docker run --rm moe_scale:cpu python -m pytest -q
 FROM python:3.11-slim
 
-# gcc: DeepSpeed JIT-builds a small CPU comm op, moe_scale its fused router kernels; openmpi-bin: accelerate's MULTI_CPU launch.
+# gcc: DeepSpeed JIT-builds a small CPU comm op, moe_scale its fused CPU kernels; openmpi-bin: accelerate's MULTI_CPU launch.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc g++ openmpi-bin \
     && rm -rf /var/lib/apt/lists/*

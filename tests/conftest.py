@@ -4,11 +4,11 @@ import pytest
 
 
 @pytest.fixture(scope="session", autouse=True)
-def fused_router_kernels_built():
-    """Build the fused CPU router kernels once, up front: multi-process tests then load the
+def cpu_kernels_built():
+    """Build the fused CPU kernels once, up front: multi-process tests then load the
     cached build instead of each rank compiling it (or waiting on another rank's lock) inside
     its own timeout."""
-    from moe_scale.moe.fused_router import kernel_mode, load_kernels
+    from moe_scale.moe.cpu_kernels import kernel_mode, load_kernels
 
     if kernel_mode() != "eager":
         load_kernels()

@@ -217,12 +217,17 @@ def test_bucketed_blocks_use_few_row_counts_and_cover_every_row_once():
     assert covered == list(range(sum(counts)))
 
 
-def test_own_rows_zeroes_the_rows_of_other_experts():
+def test_own_rows_zeroes_the_rows_of_other_experts_and_restores_them():
     g = torch.arange(1.0, 9.0)[:, None]
-    scratch = torch.full((6, 1), float("nan"))
-    rows = grouped_mlp._Ops.own_rows(g, 1, 7, 3, 5, scratch)
-    assert rows.flatten().tolist() == [0.0, 0.0, 4.0, 5.0, 0.0, 0.0]
-    assert grouped_mlp._Ops.own_rows(g, 2, 4, 2, 4, scratch).data_ptr() == g[2:4].data_ptr()
+    with grouped_mlp._Ops.own_rows(g, 1, 7, 3, 5) as rows:
+        assert rows.flatten().tolist() == [0.0, 0.0, 4.0, 5.0, 0.0, 0.0]
+        assert rows.data_ptr() == g[1:7].data_ptr()
+    assert g.flatten().tolist() == list(range(1, 9))
+    with grouped_mlp._Ops.own_rows(g, 2, 4, 2, 4) as rows:
+        assert rows.data_ptr() == g[2:4].data_ptr()
+    with pytest.raises(KeyError), grouped_mlp._Ops.own_rows(g, 0, 4, 2, 4):
+        raise KeyError  # restored on the way out of an error too
+    assert g.flatten().tolist() == list(range(1, 9))
 
 
 def test_grouped_experts_init_matches_nn_linear_bounds():

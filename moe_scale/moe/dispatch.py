@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from moe_scale.moe.cpu_kernels import kernels_for
 from moe_scale.moe.routing import Routing
 
 DROP_POLICIES = ("position", "probability")
@@ -85,7 +86,7 @@ def plan_dispatch(routing: Routing, capacity: int | None, drop_policy: str = "po
         kept_E, dropped = routed_E, routed_E.new_zeros(())
     else:
         starts_E = torch.cumsum(routed_E, 0) - routed_E
-        rank = torch.arange(num_valid, device=order.device) - starts_E[key_N[order]]
+        rank = torch.arange(num_valid, device=order.device) - starts_E.index_select(0, key_N.index_select(0, order))
         order = order[rank < capacity]
         kept_E = routed_E.clamp(max=capacity)
         dropped = routed_E.sum() - kept_E.sum()
@@ -97,8 +98,8 @@ def plan_dispatch(routing: Routing, capacity: int | None, drop_policy: str = "po
         pos_kS = pos_N.view(k, S)
         weight_kS = routing.weight_N.view(k, S)
     return DispatchPlan(
-        token_idx_M=routing.token_idx_N[order],
-        weight_M=routing.weight_N[order],
+        token_idx_M=routing.token_idx_N.index_select(0, order),  # index_select: faster than [] on CPU
+        weight_M=routing.weight_N.index_select(0, order),
         assignment_M=order,
         counts_E=kept_E,
         routed_E=routed_E,
@@ -124,13 +125,17 @@ def _gather_sum(rows_Md: Tensor, pos_kS: Tensor, weight_kS: Tensor | None = None
     S, d, M = pos_kS.shape[1], rows_Md.shape[-1], rows_Md.shape[0]
     if M == 0:
         return rows_Md.new_zeros(S, d)
+    kernels = kernels_for(rows_Md)
+    if kernels is not None:  # one pass, float32 accumulation (csrc/dispatch_kernels.cpp)
+        weight = None if weight_kS is None else weight_kS.float().contiguous()
+        return kernels.gather_sum(rows_Md.contiguous(), pos_kS.contiguous(), weight)
     pos, kept = _clamped(pos_kS, M)
     if weight_kS is None and bool(kept.all()):  # nothing dropped: a plain sum of gathers
         out = rows_Md.index_select(0, pos[0])
         for j in range(1, pos.shape[0]):
             out += rows_Md.index_select(0, pos[j])
         return out
-    w = kept.to(rows_Md.dtype) if weight_kS is None else weight_kS * kept
+    w = kept.to(rows_Md.dtype) if weight_kS is None else weight_kS.to(rows_Md.dtype) * kept
     out = rows_Md.index_select(0, pos[0]).mul_(w[0, :, None])
     for j in range(1, pos.shape[0]):
         out.addcmul_(rows_Md.index_select(0, pos[j]), w[j, :, None])
@@ -153,12 +158,18 @@ class _Unpermute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_Md: Tensor, weight_kS: Tensor, pos_kS: Tensor, token_idx_M: Tensor, assignment_M: Tensor):
         ctx.save_for_backward(y_Md, weight_kS, token_idx_M, assignment_M)
-        return _gather_sum(y_Md, pos_kS, weight_kS.to(y_Md.dtype))
+        return _gather_sum(y_Md, pos_kS, weight_kS)
 
     @staticmethod
     def backward(ctx, grad_Sd):
         y_Md, weight_kS, token_idx_M, assignment_M = ctx.saved_tensors
         need_y, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        kernels = kernels_for(y_Md, grad_Sd)
+        if kernels is not None and weight_kS.dtype == torch.float32 and (need_y or need_w):
+            # one pass over the rows (csrc/dispatch_kernels.cpp), the same two gradients
+            grad_y, grad_w = kernels.unpermute_backward(y_Md.contiguous(), grad_Sd.contiguous(), token_idx_M,
+                                                        assignment_M, weight_kS.contiguous().view(-1), need_y)
+            return grad_y if need_y else None, grad_w.view_as(weight_kS) if need_w else None, None, None, None
         # One gather serves both: the row gradient is w_m * grad[token_m], the weight gradient
         # of a kept assignment is <y_m, grad[token_m]>, and dropped ones get zero.
         grad_tok_Md = grad_Sd.index_select(0, token_idx_M) if need_y or need_w else None

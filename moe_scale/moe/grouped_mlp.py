@@ -18,10 +18,14 @@ block (`a` is `[M, h]`); "bmm" pads rows into `[E, C, d]` once and runs batched 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moe_scale.moe.cpu_kernels import kernels_for
 from moe_scale.moe.grouped_gemm import PaddedLayout
 
 
@@ -90,20 +94,27 @@ class _Ops:
     def __init__(self, method: str, blocks: _Blocks):
         self.method, self.blocks = method, blocks
 
-    def mm(self, a: Tensor, w: Tensor, transpose: bool = False, bias: Tensor | None = None) -> Tensor:
-        """With `bias` `[E, n]`, added inside the GEMM (addmm / baddbmm), as nn.Linear does."""
+    def mm(self, a: Tensor, w: Tensor, transpose: bool = False, bias: Tensor | None = None,
+           act_: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        """With `bias` `[E, n]`, added inside the GEMM (addmm / baddbmm), as nn.Linear does.
+        With `act_`, an in-place activation applied to each expert's block while it is still in
+        cache (rows of a bucketed span that belong to another expert are rewritten later)."""
         w = w.transpose(1, 2) if transpose else w
         if self.method == "bmm":
-            return torch.bmm(a, w) if bias is None else torch.baddbmm(bias[:, None], a, w)
+            out = torch.bmm(a, w) if bias is None else torch.baddbmm(bias[:, None], a, w)
+            return act_(out) if act_ is not None else out
         out = a.new_empty(a.shape[0], w.shape[-1])
         for g, lo, hi, s, e in self.blocks.spans:
             if hi > e:  # reaches forward into rows already computed: keep only its own rows
-                part = a[lo:hi] @ w[g] if bias is None else torch.addmm(bias[g], a[lo:hi], w[g])
-                out[s:e] = part[: e - s]
+                block = a[lo:hi] @ w[g] if bias is None else torch.addmm(bias[g], a[lo:hi], w[g])
             elif bias is None:
-                torch.mm(a[lo:hi], w[g], out=out[lo:hi])
+                block = torch.mm(a[lo:hi], w[g], out=out[lo:hi])
             else:
-                torch.addmm(bias[g], a[lo:hi], w[g], out=out[lo:hi])
+                block = torch.addmm(bias[g], a[lo:hi], w[g], out=out[lo:hi])
+            if act_ is not None:
+                act_(block)
+            if hi > e:
+                out[s:e] = block[: e - s]
         return out
 
     def wgrad(self, a: Tensor, g: Tensor) -> Tensor:
@@ -113,24 +124,31 @@ class _Ops:
         # it once (GEMM output, or zeros for an expert without rows) halves that cost.
         out = a.new_empty(len(self.blocks.counts), a.shape[-1], g.shape[-1])
         self._zero_empty_experts(out)
-        scratch = g.new_empty(self.blocks.longest, g.shape[-1])
         for grp, lo, hi, s, e in self.blocks.spans:
-            torch.mm(a[lo:hi].t(), self.own_rows(g, lo, hi, s, e, scratch), out=out[grp])
+            with self.own_rows(g, lo, hi, s, e) as rows:
+                torch.mm(a[lo:hi].t(), rows, out=out[grp])
         return out
 
     @staticmethod
-    def own_rows(g: Tensor, lo: int, hi: int, s: int, e: int, scratch: Tensor) -> Tensor:
-        """Rows [lo, hi) of `g` with those outside the expert's own [s, e) zeroed, in `scratch`
-        unless the span is exact. Sums over the span then count only the expert's rows (the
-        foreign rows of the other operand are finite: zero times them adds nothing), and every
-        weight-gradient GEMM keeps the span's bucketed shape."""
+    @contextmanager
+    def own_rows(g: Tensor, lo: int, hi: int, s: int, e: int) -> Iterator[Tensor]:
+        """Rows [lo, hi) of `g` with those outside the expert's own [s, e) zero, for the body
+        of the `with`. Sums over the span then count only the expert's rows (the foreign rows
+        of the other operand are finite: zero times them adds nothing), and every
+        weight-gradient GEMM keeps the span's bucketed shape. The foreign rows (fewer than a
+        bucket) are zeroed in place and restored afterwards: copying them costs a fraction of
+        copying the span."""
         if (lo, hi) == (s, e):
-            return g[s:e]
-        rows = scratch[: hi - lo]
-        rows[: s - lo].zero_()
-        rows[s - lo : e - lo] = g[s:e]
-        rows[e - lo :].zero_()
-        return rows
+            yield g[s:e]
+            return
+        head, tail = g[lo:s].clone(), g[e:hi].clone()
+        g[lo:s].zero_()
+        g[e:hi].zero_()
+        try:
+            yield g[lo:hi]
+        finally:
+            g[lo:s] = head
+            g[e:hi] = tail
 
     def _zero_empty_experts(self, out: Tensor) -> None:
         if self.blocks.num_nonempty < len(self.blocks.counts):
@@ -151,20 +169,37 @@ class _Ops:
 def _up(x, w1, w3, b1, ops: _Ops, activation: str) -> tuple[Tensor, Tensor, Tensor | None]:
     """a = act(x w1 [+ b1]) (SwiGLU: silu(x w1) * (x w3)) -> (a, t, h3): t is what the
     activation's backward reads (a itself for ReLU, the pre-activation otherwise)."""
+    if activation == "relu":
+        a = ops.mm(x, w1, bias=b1, act_=_relu_)
+        return a, a, None
     h = ops.mm(x, w1, bias=b1)
     h3 = ops.mm(x, w3) if w3 is not None else None
-    if activation == "relu":
-        a = torch.relu_(h)
-        return a, a, None
     if activation == "gelu":
         return F.gelu(h), h, None
     return F.silu(h) * h3, h, h3
 
 
+def _relu_(h: Tensor) -> Tensor:
+    kernels = kernels_for(h)
+    if kernels is None or not h.is_contiguous():
+        return torch.relu_(h)
+    kernels.relu_(h)  # csrc/activation_kernels.cpp: ATen's bf16 relu_ is several times slower
+    return h
+
+
+def _relu_backward_(g_a: Tensor, a: Tensor) -> Tensor:
+    """g_a where a > 0 (or NaN) else 0, in place: ATen's threshold_backward(g_a, a, 0)."""
+    kernels = kernels_for(g_a, a)
+    if kernels is None or not (g_a.is_contiguous() and a.is_contiguous()) or g_a.dtype != a.dtype:
+        return torch.ops.aten.threshold_backward.grad_input(g_a, a, 0, grad_input=g_a)
+    kernels.relu_backward_(g_a, a)
+    return g_a
+
+
 def _act_backward_(g_a: Tensor, t: Tensor, h3: Tensor | None, activation: str) -> tuple[Tensor, Tensor | None]:
     """Activation backward, in place on g_a -> (g_h, g_h3 for SwiGLU else None)."""
     if activation == "relu":
-        return torch.ops.aten.threshold_backward.grad_input(g_a, t, 0, grad_input=g_a), None
+        return _relu_backward_(g_a, t), None
     if activation == "gelu":
         return torch.ops.aten.gelu_backward.grad_input(g_a, t, grad_input=g_a), None
     g_h3 = g_a * F.silu(t)
@@ -268,16 +303,15 @@ class _MLP(torch.autograd.Function):
                 ops._zero_empty_experts(out)
         g_x = x.new_empty(x.shape) if ctx.needs_input_grad[0] else None
         scratch_h = x.new_empty(ops.blocks.longest, h)
-        scratch_y = g_y.new_empty(ops.blocks.longest, d)
         for e, lo, hi, s, end in ops.blocks.spans:
             # Every product below runs on the whole (bucketed) span and stays exact: the other
             # experts' output-gradient rows are zero, so they add nothing to a weight gradient
             # and yield zero hidden gradients.
-            gy = ops.own_rows(g_y, lo, hi, s, end, scratch_y)
-            g_a = torch.mm(gy, w2[e].t(), out=scratch_h[: hi - lo])
-            torch.mm(a[lo:hi].t(), gy, out=g_w2[e])
-            if g_b2 is not None:
-                torch.sum(gy, 0, out=g_b2[e])
+            with ops.own_rows(g_y, lo, hi, s, end) as gy:
+                g_a = torch.mm(gy, w2[e].t(), out=scratch_h[: hi - lo])
+                torch.mm(a[lo:hi].t(), gy, out=g_w2[e])
+                if g_b2 is not None:
+                    torch.sum(gy, 0, out=g_b2[e])
             g_h, g_h3 = _act_backward_(g_a, t[lo:hi], h3[lo:hi] if h3 is not None else None, act)
             torch.mm(x[lo:hi].t(), g_h, out=g_w1[e])
             if g_b1 is not None:

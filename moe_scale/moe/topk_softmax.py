@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from moe_scale.moe.autocast import outside_autocast
-from moe_scale.moe.fused_router import fused_kernels_for
+from moe_scale.moe.cpu_kernels import kernels_for
 
 # Elements of a [chunk, E] block processed at once by the eager path: 2 MiB in float32, 1 MiB
 # per core with two intra-op threads, so a block stays in L2 across the several passes over it,
@@ -123,7 +123,7 @@ class _TopKSoftmaxRouter(torch.autograd.Function):
         index_Sk = torch.empty(S, k, dtype=torch.long, device=x_Sd.device)
         lse_S = x_Sd.new_empty(S, dtype=acc)
         prob_sum_E = torch.zeros(E, dtype=acc, device=x_Sd.device)
-        kernels = fused_kernels_for(x_Sd)
+        kernels = kernels_for(x_Sd)
         # One chunk of logits -> (top values, top indices, log-sum-exp, probability column sums),
         # writing the probabilities: one pass per row in L1 (csrc/router_kernels.cpp), or ATen.
         forward_chunk = kernels.router_forward if kernels is not None else _forward_chunk_eager

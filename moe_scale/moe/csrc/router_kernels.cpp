@@ -1,4 +1,4 @@
-// Fused CPU kernels for the softmax top-k router (see moe_scale/moe/fused_router.py).
+// Fused CPU kernels for the softmax top-k router (see moe_scale/moe/cpu_kernels.py).
 //
 // Eager PyTorch spends several passes over each [C, E] logit block (convert, segment maxima,
 // top-k bookkeeping, softmax, column sums, store) and as many small dispatches per chunk. At
@@ -14,8 +14,9 @@
 // Accumulation is in float32 (float64 tensors use the eager path). Masks use -FLT_MAX, never
 // -inf, so -ffast-math (which lets gcc call glibc's vector expf) cannot change the results.
 
-#include <torch/extension.h>
 #include <ATen/Parallel.h>
+
+#include "cpu_common.h"
 
 #include <cfloat>
 #include <cmath>
@@ -23,44 +24,9 @@
 #include <cstring>
 #include <vector>
 
+using namespace moe_scale;
+
 namespace {
-
-inline float bf16_to_float(uint16_t v) {
-  uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float out;
-  std::memcpy(&out, &bits, sizeof(out));
-  return out;
-}
-
-inline uint16_t float_to_bf16(float f) {  // round to nearest even, as c10::BFloat16 (finite inputs)
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof(bits));
-  bits += 0x7FFFu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
-}
-
-template <typename T>
-inline void load_row(const T* src, float* dst, int64_t n);
-
-template <>
-inline void load_row<float>(const float* src, float* dst, int64_t n) {
-  std::memcpy(dst, src, n * sizeof(float));
-}
-
-template <>
-inline void load_row<uint16_t>(const uint16_t* src, float* dst, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_float(src[i]);
-}
-
-template <typename T>
-inline void store(T* dst, int64_t i, float v);
-
-template <>
-inline void store<float>(float* dst, int64_t i, float v) { dst[i] = v; }
-
-template <>
-inline void store<uint16_t>(uint16_t* dst, int64_t i, float v) { dst[i] = float_to_bf16(v); }
 
 inline float row_max(const float* row, int64_t n) {
   float m = -FLT_MAX;
@@ -197,29 +163,23 @@ void backward_rows(const T* prob, const float* g_prob, const float* lse, float g
   });
 }
 
-void check_block(const torch::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.dim() == 2, name, " must be a contiguous 2-D CPU tensor");
-  TORCH_CHECK(t.scalar_type() == torch::kFloat || t.scalar_type() == torch::kBFloat16, name,
-              " must be float32 or bfloat16");
-}
-
 }  // namespace
 
 // logits, prob_out: [C, E] of one dtype (float32 / bfloat16); writes prob_out.
 // Returns top_val [C, k] f32, top_idx [C, k] i64, lse [C] f32, prob_sum [E] f32.
-std::vector<torch::Tensor> router_forward(torch::Tensor logits, torch::Tensor prob_out, int64_t k) {
-  check_block(logits, "logits");
-  check_block(prob_out, "prob_out");
+std::vector<at::Tensor> router_forward(at::Tensor logits, at::Tensor prob_out, int64_t k) {
+  check_rows(logits, "logits");
+  check_rows(prob_out, "prob_out");
   TORCH_CHECK(prob_out.sizes() == logits.sizes() && prob_out.scalar_type() == logits.scalar_type(),
               "prob_out must match logits in shape and dtype");
   const int64_t C = logits.size(0), E = logits.size(1);
   TORCH_CHECK(k >= 1 && k <= E, "k must lie in [1, E]");
-  auto f32 = logits.options().dtype(torch::kFloat);
-  auto top_val = torch::empty({C, k}, f32);
-  auto top_idx = torch::empty({C, k}, logits.options().dtype(torch::kLong));
-  auto lse = torch::empty({C}, f32);
-  auto partial = torch::zeros({at::get_num_threads(), E}, f32);
-  if (logits.scalar_type() == torch::kFloat) {
+  auto f32 = logits.options().dtype(at::kFloat);
+  auto top_val = at::empty({C, k}, f32);
+  auto top_idx = at::empty({C, k}, logits.options().dtype(at::kLong));
+  auto lse = at::empty({C}, f32);
+  auto partial = at::zeros({at::get_num_threads(), E}, f32);
+  if (logits.scalar_type() == at::kFloat) {
     forward_rows<float>(logits.data_ptr<float>(), prob_out.data_ptr<float>(), C, E, k,
                         top_val.data_ptr<float>(), top_idx.data_ptr<int64_t>(), lse.data_ptr<float>(),
                         partial.data_ptr<float>());
@@ -234,19 +194,19 @@ std::vector<torch::Tensor> router_forward(torch::Tensor logits, torch::Tensor pr
 
 // prob, grad_out: [C, E] of one dtype; g_prob [E], lse [C], shift [C], sparse [C, k] f32;
 // idx [C, k] i64. Writes grad_out.
-void router_backward(torch::Tensor prob, torch::Tensor g_prob, torch::Tensor lse, double g_lse_sq,
-                     torch::Tensor shift, torch::Tensor idx, torch::Tensor sparse, torch::Tensor grad_out) {
-  check_block(prob, "prob");
-  check_block(grad_out, "grad_out");
+void router_backward(at::Tensor prob, at::Tensor g_prob, at::Tensor lse, double g_lse_sq,
+                     at::Tensor shift, at::Tensor idx, at::Tensor sparse, at::Tensor grad_out) {
+  check_rows(prob, "prob");
+  check_rows(grad_out, "grad_out");
   const int64_t C = prob.size(0), E = prob.size(1), k = idx.size(1);
   TORCH_CHECK(grad_out.sizes() == prob.sizes() && grad_out.scalar_type() == prob.scalar_type(),
               "grad_out must match prob in shape and dtype");
   for (const auto& t : {g_prob, lse, shift, sparse})
-    TORCH_CHECK(t.scalar_type() == torch::kFloat && t.is_contiguous(), "router statistics must be contiguous float32");
-  TORCH_CHECK(idx.scalar_type() == torch::kLong && idx.is_contiguous() && idx.size(0) == C, "idx must be [C, k] int64");
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous(), "router statistics must be contiguous float32");
+  TORCH_CHECK(idx.scalar_type() == at::kLong && idx.is_contiguous() && idx.size(0) == C, "idx must be [C, k] int64");
   TORCH_CHECK(g_prob.numel() == E && lse.numel() == C && shift.numel() == C && sparse.sizes() == idx.sizes(),
               "router statistics have the wrong shapes");
-  if (prob.scalar_type() == torch::kFloat) {
+  if (prob.scalar_type() == at::kFloat) {
     backward_rows<float>(prob.data_ptr<float>(), g_prob.data_ptr<float>(), lse.data_ptr<float>(),
                          static_cast<float>(g_lse_sq), shift.data_ptr<float>(), idx.data_ptr<int64_t>(),
                          sparse.data_ptr<float>(), grad_out.data_ptr<float>(), C, E, k);
@@ -256,9 +216,4 @@ void router_backward(torch::Tensor prob, torch::Tensor g_prob, torch::Tensor lse
                             shift.data_ptr<float>(), idx.data_ptr<int64_t>(), sparse.data_ptr<float>(),
                             reinterpret_cast<uint16_t*>(grad_out.data_ptr<at::BFloat16>()), C, E, k);
   }
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("router_forward", &router_forward, "fused softmax top-k router forward (CPU)");
-  m.def("router_backward", &router_backward, "fused softmax top-k router backward (CPU)");
 }

@@ -1,0 +1,24 @@
+// The Python module of the fused CPU kernels (see moe_scale/moe/cpu_kernels.py).
+
+#include <optional>
+#include <vector>
+
+#include <torch/extension.h>
+
+std::vector<torch::Tensor> router_forward(torch::Tensor logits, torch::Tensor prob_out, int64_t k);
+void router_backward(torch::Tensor prob, torch::Tensor g_prob, torch::Tensor lse, double g_lse_sq,
+                     torch::Tensor shift, torch::Tensor idx, torch::Tensor sparse, torch::Tensor grad_out);
+torch::Tensor gather_sum(torch::Tensor rows, torch::Tensor pos, std::optional<torch::Tensor> weight);
+std::vector<torch::Tensor> unpermute_backward(torch::Tensor rows, torch::Tensor grad, torch::Tensor token,
+                                              torch::Tensor assignment, torch::Tensor weight, bool need_rows);
+void relu_(torch::Tensor x);
+void relu_backward_(torch::Tensor grad, torch::Tensor out);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("router_forward", &router_forward, "fused softmax top-k router forward");
+  m.def("router_backward", &router_backward, "fused softmax top-k router backward");
+  m.def("gather_sum", &gather_sum, "out[s] = sum_j w[j, s] rows[pos[j, s]]");
+  m.def("unpermute_backward", &unpermute_backward, "combine backward: row and weight gradients");
+  m.def("relu_", &relu_, "in-place ReLU");
+  m.def("relu_backward_", &relu_backward_, "in-place ReLU backward");
+}

@@ -1,0 +1,268 @@
+"""Fused CPU kernels (csrc/*.cpp) against the eager ATen code they replace: the router, the
+combine / permute gathers and ReLU."""
+
+import shutil
+import warnings
+
+import pytest
+import torch
+
+from moe_scale.moe import cpu_kernels
+from moe_scale.moe.topk_softmax import topk_softmax_router
+
+needs_compiler = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build the kernels")
+
+
+def _route(x, w, k, renormalize, mode, monkeypatch):
+    """Outputs and gradients of the router under MOE_SCALE_CPU_KERNELS=mode."""
+    monkeypatch.setenv("MOE_SCALE_CPU_KERNELS", mode)
+    x = x.detach().clone().requires_grad_()
+    w = w.detach().clone().requires_grad_()
+    weight, index, prob_sum, lse_sq = topk_softmax_router(x, w, k, renormalize)
+    gen = torch.Generator().manual_seed(1)
+    g_weight = torch.randn(weight.shape, generator=gen)
+    g_prob = torch.randn(prob_sum.shape, generator=gen)
+    ((weight * g_weight).sum() + (prob_sum * g_prob).sum() + 0.3 * lse_sq).backward()
+    return weight, index, prob_sum, lse_sq, x.grad, w.grad
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_experts", [8, 100, 1024])
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_fused_router_matches_eager(dtype, num_experts, k, renormalize, monkeypatch):
+    assert cpu_kernels.load_kernels() is not None, "the fused CPU kernels failed to build"
+    torch.manual_seed(num_experts + k)
+    x = torch.randn(300, 32, dtype=dtype)
+    w = torch.randn(32, num_experts, dtype=dtype)
+    w[:, 5] = w[:, 3]  # exact ties between experts 3 and 5 in every row
+    fused = _route(x, w, k, renormalize, "auto", monkeypatch)
+    eager = _route(x, w, k, renormalize, "eager", monkeypatch)
+    logits = (x @ w).float()
+    if k <= 2:  # both break ties to the lowest index; eager uses torch.topk (no tie rule) for k > 2
+        assert torch.equal(fused[1], eager[1])
+    else:
+        assert torch.equal(logits.gather(1, fused[1]), logits.gather(1, eager[1]))
+        # the combine weights and every gradient follow the tie order (bf16 logits tie often);
+        # the softmax sums do not
+        fused, eager = fused[2:4], eager[2:4]
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+    for got, want in zip(fused, eager):
+        if got.dtype != torch.long:
+            torch.testing.assert_close(got.float(), want.float(), **tol)
+
+
+@needs_compiler
+def test_fused_top_k_breaks_ties_to_the_lowest_index():
+    kernels = cpu_kernels.load_kernels()
+    logits = torch.tensor([[0.0, 2.0, 1.0, 2.0, 2.0, -1.0], [3.0, 3.0, 3.0, 3.0, 3.0, 3.0]])
+    prob = torch.empty_like(logits)
+    top_val, top_idx, lse, prob_sum = kernels.router_forward(logits, prob, 3)
+    assert top_idx.tolist() == [[1, 3, 4], [0, 1, 2]]
+    assert top_val.tolist() == [[2.0, 2.0, 2.0], [3.0, 3.0, 3.0]]
+    torch.testing.assert_close(prob, torch.softmax(logits, -1))
+    torch.testing.assert_close(lse, torch.logsumexp(logits, -1))
+    torch.testing.assert_close(prob_sum, torch.softmax(logits, -1).sum(0))
+
+
+def test_eager_mode_does_not_use_the_kernels(monkeypatch):
+    monkeypatch.setenv("MOE_SCALE_CPU_KERNELS", "eager")
+    assert cpu_kernels.kernels_for(torch.zeros(2, 2)) is None
+
+
+def test_unknown_kernel_mode_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("MOE_SCALE_CPU_KERNELS", "fast")
+    with pytest.raises(ValueError, match="MOE_SCALE_CPU_KERNELS must be one of"):
+        cpu_kernels.kernels_for(torch.zeros(2, 2))
+
+
+def test_kernels_apply_to_cpu_float32_and_bfloat16_only(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "load_kernels", lambda: "kernels")
+    assert cpu_kernels.kernels_for(torch.zeros(2, 2)) == "kernels"
+    assert cpu_kernels.kernels_for(torch.zeros(2, 2, dtype=torch.bfloat16)) == "kernels"
+    assert cpu_kernels.kernels_for(torch.zeros(2, 2, dtype=torch.float64)) is None
+    assert cpu_kernels.kernels_for(torch.zeros(2, 2, dtype=torch.float16)) is None
+    assert cpu_kernels.kernels_for(torch.zeros(2, 2), torch.zeros(2, dtype=torch.float64)) is None  # every tensor
+
+
+def test_a_failed_build_warns_and_the_router_stays_eager(monkeypatch):
+    from torch.utils import cpp_extension
+
+    def no_compiler(**_):
+        raise RuntimeError("no compiler here")
+
+    cpu_kernels.load_kernels.cache_clear()
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    try:
+        with pytest.warns(UserWarning, match="fused CPU kernels unavailable"):
+            assert cpu_kernels.kernels_for(torch.zeros(2, 2)) is None
+        x, w = torch.randn(16, 8), torch.randn(8, 4)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # warned once, not on every call
+            weight, index, _, _ = topk_softmax_router(x, w, 2, True)
+        assert torch.equal(index, torch.topk(x @ w, 2).indices)
+    finally:
+        cpu_kernels.load_kernels.cache_clear()
+
+
+# ----------------------------------------------------------------------------- ReLU
+
+
+def _special_values(dtype) -> torch.Tensor:
+    nan = torch.tensor(float("nan"), dtype=dtype)
+    # the x86 default NaN (what 0 * inf gives) has its sign bit set: 0xFFC0 / 0xFFC00000
+    neg_nan = torch.tensor(-64, dtype=torch.int16).view(dtype) if dtype == torch.bfloat16 \
+        else torch.tensor(-4194304, dtype=torch.int32).view(dtype)
+    vals = torch.tensor([0.0, -0.0, 1.0, -1.0, float("inf"), float("-inf"), 1e-40, -1e-40, 3.5, -2.25], dtype=dtype)
+    return torch.cat([vals, nan[None], neg_nan[None], torch.randn(4000, dtype=torch.float32).to(dtype)])
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal values, NaN where the other has NaN (the sign of zero is not compared)."""
+    return torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0))
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_relu_kernels_equal_aten_on_special_values(dtype):
+    kernels = cpu_kernels.load_kernels()
+    x = _special_values(dtype)
+    assert torch.isnan(x).sum() == 2 and torch.signbit(x[torch.isnan(x)]).tolist() == [False, True]
+    got = x.clone()
+    kernels.relu_(got)
+    assert _same(got, torch.relu(x))
+    g = torch.randn(x.shape, dtype=torch.float32).to(dtype)
+    for saved in (torch.relu(x), x):  # relu's output (what the layer saves) or its input
+        got = g.clone()
+        kernels.relu_backward_(got, saved)
+        assert _same(got, torch.ops.aten.threshold_backward(g, saved, 0))
+
+
+@needs_compiler
+def test_relu_kernels_reject_other_dtypes_and_layouts():
+    kernels = cpu_kernels.load_kernels()
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        kernels.relu_(torch.zeros(4, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="contiguous"):
+        kernels.relu_(torch.zeros(4, 4).t())
+    with pytest.raises(RuntimeError, match="match in shape and dtype"):
+        kernels.relu_backward_(torch.zeros(4), torch.zeros(5))
+
+
+# ----------------------------------------------------------------------------- gathers
+
+
+def _gather_case(dtype, k, S=300, d=24, drop_every=7, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    M = k * S - k * S // drop_every
+    rows = torch.randn(M, d, generator=gen).to(dtype)
+    pos = torch.full((k * S,), M, dtype=torch.long)  # M: dropped
+    kept = torch.randperm(k * S, generator=gen)[:M]
+    pos[kept] = torch.randperm(M, generator=gen)
+    weight = torch.rand(k, S, generator=gen)
+    return rows, pos.view(k, S), weight
+
+
+def _gather_sum_float64(rows, pos, weight):
+    M = rows.shape[0]
+    w = torch.ones(pos.shape, dtype=torch.float64) if weight is None else weight.double()
+    w = w * (pos < M)
+    return sum(w[j, :, None] * rows.double()[pos[j].clamp(max=M - 1)] for j in range(pos.shape[0]))
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("weighted", [True, False])
+def test_gather_sum_kernel_matches_float64_and_eager(dtype, k, weighted, monkeypatch):
+    from moe_scale.moe.dispatch import _gather_sum
+
+    rows, pos, weight = _gather_case(dtype, k)
+    weight = weight if weighted else None
+    got = cpu_kernels.load_kernels().gather_sum(rows, pos, weight)
+    want = _gather_sum_float64(rows, pos, weight)
+    assert got.dtype == dtype and got.shape == want.shape
+    # float32 accumulation, one rounding to the output dtype
+    rtol = 2**-8 if dtype == torch.bfloat16 else 1e-6
+    torch.testing.assert_close(got.double(), want, rtol=rtol, atol=1e-6)
+    monkeypatch.setenv("MOE_SCALE_CPU_KERNELS", "eager")
+    eager = _gather_sum(rows, pos, weight)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got.float(), eager.float(), **tol)
+    if dtype == torch.float32:  # tokens with every assignment dropped come out exactly zero
+        none_kept = (pos >= rows.shape[0]).all(0)
+        assert none_kept.any() or k > 1
+        assert torch.count_nonzero(got[none_kept]) == 0
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("need_rows", [True, False])
+def test_unpermute_backward_kernel_matches_float64(dtype, need_rows):
+    k, S, d = 2, 200, 40
+    rows, pos, weight = _gather_case(dtype, k, S=S, d=d, seed=3)
+    M = rows.shape[0]
+    assignment = torch.nonzero(pos.reshape(-1) < M).squeeze(1)
+    assignment = assignment[torch.argsort(pos.reshape(-1)[assignment])]  # row m holds assignment[m]
+    token = assignment % S
+    grad = torch.randn(S, d).to(dtype)
+    grad_rows, grad_w = cpu_kernels.load_kernels().unpermute_backward(
+        rows, grad, token, assignment, weight.reshape(-1), need_rows)
+    g64 = grad.double()[token]
+    want_w = torch.zeros(k * S, dtype=torch.float64)
+    want_w[assignment] = (rows.double() * g64).sum(-1)
+    torch.testing.assert_close(grad_w.double(), want_w, rtol=1e-5, atol=1e-5)
+    dropped = torch.ones(k * S, dtype=torch.bool)
+    dropped[assignment] = False
+    assert torch.count_nonzero(grad_w[dropped]) == 0
+    if need_rows:
+        want_rows = weight.reshape(-1).double()[assignment, None] * g64
+        rtol = 2**-8 if dtype == torch.bfloat16 else 1e-6
+        torch.testing.assert_close(grad_rows.double(), want_rows, rtol=rtol, atol=1e-6)
+    else:
+        assert grad_rows.numel() == 0
+
+
+@needs_compiler
+def test_gather_kernels_reject_bad_arguments():
+    kernels = cpu_kernels.load_kernels()
+    rows, pos, weight = _gather_case(torch.float32, 2)
+    with pytest.raises(RuntimeError, match="int64"):
+        kernels.gather_sum(rows, pos.int(), weight)
+    with pytest.raises(RuntimeError, match="float32 CPU tensor"):
+        kernels.gather_sum(rows, pos, weight.double())
+    with pytest.raises(RuntimeError, match="match pos in shape"):
+        kernels.gather_sum(rows, pos, weight[:, :-1].contiguous())
+    with pytest.raises(RuntimeError, match="dtype and row width"):
+        kernels.unpermute_backward(rows, torch.zeros(300, 24, dtype=torch.bfloat16), pos[0], pos[0], weight.view(-1), True)
+
+
+# ----------------------------------------------------------------------------- the layer
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dropless", [True, False])
+def test_layer_with_kernels_matches_the_eager_layer(dtype, dropless, monkeypatch):
+    """Router, gathers and ReLU through the kernels give the eager layer's output and gradients
+    (within the eager path's own bf16 rounding)."""
+    from moe_scale import MoELayer
+
+    torch.manual_seed(0)
+    layer = MoELayer(32, 8, k=2, activation="relu", dropless=dropless, capacity_factor=1.0,
+                     aux_loss=dict(switch=0.01, z=0.001)).to(dtype)
+    x = torch.randn(4, 64, 32, dtype=dtype)
+    g = torch.randn(x.shape, dtype=dtype)
+    runs = []
+    for mode in ("auto", "eager"):
+        monkeypatch.setenv("MOE_SCALE_CPU_KERNELS", mode)
+        layer.zero_grad()
+        xi = x.clone().requires_grad_()
+        y, stats = layer(xi)
+        torch.autograd.backward([y, stats.aux_loss], [g, None])
+        runs.append([y, xi.grad] + [p.grad.clone() for p in layer.parameters()])
+        assert (int(stats.num_dropped) > 0) != dropless
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    for got, want in zip(*runs):
+        torch.testing.assert_close(got.float(), want.float(), **tol)
