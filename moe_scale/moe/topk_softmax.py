@@ -6,7 +6,9 @@ layer's memory. This function works chunk by chunk over tokens: it computes a ch
 everything the gate and its losses need from it, and keeps only the probabilities. The full
 logits never exist; backward rebuilds the logit gradient a chunk at a time from the saved
 probabilities (no exp) and feeds it straight into the two matmul gradients. Peak memory is
-one `[S, E]` tensor (in the input dtype) plus a cache-sized chunk.
+one `[S, E]` tensor (in the input dtype) plus a cache-sized chunk. With the fused CPU kernels
+and a large `[S, E]` (`_RECOMPUTE_MIN_BYTES`), not even that: backward recomputes each chunk's
+logits and probabilities from the saved input, and only `[S, k]`-sized statistics are kept.
 
 Outputs (all per call, S tokens, E experts, k choices):
     weight_Sk     combine weights of the k chosen experts (differentiable)
@@ -31,6 +33,18 @@ from moe_scale.moe.cpu_kernels import kernels_for
 # E=4096 bf16, forward a little faster).
 _CHUNK_ELEMENTS = 1 << 19
 _FUSED_CHUNK_ELEMENTS = 1 << 21
+
+
+# The fused path recomputes the probabilities in backward (one more `[chunk, d] x [d, E]` GEMM
+# and exp per chunk) instead of keeping them when they would take at least this many bytes:
+# blocks that large come from mmap and are page-faulted in again every step (with
+# `keep_freed_host_memory`, 32 MiB and up; the faults alone took 61 of 98 ms of the forward
+# kernel at E=8192, S=16384 in bf16), and saving them costs the layer's largest tensor.
+_RECOMPUTE_MIN_BYTES = 32 << 20
+
+
+def _recompute(num_tokens: int, num_experts: int, itemsize: int) -> bool:
+    return num_tokens * num_experts * itemsize >= _RECOMPUTE_MIN_BYTES
 
 
 def _token_chunks(num_tokens: int, num_experts: int, fused: bool = False) -> list[tuple[int, int]]:
@@ -118,17 +132,20 @@ class _TopKSoftmaxRouter(torch.autograd.Function):
     def forward(ctx, x_Sd: Tensor, w_dE: Tensor, k: int, renormalize: bool):
         S, E = x_Sd.shape[0], w_dE.shape[1]
         acc = router_dtype(x_Sd.dtype)
-        prob_SE = x_Sd.new_empty(S, E)
         weight_Sk = x_Sd.new_empty(S, k, dtype=acc)
         index_Sk = torch.empty(S, k, dtype=torch.long, device=x_Sd.device)
         lse_S = x_Sd.new_empty(S, dtype=acc)
         prob_sum_E = torch.zeros(E, dtype=acc, device=x_Sd.device)
         kernels = kernels_for(x_Sd)
+        # Large probability tensors are not kept: backward recomputes them (see `_recompute`).
+        recompute = kernels is not None and _recompute(S, E, x_Sd.element_size())
+        prob_SE = None if recompute else x_Sd.new_empty(S, E)
         # One chunk of logits -> (top values, top indices, log-sum-exp, probability column sums),
         # writing the probabilities: one pass per row in L1 (csrc/router_kernels.cpp), or ATen.
         forward_chunk = kernels.router_forward if kernels is not None else _forward_chunk_eager
         for s, e in _token_chunks(S, E, fused=kernels is not None):
-            top_val, top_idx, lse, prob_sum = forward_chunk(x_Sd[s:e] @ w_dE, prob_SE[s:e], k)
+            prob_out = None if recompute else prob_SE[s:e]
+            top_val, top_idx, lse, prob_sum = forward_chunk(x_Sd[s:e] @ w_dE, prob_out, k)
             prob_sum_E += prob_sum
             weight_Sk[s:e] = torch.softmax(top_val, dim=-1) if renormalize else torch.exp(top_val - lse[:, None])
             index_Sk[s:e] = top_idx
@@ -141,7 +158,7 @@ class _TopKSoftmaxRouter(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_weight_Sk, _g_index, g_prob_sum_E, g_lse_sq):
         x_Sd, w_dE, prob_SE, lse_S, weight_Sk, index_Sk = ctx.saved_tensors
-        S, E = prob_SE.shape
+        S, E = x_Sd.shape[0], w_dE.shape[1]
         acc = weight_Sk.dtype
         g_weight_Sk = torch.zeros_like(weight_Sk) if g_weight_Sk is None else g_weight_Sk.to(acc)
         g_prob_E = torch.zeros(E, dtype=acc, device=x_Sd.device) if g_prob_sum_E is None else g_prob_sum_E.to(acc)
@@ -165,9 +182,11 @@ class _TopKSoftmaxRouter(torch.autograd.Function):
             g_lse_sq = float(g_lse_sq)
         for s, e in _token_chunks(S, E, fused=kernels is not None):
             if kernels is not None:
-                grad_logits = torch.empty_like(prob_SE[s:e])
-                kernels.router_backward(prob_SE[s:e], g_prob_E, lse_S[s:e], g_lse_sq, dense_shift_S[s:e],
-                                        index_Sk[s:e], sparse_Sk[s:e], grad_logits)
+                # from the saved probabilities, or (prob_SE None) from the recomputed logits, in place
+                source = x_Sd[s:e] @ w_dE if prob_SE is None else prob_SE[s:e]
+                grad_logits = source if prob_SE is None else torch.empty_like(source)
+                kernels.router_backward(source, g_prob_E, lse_S[s:e], g_lse_sq, dense_shift_S[s:e],
+                                        index_Sk[s:e], sparse_Sk[s:e], grad_logits, prob_SE is None)
             else:
                 grad_logits = _logit_grad_eager(prob_SE[s:e], g_prob_E, g_lse_sq, lse_S[s:e], dense_shift_S[s:e],
                                                 index_Sk[s:e], sparse_Sk[s:e], acc)

@@ -5,9 +5,9 @@
 
 #include <torch/extension.h>
 
-std::vector<torch::Tensor> router_forward(torch::Tensor logits, torch::Tensor prob_out, int64_t k);
-void router_backward(torch::Tensor prob, torch::Tensor g_prob, torch::Tensor lse, double g_lse_sq,
-                     torch::Tensor shift, torch::Tensor idx, torch::Tensor sparse, torch::Tensor grad_out);
+std::vector<torch::Tensor> router_forward(torch::Tensor logits, std::optional<torch::Tensor> prob_out, int64_t k);
+void router_backward(torch::Tensor prob, torch::Tensor g_prob, torch::Tensor lse, double g_lse_sq, torch::Tensor shift,
+                     torch::Tensor idx, torch::Tensor sparse, torch::Tensor grad_out, bool from_logits);
 torch::Tensor gather_sum(torch::Tensor rows, torch::Tensor pos, std::optional<torch::Tensor> weight);
 std::vector<torch::Tensor> unpermute_backward(torch::Tensor rows, torch::Tensor grad, torch::Tensor token,
                                               torch::Tensor assignment, torch::Tensor weight, bool need_rows);

@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 using namespace moe_scale;
@@ -95,6 +96,11 @@ inline void scale_store_accumulate(const float* __restrict x, int64_t n, float i
   }
 }
 
+inline void scale_accumulate(const float* __restrict x, int64_t n, float inv, float* __restrict col_sum) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) col_sum[i] += x[i] * inv;
+}
+
 template <typename T>
 void forward_row(const T* __restrict logits, T* __restrict prob, int64_t E, int64_t k, float* __restrict row,
                  float* __restrict top_val, int64_t* __restrict top_idx,
@@ -110,7 +116,10 @@ void forward_row(const T* __restrict logits, T* __restrict prob, int64_t E, int6
   for (int64_t j = 0; j < k; ++j) row[top_idx[j]] = top_val[j];
   float sum;
   exp_shift_(row, E, top_val[0], sum);
-  scale_store_accumulate<T>(row, E, 1.f / sum, prob, col_sum);
+  if (prob)
+    scale_store_accumulate<T>(row, E, 1.f / sum, prob, col_sum);
+  else
+    scale_accumulate(row, E, 1.f / sum, col_sum);
   *lse = top_val[0] + std::log(sum);
 }
 
@@ -121,7 +130,7 @@ void forward_rows(const T* logits, T* prob, int64_t C, int64_t E, int64_t k, flo
     std::vector<float> row(E);
     float* col_sum = prob_sum_partial + at::get_thread_num() * E;
     for (int64_t r = begin; r < end; ++r)
-      forward_row<T>(logits + r * E, prob + r * E, E, k, row.data(), top_val + r * k,
+      forward_row<T>(logits + r * E, prob ? prob + r * E : nullptr, E, k, row.data(), top_val + r * k,
                      top_idx + r * k, lse + r, col_sum);
   });
 }
@@ -151,6 +160,20 @@ void backward_row(const T* __restrict prob, const float* __restrict g_prob, floa
     store<T>(grad, idx[j], row[idx[j]] * (g_prob[idx[j]] + coef) + sparse[j]);
 }
 
+// The same gradient from the logits: p = exp(logit - lse) is recomputed in the row buffer.
+template <typename T>
+void backward_row_from_logits(const T* logits, const float* __restrict g_prob, float lse, float g_lse_sq,
+                              float shift, const int64_t* __restrict idx, const float* __restrict sparse,
+                              T* grad, int64_t E, int64_t k, float* __restrict row) {  // grad may be logits
+  load_row<T>(logits, row, E);
+  float unused;
+  exp_shift_(row, E, lse, unused);
+  const float coef = 2.f * g_lse_sq * lse - dot(row, g_prob, E) - shift;
+  scaled_sum_store<T>(row, g_prob, coef, E, grad);
+  for (int64_t j = 0; j < k; ++j)
+    store<T>(grad, idx[j], row[idx[j]] * (g_prob[idx[j]] + coef) + sparse[j]);
+}
+
 template <typename T>
 void backward_rows(const T* prob, const float* g_prob, const float* lse, float g_lse_sq,
                    const float* shift, const int64_t* idx, const float* sparse, T* grad,
@@ -163,15 +186,39 @@ void backward_rows(const T* prob, const float* g_prob, const float* lse, float g
   });
 }
 
+template <typename T>
+void backward_rows_from_logits(const T* logits, const float* g_prob, const float* lse, float g_lse_sq,
+                               const float* shift, const int64_t* idx, const float* sparse, T* grad,
+                               int64_t C, int64_t E, int64_t k) {
+  at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(E);
+    for (int64_t r = begin; r < end; ++r)
+      backward_row_from_logits<T>(logits + r * E, g_prob, lse[r], g_lse_sq, shift[r], idx + r * k, sparse + r * k,
+                                  grad + r * E, E, k, row.data());
+  });
+}
+
+void check_statistics(const at::Tensor& g_prob, const at::Tensor& lse, const at::Tensor& shift,
+                      const at::Tensor& idx, const at::Tensor& sparse, int64_t C, int64_t E) {
+  for (const auto& t : {g_prob, lse, shift, sparse})
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous(), "router statistics must be contiguous float32");
+  TORCH_CHECK(idx.scalar_type() == at::kLong && idx.is_contiguous() && idx.size(0) == C, "idx must be [C, k] int64");
+  TORCH_CHECK(g_prob.numel() == E && lse.numel() == C && shift.numel() == C && sparse.sizes() == idx.sizes(),
+              "router statistics have the wrong shapes");
+}
+
 }  // namespace
 
-// logits, prob_out: [C, E] of one dtype (float32 / bfloat16); writes prob_out.
+// logits, prob_out: [C, E] of one dtype (float32 / bfloat16); writes prob_out unless it is None
+// (the backward then recomputes the probabilities from the logits).
 // Returns top_val [C, k] f32, top_idx [C, k] i64, lse [C] f32, prob_sum [E] f32.
-std::vector<at::Tensor> router_forward(at::Tensor logits, at::Tensor prob_out, int64_t k) {
+std::vector<at::Tensor> router_forward(at::Tensor logits, std::optional<at::Tensor> prob_out, int64_t k) {
   check_rows(logits, "logits");
-  check_rows(prob_out, "prob_out");
-  TORCH_CHECK(prob_out.sizes() == logits.sizes() && prob_out.scalar_type() == logits.scalar_type(),
-              "prob_out must match logits in shape and dtype");
+  if (prob_out.has_value()) {
+    check_rows(*prob_out, "prob_out");
+    TORCH_CHECK(prob_out->sizes() == logits.sizes() && prob_out->scalar_type() == logits.scalar_type(),
+                "prob_out must match logits in shape and dtype");
+  }
   const int64_t C = logits.size(0), E = logits.size(1);
   TORCH_CHECK(k >= 1 && k <= E, "k must lie in [1, E]");
   auto f32 = logits.options().dtype(at::kFloat);
@@ -179,41 +226,45 @@ std::vector<at::Tensor> router_forward(at::Tensor logits, at::Tensor prob_out, i
   auto top_idx = at::empty({C, k}, logits.options().dtype(at::kLong));
   auto lse = at::empty({C}, f32);
   auto partial = at::zeros({at::get_num_threads(), E}, f32);
-  if (logits.scalar_type() == at::kFloat) {
-    forward_rows<float>(logits.data_ptr<float>(), prob_out.data_ptr<float>(), C, E, k,
-                        top_val.data_ptr<float>(), top_idx.data_ptr<int64_t>(), lse.data_ptr<float>(),
-                        partial.data_ptr<float>());
-  } else {
-    forward_rows<uint16_t>(reinterpret_cast<const uint16_t*>(logits.data_ptr<at::BFloat16>()),
-                           reinterpret_cast<uint16_t*>(prob_out.data_ptr<at::BFloat16>()), C, E, k,
+  if (is_bf16(logits))
+    forward_rows<uint16_t>(data<uint16_t>(logits), prob_out ? data<uint16_t>(*prob_out) : nullptr, C, E, k,
                            top_val.data_ptr<float>(), top_idx.data_ptr<int64_t>(), lse.data_ptr<float>(),
                            partial.data_ptr<float>());
-  }
+  else
+    forward_rows<float>(data<float>(logits), prob_out ? data<float>(*prob_out) : nullptr, C, E, k,
+                        top_val.data_ptr<float>(), top_idx.data_ptr<int64_t>(), lse.data_ptr<float>(),
+                        partial.data_ptr<float>());
   return {top_val, top_idx, lse, partial.sum(0)};
 }
 
 // prob, grad_out: [C, E] of one dtype; g_prob [E], lse [C], shift [C], sparse [C, k] f32;
-// idx [C, k] i64. Writes grad_out.
-void router_backward(at::Tensor prob, at::Tensor g_prob, at::Tensor lse, double g_lse_sq,
-                     at::Tensor shift, at::Tensor idx, at::Tensor sparse, at::Tensor grad_out) {
+// idx [C, k] i64. Writes grad_out. With from_logits, `prob` holds the logits instead and the
+// probabilities are recomputed as exp(logit - lse); grad_out may then be the logits tensor.
+void router_backward(at::Tensor prob, at::Tensor g_prob, at::Tensor lse, double g_lse_sq, at::Tensor shift,
+                     at::Tensor idx, at::Tensor sparse, at::Tensor grad_out, bool from_logits) {
   check_rows(prob, "prob");
   check_rows(grad_out, "grad_out");
   const int64_t C = prob.size(0), E = prob.size(1), k = idx.size(1);
   TORCH_CHECK(grad_out.sizes() == prob.sizes() && grad_out.scalar_type() == prob.scalar_type(),
               "grad_out must match prob in shape and dtype");
-  for (const auto& t : {g_prob, lse, shift, sparse})
-    TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous(), "router statistics must be contiguous float32");
-  TORCH_CHECK(idx.scalar_type() == at::kLong && idx.is_contiguous() && idx.size(0) == C, "idx must be [C, k] int64");
-  TORCH_CHECK(g_prob.numel() == E && lse.numel() == C && shift.numel() == C && sparse.sizes() == idx.sizes(),
-              "router statistics have the wrong shapes");
-  if (prob.scalar_type() == at::kFloat) {
-    backward_rows<float>(prob.data_ptr<float>(), g_prob.data_ptr<float>(), lse.data_ptr<float>(),
-                         static_cast<float>(g_lse_sq), shift.data_ptr<float>(), idx.data_ptr<int64_t>(),
-                         sparse.data_ptr<float>(), grad_out.data_ptr<float>(), C, E, k);
+  check_statistics(g_prob, lse, shift, idx, sparse, C, E);
+  const float g_z = static_cast<float>(g_lse_sq);
+  const float *gp = g_prob.data_ptr<float>(), *ls = lse.data_ptr<float>(), *sh = shift.data_ptr<float>(),
+              *sp = sparse.data_ptr<float>();
+  const int64_t* ix = idx.data_ptr<int64_t>();
+  if (is_bf16(prob)) {
+    auto* src = data<uint16_t>(prob);
+    auto* out = data<uint16_t>(grad_out);
+    if (from_logits)
+      backward_rows_from_logits<uint16_t>(src, gp, ls, g_z, sh, ix, sp, out, C, E, k);
+    else
+      backward_rows<uint16_t>(src, gp, ls, g_z, sh, ix, sp, out, C, E, k);
   } else {
-    backward_rows<uint16_t>(reinterpret_cast<const uint16_t*>(prob.data_ptr<at::BFloat16>()),
-                            g_prob.data_ptr<float>(), lse.data_ptr<float>(), static_cast<float>(g_lse_sq),
-                            shift.data_ptr<float>(), idx.data_ptr<int64_t>(), sparse.data_ptr<float>(),
-                            reinterpret_cast<uint16_t*>(grad_out.data_ptr<at::BFloat16>()), C, E, k);
+    auto* src = data<float>(prob);
+    auto* out = data<float>(grad_out);
+    if (from_logits)
+      backward_rows_from_logits<float>(src, gp, ls, g_z, sh, ix, sp, out, C, E, k);
+    else
+      backward_rows<float>(src, gp, ls, g_z, sh, ix, sp, out, C, E, k);
   }
 }
