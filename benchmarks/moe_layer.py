@@ -12,13 +12,16 @@ reported as such. Every worker first calls `keep_freed_host_memory()` (glibc kee
 rather than returning them to the kernel, as jemalloc / tcmalloc would): otherwise each step
 page-faults its fresh multi-MiB buffers in again, at a cost that depends on glibc's adaptive
 mmap threshold, i.e. on the order of earlier allocations, for the floor as much as for the
-layers (`--no-keep-freed-memory` to measure without). Prints a markdown table with ratios to the floor and to DeepSpeed, and
+layers (`--no-keep-freed-memory` to measure without). Blocks of 32 MiB and more are still
+mmapped and faulted in every step (glibc's cap); `--never-mmap` serves those from the heap too,
+so that no implementation pays page faults. Prints a markdown table with ratios to the floor and to DeepSpeed, and
 writes the rows to benchmarks/results/moe_layer.json.
 
     python benchmarks/moe_layer.py                  # every row, float32 and bfloat16
     python benchmarks/moe_layer.py --quick          # two small rows
     python benchmarks/moe_layer.py --impls floor,moe_scale,moe_scale_hier --trials 3   # spread vs the floor
     python benchmarks/moe_layer.py --vary-input     # a new input every step (loads change, as in training)
+    python benchmarks/moe_layer.py --never-mmap     # no page faults for anyone
 """
 
 from __future__ import annotations
@@ -184,7 +187,7 @@ def _import(impl: str) -> None:
 
 
 def _worker(impl: str, E: int, S: int, d: int, dtype_name: str, warmup: int, repeats: int, mem_limit: int,
-            keep_freed_memory: bool, vary_input: bool):
+            keep_freed_memory: bool, vary_input: bool, never_mmap: bool = False):
     import torch
 
     if mem_limit:
@@ -192,7 +195,7 @@ def _worker(impl: str, E: int, S: int, d: int, dtype_name: str, warmup: int, rep
     if keep_freed_memory:
         from moe_scale.distributed.host_memory import keep_freed_host_memory
 
-        keep_freed_host_memory()
+        keep_freed_host_memory(never_mmap=never_mmap)
     dtype = getattr(torch, dtype_name)
     _import(impl)  # module imports are not the layer's memory: load them before the baseline
     _warm_kernels(dtype)  # nor is the one-time initialisation of the GEMM libraries
@@ -230,6 +233,7 @@ def _run_process(impl, E, S, d, dtype, args) -> dict:
            "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--mem-limit-gb", str(args.mem_limit_gb)]
     cmd += [] if args.keep_freed_memory else ["--no-keep-freed-memory"]
     cmd += ["--vary-input"] if args.vary_input else []
+    cmd += ["--never-mmap"] if args.never_mmap else []
     env = dict(os.environ, MOE_BENCH_STORE=f"/tmp/moe_bench_store_{os.getpid()}_{impl}_{E}_{S}")
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
@@ -310,6 +314,9 @@ def main():
     p.add_argument("--mem-limit-gb", type=float, default=20.0)
     p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
                    help="every worker (floor and peers alike) keeps freed host memory (see module docstring)")
+    p.add_argument("--never-mmap", action="store_true",
+                   help="every worker also serves blocks of 32 MiB and more from the heap (no page faults "
+                        "for anyone, see moe_scale/distributed/host_memory.py); default: only smaller ones")
     p.add_argument("--vary-input", action="store_true",
                    help="a new input (new routing, new expert loads) every step, as in training; "
                         "default: the same input every step")
@@ -318,7 +325,7 @@ def main():
     if args.worker:
         impl, E, S, d, dtype = args.worker
         _worker(impl, int(E), int(S), int(d), dtype, args.warmup, args.repeats, int(args.mem_limit_gb * 2**30),
-                args.keep_freed_memory, args.vary_input)
+                args.keep_freed_memory, args.vary_input, args.never_mmap)
         return
     rows = QUICK_ROWS if args.quick else ROWS
     if args.rows:
@@ -339,6 +346,7 @@ def main():
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"k": K, "capacity_factor": CAPACITY_FACTOR, "keep_freed_memory": args.keep_freed_memory,
+                               "never_mmap": args.never_mmap,
                                "trials": args.trials, "vary_input": args.vary_input,
                                "when": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": results}, indent=1))
     print(f"\nwrote {out}", file=sys.stderr)

@@ -15,11 +15,12 @@ _PROBE = textwrap.dedent(
     # Start from a fixed glibc state (its default threshold adapts to earlier frees): blocks
     # over 64 KiB are mmapped, so every freed 4 MiB buffer goes back to the kernel.
     assert ctypes.CDLL("libc.so.6").mallopt(-3, 64 << 10)
-    if sys.argv[1] == "keep":
-        assert keep_freed_host_memory()
+    if sys.argv[1] != "mmap":
+        assert keep_freed_host_memory(never_mmap=sys.argv[1] == "never_mmap")
+    numel = int(sys.argv[2])
     def faults_of_one_step():
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        buffers = [torch.ones(1 << 20) for _ in range(4)]  # 4 x 4 MiB, written (touched)
+        buffers = [torch.ones(numel) for _ in range(4)]  # 4 buffers, written (touched)
         del buffers
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
     faults_of_one_step()  # the first step faults its pages in either way
@@ -28,8 +29,8 @@ _PROBE = textwrap.dedent(
 )
 
 
-def _faults_per_step(mode: str) -> int:
-    out = subprocess.run([sys.executable, "-c", _PROBE, mode], capture_output=True, text=True, timeout=120)
+def _faults_per_step(mode: str, numel: int = 1 << 20) -> int:
+    out = subprocess.run([sys.executable, "-c", _PROBE, mode, str(numel)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     return int(out.stdout.strip().splitlines()[-1])
 
@@ -39,3 +40,11 @@ def test_freed_buffers_are_reused_without_page_faults():
     pages_per_step = 4 * (4 << 20) // 4096
     assert _faults_per_step("mmap") > pages_per_step // 2  # each step faults its buffers in again
     assert _faults_per_step("keep") < pages_per_step // 20
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_never_mmap_reuses_blocks_above_the_mmap_threshold_cap():
+    numel = 12 << 20  # 48 MiB float32 buffers: above the 32 MiB cap of M_MMAP_THRESHOLD
+    pages_per_step = 4 * numel * 4 // 4096
+    assert _faults_per_step("keep", numel) > pages_per_step // 2  # still mmapped, faulted in again
+    assert _faults_per_step("never_mmap", numel) < pages_per_step // 20

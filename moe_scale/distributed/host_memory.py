@@ -12,6 +12,15 @@ effect from glibc itself, with no preload:
                                 moving, so it is the same every run)
     M_TRIM_THRESHOLD = 2 GiB    the heap keeps up to this much freed memory at its top
 
+Blocks of 32 MiB and more (glibc's cap on M_MMAP_THRESHOLD) are still mmapped and page-faulted
+in on every use: at E=4096 experts the router and expert buffers of a step are hundreds of MiB.
+`never_mmap=True` also sets
+
+    M_MMAP_MAX = 0              every block comes from the heap, so large ones are reused too
+
+(the heap then returns memory only from its top). benchmarks/moe_layer.py --never-mmap uses it
+to measure without page faults at all.
+
 The cost is resident memory that stays with the process after a peak instead of going back
 to the system. Call it once per process before the first step.
 """
@@ -22,13 +31,14 @@ import ctypes
 import ctypes.util
 import sys
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
 MMAP_THRESHOLD = 32 << 20  # glibc's largest allowed value on 64-bit
 TRIM_THRESHOLD = (1 << 31) - 1  # mallopt takes an int
 
 
-def keep_freed_host_memory() -> bool:
-    """Tell glibc malloc to keep freed blocks for reuse; False (and nothing done) without glibc."""
+def keep_freed_host_memory(never_mmap: bool = False) -> bool:
+    """Tell glibc malloc to keep freed blocks for reuse (with `never_mmap`, blocks of any size);
+    False (and nothing done) without glibc."""
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -37,4 +47,5 @@ def keep_freed_host_memory() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    ok = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return ok and (not never_mmap or bool(mallopt(_M_MMAP_MAX, 0)))
