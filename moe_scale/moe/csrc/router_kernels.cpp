@@ -73,6 +73,33 @@ inline float exp_nonpositive(float x) {
   return p * scale;
 }
 
+// The row in float32 and its maximum, in one pass.
+template <typename T>
+inline float load_row_max(const T* __restrict src, float* __restrict dst, int64_t n) {
+  float m = -FLT_MAX;
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = to_float(src[i]);
+    dst[i] = v;
+    m = v > m ? v : m;
+  }
+  return m;
+}
+
+// p = exp(logit - lse) into dst, returning <p, g>, in one pass.
+template <typename T>
+inline float load_exp_dot(const T* __restrict src, float* __restrict dst, int64_t n, float lse,
+                          const float* __restrict g) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) {
+    const float p = exp_nonpositive(to_float(src[i]) - lse);
+    dst[i] = p;
+    acc += p * g[i];
+  }
+  return acc;
+}
+
 // Row kernels take plain pointers (no lambda captures: gcc turned captured pointers inside
 // `omp simd` loops into gathers, 4x slower).
 inline void exp_shift_(float* __restrict x, int64_t n, float m, float& sum_out) {
@@ -105,11 +132,10 @@ template <typename T>
 void forward_row(const T* __restrict logits, T* __restrict prob, int64_t E, int64_t k, float* __restrict row,
                  float* __restrict top_val, int64_t* __restrict top_idx,
                  float* __restrict lse, float* __restrict col_sum) {
-  load_row<T>(logits, row, E);
   // top-k: k rounds of (max, first index of it); each chosen entry is set to -FLT_MAX for the
-  // later rounds and restored afterwards.
+  // later rounds and restored afterwards. The first max comes with the load.
   for (int64_t j = 0; j < k; ++j) {
-    top_val[j] = row_max(row, E);
+    top_val[j] = j == 0 ? load_row_max<T>(logits, row, E) : row_max(row, E);
     top_idx[j] = first_index_of(row, E, top_val[j]);
     row[top_idx[j]] = -FLT_MAX;
   }
@@ -165,10 +191,8 @@ template <typename T>
 void backward_row_from_logits(const T* logits, const float* __restrict g_prob, float lse, float g_lse_sq,
                               float shift, const int64_t* __restrict idx, const float* __restrict sparse,
                               T* grad, int64_t E, int64_t k, float* __restrict row) {  // grad may be logits
-  load_row<T>(logits, row, E);
-  float unused;
-  exp_shift_(row, E, lse, unused);
-  const float coef = 2.f * g_lse_sq * lse - dot(row, g_prob, E) - shift;
+  const float p_dot_g = load_exp_dot<T>(logits, row, E, lse, g_prob);
+  const float coef = 2.f * g_lse_sq * lse - p_dot_g - shift;
   scaled_sum_store<T>(row, g_prob, coef, E, grad);
   for (int64_t j = 0; j < k; ++j)
     store<T>(grad, idx[j], row[idx[j]] * (g_prob[idx[j]] + coef) + sparse[j]);
