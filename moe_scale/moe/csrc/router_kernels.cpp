@@ -175,49 +175,33 @@ inline void scaled_sum_store(const float* __restrict p, const float* __restrict 
   for (int64_t i = 0; i < n; ++i) store<T>(out, i, p[i] * (g_prob[i] + coef));
 }
 
-template <typename T>
-void backward_row(const T* __restrict prob, const float* __restrict g_prob, float lse, float g_lse_sq, float shift,
-                  const int64_t* __restrict idx, const float* __restrict sparse, T* __restrict grad, int64_t E,
-                  int64_t k, float* __restrict row) {
-  load_row<T>(prob, row, E);
-  const float coef = 2.f * g_lse_sq * lse - dot(row, g_prob, E) - shift;
+// One row's logit gradient. `src` holds the probabilities, or with FromLogits the logits, from
+// which p = exp(logit - lse) is recomputed in the row buffer (`grad` may then be `src`: the row
+// is read whole before any of it is written).
+template <typename T, bool FromLogits>
+void backward_row(const T* src, const float* __restrict g_prob, float lse, float g_lse_sq, float shift,
+                  const int64_t* __restrict idx, const float* __restrict sparse, T* grad, int64_t E, int64_t k,
+                  float* __restrict row) {
+  float p_dot_g;
+  if constexpr (FromLogits) {
+    p_dot_g = load_exp_dot<T>(src, row, E, lse, g_prob);
+  } else {
+    load_row<T>(src, row, E);
+    p_dot_g = dot(row, g_prob, E);
+  }
+  const float coef = 2.f * g_lse_sq * lse - p_dot_g - shift;
   scaled_sum_store<T>(row, g_prob, coef, E, grad);
   for (int64_t j = 0; j < k; ++j)  // the chosen logits also get their sparse term
     store<T>(grad, idx[j], row[idx[j]] * (g_prob[idx[j]] + coef) + sparse[j]);
 }
 
-// The same gradient from the logits: p = exp(logit - lse) is recomputed in the row buffer.
-template <typename T>
-void backward_row_from_logits(const T* logits, const float* __restrict g_prob, float lse, float g_lse_sq,
-                              float shift, const int64_t* __restrict idx, const float* __restrict sparse,
-                              T* grad, int64_t E, int64_t k, float* __restrict row) {  // grad may be logits
-  const float p_dot_g = load_exp_dot<T>(logits, row, E, lse, g_prob);
-  const float coef = 2.f * g_lse_sq * lse - p_dot_g - shift;
-  scaled_sum_store<T>(row, g_prob, coef, E, grad);
-  for (int64_t j = 0; j < k; ++j)
-    store<T>(grad, idx[j], row[idx[j]] * (g_prob[idx[j]] + coef) + sparse[j]);
-}
-
-template <typename T>
-void backward_rows(const T* prob, const float* g_prob, const float* lse, float g_lse_sq,
-                   const float* shift, const int64_t* idx, const float* sparse, T* grad,
-                   int64_t C, int64_t E, int64_t k) {
+template <typename T, bool FromLogits>
+void backward_rows(const T* src, const float* g_prob, const float* lse, float g_lse_sq, const float* shift,
+                   const int64_t* idx, const float* sparse, T* grad, int64_t C, int64_t E, int64_t k) {
   at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> row(E);
     for (int64_t r = begin; r < end; ++r)
-      backward_row<T>(prob + r * E, g_prob, lse[r], g_lse_sq, shift[r], idx + r * k, sparse + r * k, grad + r * E,
-                      E, k, row.data());
-  });
-}
-
-template <typename T>
-void backward_rows_from_logits(const T* logits, const float* g_prob, const float* lse, float g_lse_sq,
-                               const float* shift, const int64_t* idx, const float* sparse, T* grad,
-                               int64_t C, int64_t E, int64_t k) {
-  at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> row(E);
-    for (int64_t r = begin; r < end; ++r)
-      backward_row_from_logits<T>(logits + r * E, g_prob, lse[r], g_lse_sq, shift[r], idx + r * k, sparse + r * k,
+      backward_row<T, FromLogits>(src + r * E, g_prob, lse[r], g_lse_sq, shift[r], idx + r * k, sparse + r * k,
                                   grad + r * E, E, k, row.data());
   });
 }
@@ -280,15 +264,15 @@ void router_backward(at::Tensor prob, at::Tensor g_prob, at::Tensor lse, double 
     auto* src = data<uint16_t>(prob);
     auto* out = data<uint16_t>(grad_out);
     if (from_logits)
-      backward_rows_from_logits<uint16_t>(src, gp, ls, g_z, sh, ix, sp, out, C, E, k);
+      backward_rows<uint16_t, true>(src, gp, ls, g_z, sh, ix, sp, out, C, E, k);
     else
-      backward_rows<uint16_t>(src, gp, ls, g_z, sh, ix, sp, out, C, E, k);
+      backward_rows<uint16_t, false>(src, gp, ls, g_z, sh, ix, sp, out, C, E, k);
   } else {
     auto* src = data<float>(prob);
     auto* out = data<float>(grad_out);
     if (from_logits)
-      backward_rows_from_logits<float>(src, gp, ls, g_z, sh, ix, sp, out, C, E, k);
+      backward_rows<float, true>(src, gp, ls, g_z, sh, ix, sp, out, C, E, k);
     else
-      backward_rows<float>(src, gp, ls, g_z, sh, ix, sp, out, C, E, k);
+      backward_rows<float, false>(src, gp, ls, g_z, sh, ix, sp, out, C, E, k);
   }
 }
