@@ -214,17 +214,35 @@ def _worker(impl: str, E: int, S: int, d: int, dtype_name: str, warmup: int, rep
 # ----------------------------------------------------------------------------- driver
 
 
+def floor_variants(E: int) -> list[str]:
+    """The floor's expert GEMMs as one bmm, and for few experts also as a per-expert loop."""
+    return ["floor_bmm", "floor_loop"] if E <= LOOP_FLOOR_MAX_EXPERTS else ["floor_bmm"]
+
+
+def best_floor(runs: list[dict]) -> dict:
+    """The faster floor variant (never a weak floor), reported as impl "floor"."""
+    ok = [r for r in runs if r.get("status") == "ok"]
+    best = dict(min(ok, key=lambda r: r["time_s"]) if ok else runs[0])
+    best.update(impl="floor", variant=best["impl"])
+    return best
+
+
+def parse_rows(spec: str, default: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """`E:S:d,...` -> rows, or `default` for an empty spec."""
+    return [tuple(int(v) for v in r.split(":")) for r in spec.split(",")] if spec else default
+
+
+def impls_for_row(impls: str, E: int) -> list[str]:
+    """The implementations of a comma list that run on a row (the hierarchical gate from
+    HIER_MIN_EXPERTS experts up)."""
+    return [i for i in impls.split(",") if not (i == "moe_scale_hier" and E < HIER_MIN_EXPERTS)]
+
+
 def _run_one(impl, E, S, d, dtype, args) -> dict:
-    """One implementation on one row, in a fresh process. The floor's expert GEMMs run as one
-    bmm or as a loop of per-expert GEMMs, each in its own process (a second variant in the same
-    process would start with a warm heap), and the faster one is the floor: never a weak one."""
+    """One implementation on one row, in a fresh process. The floor's variants each run in
+    their own process (a second variant in the same process would start with a warm heap)."""
     if impl == "floor":
-        variants = ["floor_bmm", "floor_loop"] if E <= LOOP_FLOOR_MAX_EXPERTS else ["floor_bmm"]
-        runs = [_run_process(variant, E, S, d, dtype, args) for variant in variants]
-        ok = [r for r in runs if r.get("status") == "ok"]
-        best = dict(min(ok, key=lambda r: r["time_s"]) if ok else runs[0])
-        best.update(impl="floor", variant=best["impl"])
-        return best
+        return best_floor([_run_process(variant, E, S, d, dtype, args) for variant in floor_variants(E)])
     return _run_process(impl, E, S, d, dtype, args)
 
 
@@ -327,13 +345,10 @@ def main():
         _worker(impl, int(E), int(S), int(d), dtype, args.warmup, args.repeats, int(args.mem_limit_gb * 2**30),
                 args.keep_freed_memory, args.vary_input, args.never_mmap)
         return
-    rows = QUICK_ROWS if args.quick else ROWS
-    if args.rows:
-        rows = [tuple(int(v) for v in r.split(":")) for r in args.rows.split(",")]
     results = []
-    for E, S, d in rows:
+    for E, S, d in parse_rows(args.rows, QUICK_ROWS if args.quick else ROWS):
         for dtype in args.dtypes.split(","):
-            impls = [i for i in args.impls.split(",") if not (i == "moe_scale_hier" and E < HIER_MIN_EXPERTS)]
+            impls = impls_for_row(args.impls, E)
             runs = {impl: [] for impl in impls}
             for _ in range(args.trials):  # implementations interleaved within each trial
                 for impl in impls:

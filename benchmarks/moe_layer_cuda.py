@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from moe_layer import HIER_MIN_EXPERTS, LOOP_FLOOR_MAX_EXPERTS, ROWS, _build, _table  # noqa: E402
+from moe_layer import ROWS, _build, _table, best_floor, floor_variants, impls_for_row, parse_rows  # noqa: E402
 
 # GPU-sized rows: (E, S, d), h = 4d, k = 2.
 GPU_ROWS = [(8, 16384, 1024), (64, 65536, 1024), (256, 65536, 1024)]
@@ -74,11 +74,7 @@ def _run_row(E, S, d, dtype, impls, args) -> list[dict]:
     results = []
     for impl in impls:
         if impl == "floor":
-            variants = ["floor_bmm", "floor_loop"] if E <= LOOP_FLOOR_MAX_EXPERTS else ["floor_bmm"]
-            runs = [_measure(v, E, S, d, dtype, args.warmup, args.repeats) for v in variants]
-            ok = [r for r in runs if r.get("status") == "ok"]
-            r = dict(min(ok, key=lambda r: r["time_s"]) if ok else runs[0])
-            r.update(impl="floor", variant=r["impl"])
+            r = best_floor([_measure(v, E, S, d, dtype, args.warmup, args.repeats) for v in floor_variants(E)])
         else:
             r = _measure(impl, E, S, d, dtype, args.warmup, args.repeats)
         t = f"{r['time_s'] * 1e3:9.3f} ms" if r.get("status") == "ok" else r.get("status", "?").upper()
@@ -106,14 +102,10 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 rows are float32 for every implementation
     store_path = tempfile.mktemp(prefix="moe_bench_cuda_store_")
     os.environ["MOE_BENCH_STORE"] = store_path  # the peers need a process group (one rank, NCCL)
-    rows = ROWS + GPU_ROWS
-    if args.rows:
-        rows = [tuple(int(v) for v in r.split(":")) for r in args.rows.split(",")]
     results = []
-    for E, S, d in rows:
+    for E, S, d in parse_rows(args.rows, ROWS + GPU_ROWS):
         for dtype in args.dtypes.split(","):
-            impls = [i for i in args.impls.split(",") if not (i == "moe_scale_hier" and E < HIER_MIN_EXPERTS)]
-            results += _run_row(E, S, d, dtype, impls, args)
+            results += _run_row(E, S, d, dtype, impls_for_row(args.impls, E), args)
     print(_table(results))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
