@@ -84,6 +84,17 @@ class _Blocks:
         return max((hi - lo for _, lo, hi, _, _ in self.spans), default=0)
 
 
+def _span_mm(a_span: Tensor, w: Tensor, bias: Tensor | None, out: Tensor, lo: int, hi: int, end: int) -> Tensor:
+    """`a_span @ w (+ bias)` for the span's rows [lo, hi), written into out[lo:hi]. A span
+    reaching forward (hi > end) would overwrite rows already computed: its product is a new
+    block, whose own rows the caller copies to `out`."""
+    if hi > end:
+        return a_span @ w if bias is None else torch.addmm(bias, a_span, w)
+    if bias is None:
+        return torch.mm(a_span, w, out=out[lo:hi])
+    return torch.addmm(bias, a_span, w, out=out[lo:hi])
+
+
 class _Ops:
     """The three products of a grouped GEMM layer, in one layout.
 
@@ -105,12 +116,7 @@ class _Ops:
             return act_(out) if act_ is not None else out
         out = a.new_empty(a.shape[0], w.shape[-1])
         for g, lo, hi, s, e in self.blocks.spans:
-            if hi > e:  # reaches forward into rows already computed: keep only its own rows
-                block = a[lo:hi] @ w[g] if bias is None else torch.addmm(bias[g], a[lo:hi], w[g])
-            elif bias is None:
-                block = torch.mm(a[lo:hi], w[g], out=out[lo:hi])
-            else:
-                block = torch.addmm(bias[g], a[lo:hi], w[g], out=out[lo:hi])
+            block = _span_mm(a[lo:hi], w[g], None if bias is None else bias[g], out, lo, hi, e)
             if act_ is not None:
                 act_(block)
             if hi > e:
@@ -302,13 +308,9 @@ class _MLP(torch.autograd.Function):
             h = torch.mm(x_e, w1[e]) if b1 is None else torch.addmm(b1[e], x_e, w1[e])
             h3 = x_e @ w3[e] if w3 is not None else None
             a, t = _activate(h, h3, activation)
-            if hi > end:  # reaches forward into rows already computed: keep only its own rows
-                part = a @ w2[e] if b2 is None else torch.addmm(b2[e], a, w2[e])
-                y[s:end] = part[: end - s]
-            elif b2 is None:
-                torch.mm(a, w2[e], out=y[lo:hi])
-            else:
-                torch.addmm(b2[e], a, w2[e], out=y[lo:hi])
+            block = _span_mm(a, w2[e], None if b2 is None else b2[e], y, lo, hi, end)
+            if hi > end:
+                y[s:end] = block[: end - s]
             saved += [a, None if t is a else t, h3]
         ctx.save_for_backward(x_Md, w1, w2, w3, *saved)
         ctx.ops, ctx.activation, ctx.has_bias = ops, activation, (b1 is not None, b2 is not None)
@@ -348,11 +350,10 @@ class _MLP(torch.autograd.Function):
             if g_h3 is not None:
                 torch.mm(x[lo:hi].t(), g_h3, out=g_w3[e])
             if g_x is not None:
-                forward = hi > end  # reaches into rows already computed: keep only its own
-                g_x_rows = g_h @ w1[e].t() if forward else torch.mm(g_h, w1[e].t(), out=g_x[lo:hi])
+                g_x_rows = _span_mm(g_h, w1[e].t(), None, g_x, lo, hi, end)
                 if g_h3 is not None:
                     g_x_rows.addmm_(g_h3, w3[e].t())
-                if forward:
+                if hi > end:
                     g_x[s:end] = g_x_rows[: end - s]
         return g_x, g_w1, g_w2, g_w3, g_b1, g_b2, None, None
 
