@@ -245,3 +245,98 @@ def test_grouped_experts_init_matches_nn_linear_bounds():
         assert not torch.equal(t[0], t[1]), f"{name}: experts must be initialised independently"
     linear = nn.Linear(d, h)
     assert linear.weight.abs().max() <= 1 / math.sqrt(d) < 1.05 * linear.weight.abs().max()
+
+
+class _SpyKernels:
+    """The compiled kernels, counting the calls of the expert-parallel span loop."""
+
+    def __init__(self, kernels):
+        self.kernels, self.calls = kernels, 0
+
+    def __getattr__(self, name):
+        if name.startswith("mlp_"):
+            self.calls += 1
+        return getattr(self.kernels, name)
+
+
+@pytest.mark.parametrize("counts", [(4, 0, 7, 1, 3, 9, 2), (2, 5, 0, 4)])
+@pytest.mark.parametrize("groups", [2, 3])
+@pytest.mark.parametrize("bucket", [0, 3])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu"])
+def test_expert_parallel_span_loop_equals_per_expert_linear(activation, bias, bucket, groups, counts, monkeypatch):
+    """csrc/mlp_kernels.cpp runs groups of experts on threads of their own. In float32 against
+    the float64 per-expert reference, with groups that start with a block reaching forward
+    (bucket 3) and more groups than threads; the spy checks the compiled loop ran."""
+    kernels = grouped_mlp.kernels_for(torch.zeros(1))
+    if kernels is None:
+        pytest.skip("the fused CPU kernels are not built here")
+    spy = _SpyKernels(kernels)
+    real = grouped_mlp._mlp_kernels
+    monkeypatch.setattr(grouped_mlp, "_mlp_kernels", lambda *t: spy if real(*t) is not None else None)
+    monkeypatch.setattr(grouped_mlp, "fused_backward", lambda rows, experts, d: True)
+    monkeypatch.setattr(grouped_mlp, "_expert_groups", lambda: groups)
+    monkeypatch.setattr(grouped_mlp, "bucketed_shapes", lambda device, dtype: bucket > 0)
+    monkeypatch.setattr(grouped_mlp, "_SHAPE_BUCKET", bucket)
+    torch.manual_seed(0)
+    counts = list(counts)
+    experts = GroupedExperts(len(counts), 6, 10, activation=activation, bias=bias, method="loop")
+    ref_experts = GroupedExperts(len(counts), 6, 10, activation=activation, bias=bias, method="loop").double()
+    ref_experts.load_state_dict(experts.state_dict())
+    mods = _linear_reference(ref_experts)
+    x = torch.randn(sum(counts), 6, requires_grad=True)
+    x64 = x.detach().double().requires_grad_()
+    up = torch.randn(sum(counts), 6)
+
+    y = experts(x, counts)
+    ref = _run_reference(mods, activation, x64, counts)
+    (y * up).sum().backward()
+    (ref * up.double()).sum().backward()
+    assert spy.calls == 2  # forward and backward
+    tol = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y.double(), ref, **tol)
+    torch.testing.assert_close(x.grad.double(), x64.grad, **tol)
+    pairs = [("w1", 0, "weight"), ("w2", 1, "weight")]
+    pairs += [("b1", 0, "bias"), ("b2", 1, "bias")] if bias else []
+    pairs += [("w3", 2, "weight")] if activation == "swiglu" else []
+    for name, which, attr in pairs:
+        got = getattr(experts, name).grad.double()
+        for e, m in enumerate(mods):
+            want = getattr(m[which], attr).grad
+            want = want.t() if attr == "weight" else want
+            torch.testing.assert_close(got[e], want, **tol, msg=lambda s, n=name, e=e: f"{n}[{e}]: {s}")
+
+
+def test_grouped_blocks_keep_every_span_inside_its_group():
+    counts = (130, 0, 64, 1, 200, 63, 129, 5)
+    blocks = grouped_mlp._Blocks(counts, bucket=64, groups=3)
+    ends = torch.cumsum(torch.tensor(counts), 0).tolist()
+    assert blocks.group_ptr[0] == 0 and blocks.group_ptr[-1] == len(blocks.spans) == 7
+    rows_seen = []
+    for g in range(len(blocks.group_ptr) - 1):
+        spans = blocks.spans[blocks.group_ptr[g] : blocks.group_ptr[g + 1]]
+        first, last = min(s for *_, s, _ in spans), max(end for *_, end in spans)
+        assert [e for e, *_ in spans] == sorted((e for e, *_ in spans), reverse=True)  # last expert first
+        for e, lo, hi, s, end in spans:
+            assert (s, end) == (ends[e] - counts[e], ends[e])
+            assert first <= lo <= s < end <= hi <= last  # groups share no rows
+            assert (hi - lo) % 64 == 0 or (lo, hi) == (first, last)
+        rows_seen += [(first, last)]
+    assert rows_seen == sorted(rows_seen) and rows_seen[0][0] == 0 and rows_seen[-1][1] == sum(counts)
+    assert all(a[1] == b[0] for a, b in zip(rows_seen, rows_seen[1:]))  # contiguous, no gaps
+    # about a third of the rows each: no group holds more than a third plus its largest block
+    sizes = [last - first for first, last in rows_seen]
+    assert len(sizes) == 3 and max(sizes) <= sum(counts) / 3 + max(counts)
+
+
+def test_span_loop_errors_in_threads_reach_python():
+    kernels = grouped_mlp.kernels_for(torch.zeros(1))
+    if kernels is None:
+        pytest.skip("the fused CPU kernels are not built here")
+    blocks = grouped_mlp._Blocks((4, 4, 4, 4), groups=2)
+    x, w1 = torch.randn(16, 6), torch.randn(4, 6, 10)
+    w2_wrong = torch.randn(4, 9, 6)  # inner dimension 9, not 10: every thread's GEMM fails
+    with pytest.raises(RuntimeError, match="mat1 and mat2 shapes cannot be multiplied|size mismatch|shape"):
+        kernels.mlp_forward(x, w1, w2_wrong, None, None, None, blocks.spans_tensor(), blocks.group_ptr, 0)
+    with pytest.raises(RuntimeError, match="group_ptr"):
+        kernels.mlp_forward(x, w1, torch.randn(4, 10, 6), None, None, None, blocks.spans_tensor(), [0, 1], 0)

@@ -10,6 +10,8 @@ it once, accumulate in float32 and round once:
                                  permute backward's gather-sum; see dispatch.py
     csrc/activation_kernels.cpp  in-place ReLU and its backward on the raw bit patterns; see
                                  grouped_mlp.py
+    csrc/mlp_kernels.cpp         the fused expert MLP's span loop, forward and backward, with
+                                 one group of experts per thread; see grouped_mlp.py (`_MLP`)
 
 At thousands of experts the router passes cost more than the router GEMM itself, and with
 bfloat16 GEMMs a few milliseconds, the gathers and activations are a large part of a step
@@ -38,7 +40,7 @@ from types import ModuleType
 import torch
 
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = ["module.cpp", "router_kernels.cpp", "dispatch_kernels.cpp", "activation_kernels.cpp"]
+_SOURCES = ["module.cpp", "router_kernels.cpp", "dispatch_kernels.cpp", "activation_kernels.cpp", "mlp_kernels.cpp"]
 _DTYPES = (torch.float32, torch.bfloat16)
 _MODES = ("auto", "eager")
 ENV = "MOE_SCALE_CPU_KERNELS"

@@ -41,23 +41,26 @@ def bucketed_shapes(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 class _Blocks:
-    """Row blocks of the sorted input, one per non-empty expert.
+    """Row blocks of the sorted input, one per non-empty expert, in groups of neighbours.
 
     spans      (expert, lo, hi, start, end): the expert whose rows are [start, end) computes
                over rows [lo, hi) (a superset), in the order given
+    group_ptr  spans[group_ptr[g]:group_ptr[g + 1]] is group g: neighbouring experts with
+               about 1/groups of the rows each, whose spans stay inside the group's rows
 
     Without `bucket` every span is exact (lo, hi = start, end). With `bucket` (bf16 / fp16 on
     CPU, see `bucketed_shapes`) no GEMM sees a row count outside a small fixed set: a span has
     `roundup(count, bucket)` rows. Normally they end at the block's end: the extra rows at the
-    front belong to lower experts, whose own products run later (spans go from the last expert
-    to the first) and overwrite them. A block too close to row 0 to reach back reaches forward
-    instead (hi > end) and keeps only its own rows (the caller writes through a temporary);
-    only when all rows together are fewer than a bucket is a block exact. Sums over rows
-    (weight and bias gradients) take the span's gradient rows with the foreign ones zeroed
-    (`_Ops.own_rows`).
+    front belong to lower experts of the same group, whose own products run later (a group's
+    spans go from its last expert to its first) and overwrite them. A block too close to its
+    group's first row to reach back reaches forward instead (hi > end) and keeps only its own
+    rows (the caller writes through a temporary); only when all the group's rows are fewer
+    than a bucket is a block exact. Sums over rows (weight and bias gradients) take the span's
+    gradient rows with the foreign ones zeroed (`_Ops.own_rows`). Groups share no rows, so
+    they can run at once (csrc/mlp_kernels.cpp runs one per thread).
     """
 
-    def __init__(self, counts: tuple[int, ...], bucket: int = 0):
+    def __init__(self, counts: tuple[int, ...], bucket: int = 0, groups: int = 1):
         self.counts = counts
         exact, start = [], 0
         for e, c in enumerate(counts):
@@ -65,18 +68,26 @@ class _Blocks:
                 exact.append((e, start, start + c))
             start += c
         self.num_nonempty = len(exact)
-        if not bucket:
-            self.spans = [(e, s, end, s, end) for e, s, end in exact]
-            return
-        self.spans = []
-        for e, s, end in reversed(exact):
-            rows = -(-(end - s) // bucket) * bucket
-            if end >= rows:
-                self.spans.append((e, end - rows, end, s, end))
-            elif s + rows <= start:
-                self.spans.append((e, s, s + rows, s, end))
-            else:
-                self.spans.append((e, s, end, s, end))
+        # A block joins the group its middle row falls in: contiguous groups of ~start/groups rows.
+        members: list[list[tuple[int, int, int]]] = [[] for _ in range(max(groups, 1))]
+        for e, s, end in exact:
+            members[min(len(members) - 1, (s + end) * len(members) // (2 * start))].append((e, s, end))
+        self.spans, self.group_ptr = [], [0]
+        for group in (m for m in members if m):
+            first, last = group[0][1], group[-1][2]
+            for e, s, end in reversed(group):
+                rows = -(-(end - s) // bucket) * bucket if bucket else end - s
+                if end - first >= rows:
+                    self.spans.append((e, end - rows, end, s, end))
+                elif s + rows <= last:
+                    self.spans.append((e, s, s + rows, s, end))
+                else:
+                    self.spans.append((e, s, end, s, end))
+            self.group_ptr.append(len(self.spans))
+
+    def spans_tensor(self) -> Tensor:
+        """The spans as a `[n, 5]` int64 tensor (for csrc/mlp_kernels.cpp)."""
+        return torch.tensor(self.spans, dtype=torch.long).view(-1, 5)
 
     @property
     def longest(self) -> int:
@@ -275,6 +286,22 @@ class _Down(torch.autograd.Function):
         return g_a, g_w2, g_b2, None, None
 
 
+_ACTIVATION_CODES = {"relu": 0, "gelu": 1, "swiglu": 2}  # csrc/mlp_kernels.cpp's `Activation`
+
+
+def _mlp_kernels(*tensors: Tensor | None):
+    """The compiled span loop (csrc/mlp_kernels.cpp) if it applies to these tensors, else None."""
+    present = [t for t in tensors if t is not None]
+    if len({t.dtype for t in present}) != 1 or not all(t.is_contiguous() for t in present):
+        return None
+    return kernels_for(*present)
+
+
+def _expert_groups() -> int:
+    """Groups of experts for the compiled span loop: one per intra-op thread."""
+    return torch.get_num_threads()
+
+
 def fused_backward(num_rows: int, num_experts: int, d_model: int) -> bool:
     """One node with a per-expert backward (`_MLP`) when the `[M, h]` hidden gradient it avoids
     is larger than the extra weight gradient it holds (`[E, d, h]`): M > E * d."""
@@ -297,6 +324,14 @@ class _MLP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_Md, w1, w2, w3, b1, b2, ops: _Ops, activation: str):
+        ctx.ops, ctx.activation, ctx.has_bias = ops, activation, (b1 is not None, b2 is not None)
+        kernels = _mlp_kernels(x_Md, w1, w2, w3, b1, b2)
+        ctx.kernels = kernels
+        if kernels is not None:  # the same spans, one group of experts per thread
+            y, *saved = kernels.mlp_forward(x_Md, w1, w2, w3, b1, b2, ops.blocks.spans_tensor(),
+                                            ops.blocks.group_ptr, _ACTIVATION_CODES[activation])
+            ctx.save_for_backward(x_Md, w1, w2, w3, *saved)
+            return y
         # The hidden activations are kept per span, each a fresh `[span, h]` block, not as one
         # `[M, h]` tensor: blocks under glibc's mmap threshold (32 MiB at most) are reused from
         # the heap, where one `[M, h]` of 32 MiB or more is page-faulted in again every step
@@ -313,7 +348,6 @@ class _MLP(torch.autograd.Function):
                 y[s:end] = block[: end - s]
             saved += [a, None if t is a else t, h3]
         ctx.save_for_backward(x_Md, w1, w2, w3, *saved)
-        ctx.ops, ctx.activation, ctx.has_bias = ops, activation, (b1 is not None, b2 is not None)
         return y
 
     @staticmethod
@@ -321,6 +355,11 @@ class _MLP(torch.autograd.Function):
         x, w1, w2, w3, *saved = ctx.saved_tensors
         ops, act = ctx.ops, ctx.activation
         g_y = g_y.contiguous()
+        if ctx.kernels is not None:
+            g_x, g_w1, g_w2, g_w3, g_b1, g_b2 = ctx.kernels.mlp_backward(
+                g_y, x, w1, w2, w3, saved, *ctx.has_bias, ctx.needs_input_grad[0], ops.blocks.spans_tensor(),
+                ops.blocks.group_ptr, _ACTIVATION_CODES[act])
+            return g_x, g_w1, g_w2, g_w3, g_b1, g_b2, None, None
         E, d, h = w1.shape
 
         g_w1, g_w2 = x.new_empty(E, d, h), x.new_empty(E, h, d)
@@ -372,8 +411,11 @@ def grouped_mlp(
     """Rows sorted by expert (`counts[e]` rows for expert e) through their experts: `[M, d]`."""
     layout = PaddedLayout(counts, x_Md.device) if method == "bmm" else None
     bucket = _SHAPE_BUCKET if method == "loop" and bucketed_shapes(x_Md.device, x_Md.dtype) else 0
-    ops = _Ops(method, _Blocks(tuple(counts), bucket))
     if method == "loop" and fused_backward(x_Md.shape[0], len(counts), x_Md.shape[-1]):
+        # With the compiled span loop, one group of experts per thread (see _Blocks).
+        groups = _expert_groups() if _mlp_kernels(x_Md, w1, w2, w3, b1, b2) is not None else 1
+        ops = _Ops(method, _Blocks(tuple(counts), bucket, groups))
         return _MLP.apply(x_Md, w1, w2, w3, b1, b2, ops, activation)
+    ops = _Ops(method, _Blocks(tuple(counts), bucket))
     a = _Up.apply(x_Md, w1, w3, b1, ops, layout, activation)
     return _Down.apply(a, w2, b2, ops, layout)

@@ -13,6 +13,15 @@ std::vector<torch::Tensor> unpermute_backward(torch::Tensor rows, torch::Tensor 
                                               torch::Tensor assignment, torch::Tensor weight, bool need_rows);
 void relu_(torch::Tensor x);
 void relu_backward_(torch::Tensor grad, torch::Tensor out);
+std::vector<torch::Tensor> mlp_forward(const torch::Tensor& x, const torch::Tensor& w1, const torch::Tensor& w2,
+                                       const std::optional<torch::Tensor>& w3, const std::optional<torch::Tensor>& b1,
+                                       const std::optional<torch::Tensor>& b2, const torch::Tensor& spans,
+                                       const std::vector<int64_t>& group_ptr, int64_t activation);
+std::vector<torch::Tensor> mlp_backward(const torch::Tensor& g_y, const torch::Tensor& x, const torch::Tensor& w1,
+                                        const torch::Tensor& w2, const std::optional<torch::Tensor>& w3,
+                                        const std::vector<std::optional<torch::Tensor>>& saved, bool has_b1,
+                                        bool has_b2, bool need_x, const torch::Tensor& spans,
+                                        const std::vector<int64_t>& group_ptr, int64_t activation);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("router_forward", &router_forward, "fused softmax top-k router forward");
@@ -21,4 +30,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("unpermute_backward", &unpermute_backward, "combine backward: row and weight gradients");
   m.def("relu_", &relu_, "in-place ReLU");
   m.def("relu_backward_", &relu_backward_, "in-place ReLU backward");
+  // The span loop runs ATen ops on several threads; a Python dispatch mode (propagated to them
+  // with the caller's thread-local state) needs the GIL there, so the call lets go of it.
+  m.def("mlp_forward", &mlp_forward, "grouped expert MLP forward, one group of experts per thread",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("mlp_backward", &mlp_backward, "grouped expert MLP backward, one group of experts per thread",
+        py::call_guard<py::gil_scoped_release>());
 }
