@@ -251,6 +251,29 @@ def test_gather_kernels_reject_bad_arguments():
         kernels.unpermute_backward(rows, torch.zeros(300, 24, dtype=torch.bfloat16), pos[0], pos[0], weight.view(-1), True)
 
 
+@needs_compiler
+@pytest.mark.parametrize("num_keys", [1, 9, 4097])
+def test_counting_sort_equals_stable_argsort_and_bincount(num_keys):
+    kernels = cpu_kernels.load_kernels()
+    torch.manual_seed(num_keys)
+    key = torch.randint(0, num_keys, (5000,))
+    key[:40] = num_keys - 1  # runs of equal keys: stability decides their order
+    order, counts = kernels.sort_by_key(key, num_keys)
+    assert torch.equal(order, torch.argsort(key, stable=True))
+    assert torch.equal(counts, torch.bincount(key, minlength=num_keys))
+    empty_order, empty_counts = kernels.sort_by_key(torch.zeros(0, dtype=torch.long), 3)
+    assert empty_order.numel() == 0 and empty_counts.tolist() == [0, 0, 0]
+
+
+@needs_compiler
+def test_counting_sort_rejects_keys_out_of_range():
+    kernels = cpu_kernels.load_kernels()
+    with pytest.raises(RuntimeError, match=r"key 5 at 1 lies outside \[0, 5\)"):
+        kernels.sort_by_key(torch.tensor([0, 5, 1]), 5)
+    with pytest.raises(RuntimeError, match="int64"):
+        kernels.sort_by_key(torch.tensor([0, 1], dtype=torch.int32), 5)
+
+
 # ----------------------------------------------------------------------------- the layer
 
 

@@ -7,7 +7,8 @@ it once, accumulate in float32 and round once:
                                  softmax, log-sum-exp and column sums (forward), the logit
                                  gradient (backward); see topk_softmax.py
     csrc/dispatch_kernels.cpp    the combine's weighted gather-sum and its backward, the
-                                 permute backward's gather-sum; see dispatch.py
+                                 permute backward's gather-sum, the counting sort of
+                                 assignments by expert; see dispatch.py
     csrc/activation_kernels.cpp  in-place ReLU and its backward on the raw bit patterns; see
                                  grouped_mlp.py
     csrc/mlp_kernels.cpp         the fused expert MLP's span loop, forward and backward, with
@@ -83,9 +84,9 @@ def load_kernels() -> ModuleType | None:
         return None
 
 
-def kernels_for(*tensors: torch.Tensor) -> ModuleType | None:
-    """The kernels if they apply to these tensors (all on the CPU, float32 / bfloat16), else None."""
-    if any(t.device.type != "cpu" or t.dtype not in _DTYPES for t in tensors) or kernel_mode() == "eager":
+def kernels_for(*tensors: torch.Tensor, dtypes: tuple[torch.dtype, ...] = _DTYPES) -> ModuleType | None:
+    """The kernels if they apply to these tensors (all on the CPU, of `dtypes`), else None."""
+    if any(t.device.type != "cpu" or t.dtype not in dtypes for t in tensors) or kernel_mode() == "eager":
         return None
     if torch.compiler.is_compiling():  # an opaque extension call: let torch.compile trace ATen
         return None

@@ -76,10 +76,11 @@ def plan_dispatch(routing: Routing, capacity: int | None, drop_policy: str = "po
         key_N = key_N.masked_fill(~routing.valid_N, E)
     if drop_policy == "probability" and capacity is not None:
         by_weight = torch.argsort(routing.weight_N.detach(), descending=True, stable=True)
-        order = by_weight[torch.argsort(key_N[by_weight], stable=True)]
+        by_key, routed_E = _sort_by_key(key_N.index_select(0, by_weight), E + 1)
+        order = by_weight.index_select(0, by_key)
     else:
-        order = torch.argsort(key_N, stable=True)
-    routed_E = torch.bincount(key_N, minlength=E + 1)[:E]
+        order, routed_E = _sort_by_key(key_N, E + 1)
+    routed_E = routed_E[:E]
     num_valid = N if routing.valid_N is None else int(routed_E.sum())
     order = order[:num_valid]
     if capacity is None:
@@ -108,6 +109,16 @@ def plan_dispatch(routing: Routing, capacity: int | None, drop_policy: str = "po
         pos_kS=pos_kS,
         weight_kS=weight_kS,
     )
+
+
+def _sort_by_key(key_N: Tensor, num_keys: int) -> tuple[Tensor, Tensor]:
+    """(stable order of `key_N`, count of each key in [0, num_keys)): a counting sort on CPU
+    (csrc/dispatch_kernels.cpp), else argsort and bincount."""
+    kernels = kernels_for(key_N, dtypes=(torch.long,))
+    if kernels is not None:
+        order, counts = kernels.sort_by_key(key_N.contiguous(), num_keys)
+        return order, counts
+    return torch.argsort(key_N, stable=True), torch.bincount(key_N, minlength=num_keys)
 
 
 def _clamped(pos_kS: Tensor, num_rows: int) -> tuple[Tensor, Tensor]:

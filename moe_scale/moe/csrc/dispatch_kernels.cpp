@@ -160,3 +160,28 @@ std::vector<at::Tensor> unpermute_backward(at::Tensor rows, at::Tensor grad, at:
                                    need_rows ? data<float>(grad_rows) : nullptr, grad_w.data_ptr<float>());
   return {grad_rows, grad_w};
 }
+
+// key [N] int64 in [0, num_keys) -> (order [N] int64: the indices sorted by key, stable;
+// counts [num_keys] int64). A counting sort: one pass to count, one to place. It replaces a
+// stable argsort plus a bincount (8192 assignments over 9 keys: ~230 us for those two ops).
+std::vector<at::Tensor> sort_by_key(at::Tensor key, int64_t num_keys) {
+  check_index(key, "key");
+  TORCH_CHECK(num_keys >= 1, "num_keys must be positive");
+  const int64_t N = key.numel();
+  const int64_t* k = key.data_ptr<int64_t>();
+  auto counts = at::zeros({num_keys}, key.options());
+  auto order = at::empty({N}, key.options());
+  int64_t* c = counts.data_ptr<int64_t>();
+  for (int64_t i = 0; i < N; ++i) {
+    TORCH_CHECK(k[i] >= 0 && k[i] < num_keys, "key ", k[i], " at ", i, " lies outside [0, ", num_keys, ")");
+    ++c[k[i]];
+  }
+  std::vector<int64_t> next(num_keys);
+  for (int64_t j = 0, start = 0; j < num_keys; ++j) {
+    next[j] = start;
+    start += c[j];
+  }
+  int64_t* o = order.data_ptr<int64_t>();
+  for (int64_t i = 0; i < N; ++i) o[next[k[i]]++] = i;
+  return {order, counts};
+}

@@ -11,6 +11,7 @@ void router_backward(torch::Tensor prob, torch::Tensor g_prob, torch::Tensor lse
 torch::Tensor gather_sum(torch::Tensor rows, torch::Tensor pos, std::optional<torch::Tensor> weight);
 std::vector<torch::Tensor> unpermute_backward(torch::Tensor rows, torch::Tensor grad, torch::Tensor token,
                                               torch::Tensor assignment, torch::Tensor weight, bool need_rows);
+std::vector<torch::Tensor> sort_by_key(torch::Tensor key, int64_t num_keys);
 void relu_(torch::Tensor x);
 void relu_backward_(torch::Tensor grad, torch::Tensor out);
 std::vector<torch::Tensor> mlp_forward(const torch::Tensor& x, const torch::Tensor& w1, const torch::Tensor& w2,
@@ -28,6 +29,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("router_backward", &router_backward, "fused softmax top-k router backward");
   m.def("gather_sum", &gather_sum, "out[s] = sum_j w[j, s] rows[pos[j, s]]");
   m.def("unpermute_backward", &unpermute_backward, "combine backward: row and weight gradients");
+  m.def("sort_by_key", &sort_by_key, "stable counting sort of small integer keys -> (order, counts)");
   m.def("relu_", &relu_, "in-place ReLU");
   m.def("relu_backward_", &relu_backward_, "in-place ReLU backward");
   // The span loop runs ATen ops on several threads; a Python dispatch mode (propagated to them
