@@ -298,8 +298,8 @@ def _table(results: list[dict]) -> str:
 
 
 def _median_trials(runs: dict[str, list[dict]]) -> list[dict]:
-    """One result per implementation: its median-time trial, with every trial's time and, next
-    to the floor of the same trial, every trial's ratio to the floor."""
+    """One result per implementation: its median-time trial, with every trial's time and peak
+    memory and, next to the floor of the same trial, every trial's ratio to the floor."""
     floor = runs.get("floor")
     out = []
     for impl, trials in runs.items():
@@ -307,6 +307,7 @@ def _median_trials(runs: dict[str, list[dict]]) -> list[dict]:
         r = dict(ok[len(ok) // 2]) if ok else dict(trials[-1])
         if len(trials) > 1:
             r["trial_times_s"] = [t.get("time_s") for t in trials]
+            r["trial_peak_bytes"] = [t.get("peak_bytes") for t in trials]
             if floor and impl != "floor":
                 r["floor_time_ratio_trials"] = [
                     t["time_s"] / f["time_s"] for t, f in zip(trials, floor)
