@@ -52,6 +52,9 @@ void check_groups(const std::vector<int64_t>& group_ptr, size_t num_spans) {
 // body(first, last) for the spans of every group, one group per thread. With one group the
 // body runs on the calling thread and its ATen ops keep all cores. The caller's thread-local
 // state (grad mode, dispatch keys) goes with every thread; the first exception is rethrown.
+// Group g always runs on thread g % threads (a static schedule): PyTorch's ideep layer keeps
+// its cache of compiled GEMM kernels per thread (benchmarks/gemm_shape_memory.py), so a thread
+// that keeps its groups compiles and keeps only their row counts.
 template <typename Body>
 void for_each_group(const std::vector<int64_t>& group_ptr, const Body& body) {
   const int64_t groups = static_cast<int64_t>(group_ptr.size()) - 1;
@@ -62,7 +65,7 @@ void for_each_group(const std::vector<int64_t>& group_ptr, const Body& body) {
   const at::ThreadLocalState state;
   std::exception_ptr error;
   const int threads = static_cast<int>(std::min<int64_t>(groups, at::get_num_threads()));
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+#pragma omp parallel for schedule(static, 1) num_threads(threads)
   for (int64_t g = 0; g < groups; ++g) {
     try {
       at::ThreadLocalStateGuard guard(state);
