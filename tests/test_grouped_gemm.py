@@ -260,14 +260,15 @@ class _SpyKernels:
 
 
 @pytest.mark.parametrize("counts", [(4, 0, 7, 1, 3, 9, 2), (2, 5, 0, 4)])
-@pytest.mark.parametrize("groups", [2, 3])
+@pytest.mark.parametrize("groups", [1, 2, 3])
 @pytest.mark.parametrize("bucket", [0, 3])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu"])
 def test_expert_parallel_span_loop_equals_per_expert_linear(activation, bias, bucket, groups, counts, monkeypatch):
     """csrc/mlp_kernels.cpp runs groups of experts on threads of their own. In float32 against
     the float64 per-expert reference, with groups that start with a block reaching forward
-    (bucket 3) and more groups than threads; the spy checks the compiled loop ran."""
+    (bucket 3), one group (the calling thread alone) and more groups than threads; the spy
+    checks the compiled loop ran."""
     kernels = grouped_mlp.kernels_for(torch.zeros(1))
     if kernels is None:
         pytest.skip("the fused CPU kernels are not built here")
