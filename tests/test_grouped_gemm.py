@@ -276,7 +276,7 @@ def test_expert_parallel_span_loop_equals_per_expert_linear(activation, bias, bu
     real = grouped_mlp._mlp_kernels
     monkeypatch.setattr(grouped_mlp, "_mlp_kernels", lambda *t: spy if real(*t) is not None else None)
     monkeypatch.setattr(grouped_mlp, "fused_backward", lambda rows, experts, d: True)
-    monkeypatch.setattr(grouped_mlp, "_expert_groups", lambda: groups)
+    monkeypatch.setattr(grouped_mlp, "_expert_groups", lambda nonempty: groups)
     monkeypatch.setattr(grouped_mlp, "bucketed_shapes", lambda device, dtype: bucket > 0)
     monkeypatch.setattr(grouped_mlp, "_SHAPE_BUCKET", bucket)
     torch.manual_seed(0)
@@ -306,6 +306,13 @@ def test_expert_parallel_span_loop_equals_per_expert_linear(activation, bias, bu
             want = getattr(m[which], attr).grad
             want = want.t() if attr == "weight" else want
             torch.testing.assert_close(got[e], want, **tol, msg=lambda s, n=name, e=e: f"{n}[{e}]: {s}")
+
+
+def test_expert_groups_follow_the_threads_unless_experts_are_fewer(monkeypatch):
+    monkeypatch.setattr(grouped_mlp.torch, "get_num_threads", lambda: 8)
+    assert grouped_mlp._expert_groups(64) == 8
+    assert grouped_mlp._expert_groups(8) == 8
+    assert grouped_mlp._expert_groups(7) == 1  # 7 experts on 8 threads: one group, GEMMs on every thread
 
 
 def test_grouped_blocks_keep_every_span_inside_its_group():

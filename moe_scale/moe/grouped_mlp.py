@@ -297,9 +297,13 @@ def _mlp_kernels(*tensors: Tensor | None):
     return kernels_for(*present)
 
 
-def _expert_groups() -> int:
-    """Groups of experts for the compiled span loop: one per intra-op thread."""
-    return torch.get_num_threads()
+def _expert_groups(num_nonempty: int) -> int:
+    """Groups of experts for the compiled span loop: one per intra-op thread when there are at
+    least as many experts with rows as threads; otherwise one group, whose GEMMs each use
+    every thread (fewer experts than threads would leave cores idle). Measured only on 2
+    cores (benchmarks/moe_layer.py)."""
+    threads = torch.get_num_threads()
+    return threads if num_nonempty >= threads else 1
 
 
 def fused_backward(num_rows: int, num_experts: int, d_model: int) -> bool:
@@ -417,7 +421,8 @@ def grouped_mlp(
     bucket = _SHAPE_BUCKET if method == "loop" and bucketed_shapes(x_Md.device, x_Md.dtype) else 0
     if method == "loop" and fused_backward(x_Md.shape[0], len(counts), x_Md.shape[-1]):
         # With the compiled span loop, one group of experts per thread (see _Blocks).
-        groups = _expert_groups() if _mlp_kernels(x_Md, w1, w2, w3, b1, b2) is not None else 1
+        nonempty = sum(1 for c in counts if c)
+        groups = _expert_groups(nonempty) if _mlp_kernels(x_Md, w1, w2, w3, b1, b2) is not None else 1
         ops = _Ops(method, _Blocks(tuple(counts), bucket, groups))
         return _MLP.apply(x_Md, w1, w2, w3, b1, b2, ops, activation)
     ops = _Ops(method, _Blocks(tuple(counts), bucket))
