@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 using namespace moe_scale;
@@ -265,19 +266,15 @@ void router_backward(at::Tensor prob, at::Tensor g_prob, at::Tensor lse, double 
   const float *gp = g_prob.data_ptr<float>(), *ls = lse.data_ptr<float>(), *sh = shift.data_ptr<float>(),
               *sp = sparse.data_ptr<float>();
   const int64_t* ix = idx.data_ptr<int64_t>();
-  if (is_bf16(prob)) {
-    auto* src = data<uint16_t>(prob);
-    auto* out = data<uint16_t>(grad_out);
+  auto run = [&](auto* src, auto* out) {
+    using T = std::remove_pointer_t<decltype(src)>;
     if (from_logits)
-      backward_rows<uint16_t, true>(src, gp, ls, g_z, sh, ix, sp, out, C, E, k);
+      backward_rows<T, true>(src, gp, ls, g_z, sh, ix, sp, out, C, E, k);
     else
-      backward_rows<uint16_t, false>(src, gp, ls, g_z, sh, ix, sp, out, C, E, k);
-  } else {
-    auto* src = data<float>(prob);
-    auto* out = data<float>(grad_out);
-    if (from_logits)
-      backward_rows<float, true>(src, gp, ls, g_z, sh, ix, sp, out, C, E, k);
-    else
-      backward_rows<float, false>(src, gp, ls, g_z, sh, ix, sp, out, C, E, k);
-  }
+      backward_rows<T, false>(src, gp, ls, g_z, sh, ix, sp, out, C, E, k);
+  };
+  if (is_bf16(prob))
+    run(data<uint16_t>(prob), data<uint16_t>(grad_out));
+  else
+    run(data<float>(prob), data<float>(grad_out));
 }
