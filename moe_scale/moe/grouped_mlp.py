@@ -331,9 +331,8 @@ class _MLP(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_Md, w1, w2, w3, b1, b2, ops: _Ops, activation: str):
+    def forward(ctx, x_Md, w1, w2, w3, b1, b2, ops: _Ops, activation: str, kernels):
         ctx.ops, ctx.activation, ctx.has_bias = ops, activation, (b1 is not None, b2 is not None)
-        kernels = _mlp_kernels(x_Md, w1, w2, w3, b1, b2)
         ctx.kernels = kernels
         if kernels is not None:  # the same spans, one group of experts per thread
             y, *saved = kernels.mlp_forward(x_Md, w1, w2, w3, b1, b2, ops.blocks.spans_tensor(),
@@ -367,7 +366,7 @@ class _MLP(torch.autograd.Function):
             g_x, g_w1, g_w2, g_w3, g_b1, g_b2 = ctx.kernels.mlp_backward(
                 g_y, x, w1, w2, w3, saved, *ctx.has_bias, ctx.needs_input_grad[0], ops.blocks.spans_tensor(),
                 ops.blocks.group_ptr, _ACTIVATION_CODES[act])
-            return g_x, g_w1, g_w2, g_w3, g_b1, g_b2, None, None
+            return g_x, g_w1, g_w2, g_w3, g_b1, g_b2, None, None, None
         E, d, h = w1.shape
 
         g_w1, g_w2 = x.new_empty(E, d, h), x.new_empty(E, h, d)
@@ -402,7 +401,7 @@ class _MLP(torch.autograd.Function):
                     g_x_rows.addmm_(g_h3, w3[e].t())
                 if hi > end:
                     g_x[s:end] = g_x_rows[: end - s]
-        return g_x, g_w1, g_w2, g_w3, g_b1, g_b2, None, None
+        return g_x, g_w1, g_w2, g_w3, g_b1, g_b2, None, None, None
 
 
 def grouped_mlp(
@@ -421,10 +420,10 @@ def grouped_mlp(
     bucket = _SHAPE_BUCKET if method == "loop" and bucketed_shapes(x_Md.device, x_Md.dtype) else 0
     if method == "loop" and fused_backward(x_Md.shape[0], len(counts), x_Md.shape[-1]):
         # With the compiled span loop, one group of experts per thread (see _Blocks).
-        nonempty = sum(1 for c in counts if c)
-        groups = _expert_groups(nonempty) if _mlp_kernels(x_Md, w1, w2, w3, b1, b2) is not None else 1
+        kernels = _mlp_kernels(x_Md, w1, w2, w3, b1, b2)
+        groups = _expert_groups(sum(1 for c in counts if c)) if kernels is not None else 1
         ops = _Ops(method, _Blocks(tuple(counts), bucket, groups))
-        return _MLP.apply(x_Md, w1, w2, w3, b1, b2, ops, activation)
+        return _MLP.apply(x_Md, w1, w2, w3, b1, b2, ops, activation, kernels)
     ops = _Ops(method, _Blocks(tuple(counts), bucket))
     a = _Up.apply(x_Md, w1, w3, b1, ops, layout, activation)
     return _Down.apply(a, w2, b2, ops, layout)
