@@ -13,6 +13,9 @@ it once, accumulate in float32 and round once:
                                  grouped_mlp.py
     csrc/mlp_kernels.cpp         the fused expert MLP's span loop, forward and backward, with
                                  one group of experts per thread; see grouped_mlp.py (`_MLP`)
+    csrc/bf16_gemm.cpp           the span loop's bfloat16 GEMMs on CPUs with AVX512-BF16,
+                                 compiled ahead of time (oneDNN's JIT kernels cost memory per
+                                 GEMM shape), ReLU and its backward fused in
 
 At thousands of experts the router passes cost more than the router GEMM itself, and with
 bfloat16 GEMMs a few milliseconds, the gathers and activations are a large part of a step
@@ -26,6 +29,8 @@ the eager ATen path, which computes the same functions.
     MOE_SCALE_CPU_KERNELS=auto    fused on CPU for float32 / bfloat16 (default; eager while
                                   torch.compile traces)
     MOE_SCALE_CPU_KERNELS=eager   never build or use the kernels
+    MOE_SCALE_BF16_GEMM=aten      the span loop's bf16 GEMMs by ATen (oneDNN), not bf16_gemm.cpp
+                                  (default `native` where the CPU has AVX512-BF16)
 """
 
 from __future__ import annotations
@@ -41,10 +46,13 @@ from types import ModuleType
 import torch
 
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = ["module.cpp", "router_kernels.cpp", "dispatch_kernels.cpp", "activation_kernels.cpp", "mlp_kernels.cpp"]
+_SOURCES = ["module.cpp", "router_kernels.cpp", "dispatch_kernels.cpp", "activation_kernels.cpp", "mlp_kernels.cpp",
+            "bf16_gemm.cpp"]
 _DTYPES = (torch.float32, torch.bfloat16)
 _MODES = ("auto", "eager")
 ENV = "MOE_SCALE_CPU_KERNELS"
+GEMM_ENV = "MOE_SCALE_BF16_GEMM"
+_GEMM_MODES = ("native", "aten")
 
 
 def kernel_mode() -> str:
@@ -91,3 +99,12 @@ def kernels_for(*tensors: torch.Tensor, dtypes: tuple[torch.dtype, ...] = _DTYPE
     if torch.compiler.is_compiling():  # an opaque extension call: let torch.compile trace ATen
         return None
     return load_kernels()
+
+
+def native_bf16_gemm(kernels: ModuleType | None, x: torch.Tensor, w1: torch.Tensor) -> bool:
+    """Whether the span loop runs its bf16 GEMMs with csrc/bf16_gemm.cpp (AVX512-BF16, even
+    d and h, not switched off by MOE_SCALE_BF16_GEMM=aten)."""
+    mode = os.environ.get(GEMM_ENV, "native")
+    if mode not in _GEMM_MODES:
+        raise ValueError(f"{GEMM_ENV} must be one of {_GEMM_MODES}, got {mode!r}")
+    return kernels is not None and mode == "native" and kernels.native_bf16_gemm(x, w1)

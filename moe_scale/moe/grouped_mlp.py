@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moe_scale.moe.cpu_kernels import kernels_for
+from moe_scale.moe.cpu_kernels import kernels_for, native_bf16_gemm
 from moe_scale.moe.grouped_gemm import PaddedLayout
 
 
@@ -331,12 +331,12 @@ class _MLP(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_Md, w1, w2, w3, b1, b2, ops: _Ops, activation: str, kernels):
+    def forward(ctx, x_Md, w1, w2, w3, b1, b2, ops: _Ops, activation: str, kernels, native: bool):
         ctx.ops, ctx.activation, ctx.has_bias = ops, activation, (b1 is not None, b2 is not None)
-        ctx.kernels = kernels
+        ctx.kernels, ctx.native = kernels, native
         if kernels is not None:  # the same spans, one group of experts per thread
             y, *saved = kernels.mlp_forward(x_Md, w1, w2, w3, b1, b2, ops.blocks.spans_tensor(),
-                                            ops.blocks.group_ptr, _ACTIVATION_CODES[activation])
+                                            ops.blocks.group_ptr, _ACTIVATION_CODES[activation], native)
             ctx.save_for_backward(x_Md, w1, w2, w3, *saved)
             return y
         # The hidden activations are kept per span, each a fresh `[span, h]` block, not as one
@@ -365,8 +365,8 @@ class _MLP(torch.autograd.Function):
         if ctx.kernels is not None:
             g_x, g_w1, g_w2, g_w3, g_b1, g_b2 = ctx.kernels.mlp_backward(
                 g_y, x, w1, w2, w3, saved, *ctx.has_bias, ctx.needs_input_grad[0], ops.blocks.spans_tensor(),
-                ops.blocks.group_ptr, _ACTIVATION_CODES[act])
-            return g_x, g_w1, g_w2, g_w3, g_b1, g_b2, None, None, None
+                ops.blocks.group_ptr, _ACTIVATION_CODES[act], ctx.native)
+            return g_x, g_w1, g_w2, g_w3, g_b1, g_b2, None, None, None, None
         E, d, h = w1.shape
 
         g_w1, g_w2 = x.new_empty(E, d, h), x.new_empty(E, h, d)
@@ -401,7 +401,7 @@ class _MLP(torch.autograd.Function):
                     g_x_rows.addmm_(g_h3, w3[e].t())
                 if hi > end:
                     g_x[s:end] = g_x_rows[: end - s]
-        return g_x, g_w1, g_w2, g_w3, g_b1, g_b2, None, None, None
+        return g_x, g_w1, g_w2, g_w3, g_b1, g_b2, None, None, None, None
 
 
 def grouped_mlp(
@@ -419,11 +419,13 @@ def grouped_mlp(
     layout = PaddedLayout(counts, x_Md.device) if method == "bmm" else None
     bucket = _SHAPE_BUCKET if method == "loop" and bucketed_shapes(x_Md.device, x_Md.dtype) else 0
     if method == "loop" and fused_backward(x_Md.shape[0], len(counts), x_Md.shape[-1]):
-        # With the compiled span loop, one group of experts per thread (see _Blocks).
+        # With the compiled span loop, one group of experts per thread (see _Blocks). Its own
+        # bf16 GEMM (csrc/bf16_gemm.cpp) compiles nothing per shape: exact spans, no buckets.
         kernels = _mlp_kernels(x_Md, w1, w2, w3, b1, b2)
         groups = _expert_groups(sum(1 for c in counts if c)) if kernels is not None else 1
-        ops = _Ops(method, _Blocks(tuple(counts), bucket, groups))
-        return _MLP.apply(x_Md, w1, w2, w3, b1, b2, ops, activation, kernels)
+        native = native_bf16_gemm(kernels, x_Md, w1)
+        ops = _Ops(method, _Blocks(tuple(counts), 0 if native else bucket, groups))
+        return _MLP.apply(x_Md, w1, w2, w3, b1, b2, ops, activation, kernels, native)
     ops = _Ops(method, _Blocks(tuple(counts), bucket))
     a = _Up.apply(x_Md, w1, w3, b1, ops, layout, activation)
     return _Down.apply(a, w2, b2, ops, layout)

@@ -17,13 +17,18 @@
 #include <ATen/ThreadLocalState.h>
 #include <omp.h>
 
+#include "bf16_gemm.h"
+
 #include <algorithm>
 #include <exception>
+#include <cstdint>
 #include <optional>
 #include <vector>
 
 void relu_(at::Tensor x);
 void relu_backward_(at::Tensor grad, at::Tensor out);
+
+using namespace moe_scale;
 
 namespace {
 
@@ -80,15 +85,83 @@ void for_each_group(const std::vector<int64_t>& group_ptr, const Body& body) {
 
 at::Tensor rows(const at::Tensor& t, int64_t lo, int64_t hi) { return t.slice(0, lo, hi); }
 
-void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) { at::mm_out(out, a, b); }
+const uint16_t* bits(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr()); }
+uint16_t* bits_mut(at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr()); }
 
-// `a @ w (+ bias)` over the span's rows, written into out[lo:hi], or for a span reaching
-// forward (hi > end) into a new block whose own rows go to out[s:end] (see `_span_mm`).
-at::Tensor span_mm(const at::Tensor& a, const at::Tensor& w, const std::optional<at::Tensor>& bias, at::Tensor& out,
-                   const Span& sp) {
-  if (sp.hi > sp.end) return bias ? at::addmm(*bias, a, w) : at::mm(a, w);
-  at::Tensor dst = rows(out, sp.lo, sp.hi);
-  return bias ? at::addmm_out(dst, *bias, a, w) : at::mm_out(dst, a, w);
+// The products of the span loop, by ATen (oneDNN / MKL) or, for bfloat16 with `native`, by
+// the ahead-of-time compiled kernel of bf16_gemm.cpp (no per-shape JIT kernels, ReLU and its
+// backward fused into the GEMM). One instance per thread: it owns the packing buffers.
+// Every operand has unit column stride; `dst` may be a row range of a larger tensor.
+class Products {
+ public:
+  explicit Products(bool native) : native_(native) {}
+
+  // dst = a @ w (+ bias), then ReLU if `relu`; w [k, n]
+  void mm(at::Tensor dst, const at::Tensor& a, const at::Tensor& w, const std::optional<at::Tensor>& bias, bool relu) {
+    if (native_) {
+      pack(w, pairs_w_);
+      bf16::Epilogue ep;
+      ep.bias = bias ? bits(*bias) : nullptr;
+      ep.relu = relu;
+      native(a, pairs_w_, w.size(1), dst, ep);
+      return;
+    }
+    bias ? at::addmm_out(dst, *bias, a, w) : at::mm_out(dst, a, w);
+    if (relu) ::relu_(dst);
+  }
+
+  // dst (+)= g @ w^T, w [n, k]; with `keep`, ReLU's backward: zero where keep <= 0
+  void mm_t(at::Tensor dst, const at::Tensor& g, const at::Tensor& w, const at::Tensor* keep, bool accumulate) {
+    if (native_) {
+      pairs_w_.resize(w.size(1) / 2 * w.size(0));
+      bf16::pack_transposed(bits(w), w.stride(0), w.size(0), w.size(1), pairs_w_.data());
+      bf16::Epilogue ep;
+      ep.keep = keep ? bits(*keep) : nullptr;
+      ep.ld_keep = keep ? keep->stride(0) : 0;
+      ep.accumulate = accumulate;
+      native(g, pairs_w_, w.size(0), dst, ep);
+      return;
+    }
+    accumulate ? dst.addmm_(g, w.t()) : at::mm_out(dst, g, w.t());
+    if (keep) ::relu_backward_(dst, *keep);
+  }
+
+  // dst = u^T @ v, summed over rows
+  void wgrad(at::Tensor dst, const at::Tensor& u, const at::Tensor& v) {
+    if (native_) {
+      pack(u, pairs_u_);
+      pack(v, pairs_v_);
+      const int64_t pairs = (u.size(0) + 1) / 2, m = u.size(1), n = v.size(1);
+      bf16::gemm(pairs_u_.data(), 1, m, pairs_v_.data(), n, m, n, pairs, bits_mut(dst), dst.stride(0), {});
+      return;
+    }
+    at::mm_out(dst, u.t(), v);
+  }
+
+ private:
+  static void pack(const at::Tensor& x, std::vector<uint32_t>& out) {
+    out.resize((x.size(0) + 1) / 2 * x.size(1));
+    bf16::pack_row_pairs(bits(x), x.stride(0), x.size(0), x.size(1), out.data());
+  }
+
+  // dst = a @ B for B given as pairs [k / 2, n]
+  static void native(const at::Tensor& a, const std::vector<uint32_t>& b, int64_t n, at::Tensor& dst,
+                     const bf16::Epilogue& ep) {
+    const auto* a_pairs = reinterpret_cast<const uint32_t*>(a.data_ptr());
+    bf16::gemm(a_pairs, a.stride(0) / 2, 1, b.data(), n, a.size(0), n, a.size(1) / 2, bits_mut(dst), dst.stride(0), ep);
+  }
+
+  bool native_;
+  std::vector<uint32_t> pairs_w_, pairs_u_, pairs_v_;
+};
+
+// `a @ w (+ bias)` (then ReLU) over the span's rows, written into out[lo:hi], or for a span
+// reaching forward (hi > end) into a new block whose own rows go to out[s:end] (see `_span_mm`).
+at::Tensor span_mm(Products& products, const at::Tensor& a, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                   at::Tensor& out, const Span& sp) {
+  at::Tensor dst = sp.hi > sp.end ? at::empty({a.size(0), w.size(1)}, a.options()) : rows(out, sp.lo, sp.hi);
+  products.mm(dst, a, w, bias, false);
+  return dst;
 }
 
 void copy_own_rows(at::Tensor& out, const at::Tensor& block, const Span& sp) {
@@ -101,34 +174,44 @@ std::optional<at::Tensor> at_expert(const std::optional<at::Tensor>& t, int64_t 
 
 }  // namespace
 
+bool native_bf16_gemm(const at::Tensor& x, const at::Tensor& w1);
+
 // y = act(x w1 [+ b1]) w2 [+ b2] over every span -> [y, then (a, t, h3) per span]: a the
 // activation, t what its backward reads when that is not `a` (else undefined), h3 the SwiGLU
-// gate (else undefined). Undefined tensors reach Python as None.
+// gate (else undefined). Undefined tensors reach Python as None. `native`: bfloat16 GEMMs by
+// bf16_gemm.cpp (see `native_bf16_gemm`).
 std::vector<at::Tensor> mlp_forward(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
                                     const std::optional<at::Tensor>& w3, const std::optional<at::Tensor>& b1,
                                     const std::optional<at::Tensor>& b2, const at::Tensor& spans_t,
-                                    const std::vector<int64_t>& group_ptr, int64_t activation) {
+                                    const std::vector<int64_t>& group_ptr, int64_t activation, bool native) {
   TORCH_CHECK(activation >= kReLU && activation <= kSwiGLU, "unknown activation code ", activation);
   TORCH_CHECK((activation == kSwiGLU) == w3.has_value(), "w3 is given exactly for SwiGLU");
+  TORCH_CHECK(!native || native_bf16_gemm(x, w1), "the native GEMM needs bfloat16 with even d and h");
   const auto spans = read_spans(spans_t);
   check_groups(group_ptr, spans.size());
   at::Tensor y = at::empty({x.size(0), w2.size(-1)}, x.options());
   std::vector<at::Tensor> out(1 + 3 * spans.size());
+  const int64_t hidden = w1.size(2);
   for_each_group(group_ptr, [&](int64_t first, int64_t last) {
+    Products products(native);
     for (int64_t i = first; i < last; ++i) {
       const Span& sp = spans[i];
       const at::Tensor x_e = rows(x, sp.lo, sp.hi);
-      at::Tensor h = b1 ? at::addmm((*b1)[sp.e], x_e, w1[sp.e]) : at::mm(x_e, w1[sp.e]);
-      at::Tensor h3 = w3 ? at::mm(x_e, (*w3)[sp.e]) : at::Tensor();
+      at::Tensor h = at::empty({x_e.size(0), hidden}, x.options());
+      products.mm(h, x_e, w1[sp.e], at_expert(b1, sp.e), activation == kReLU);
+      at::Tensor h3;
+      if (w3) {
+        h3 = at::empty_like(h);
+        products.mm(h3, x_e, (*w3)[sp.e], std::nullopt, false);
+      }
       at::Tensor a, t;
       if (activation == kReLU) {
-        ::relu_(h);
         a = h;
       } else {
         a = activation == kGELU ? at::gelu(h) : at::silu(h).mul_(h3);
         t = h;
       }
-      copy_own_rows(y, span_mm(a, w2[sp.e], at_expert(b2, sp.e), y, sp), sp);
+      copy_own_rows(y, span_mm(products, a, w2[sp.e], at_expert(b2, sp.e), y, sp), sp);
       out[1 + 3 * i] = a;
       out[2 + 3 * i] = t;
       out[3 + 3 * i] = h3;
@@ -144,8 +227,9 @@ std::vector<at::Tensor> mlp_backward(const at::Tensor& g_y, const at::Tensor& x,
                                      const at::Tensor& w2, const std::optional<at::Tensor>& w3,
                                      const std::vector<std::optional<at::Tensor>>& saved, bool has_b1, bool has_b2,
                                      bool need_x, const at::Tensor& spans_t, const std::vector<int64_t>& group_ptr,
-                                     int64_t activation) {
+                                     int64_t activation, bool native) {
   TORCH_CHECK(g_y.is_contiguous(), "g_y must be contiguous");
+  TORCH_CHECK(!native || native_bf16_gemm(x, w1), "the native GEMM needs bfloat16 with even d and h");
   const auto spans = read_spans(spans_t);
   check_groups(group_ptr, spans.size());
   TORCH_CHECK(saved.size() == 3 * spans.size(), "saved must hold three entries per span");
@@ -166,6 +250,7 @@ std::vector<at::Tensor> mlp_backward(const at::Tensor& g_y, const at::Tensor& x,
   at::Tensor g_y_rw = g_y;  // zeroed and restored in place, span by span (see `_Ops.own_rows`)
 
   for_each_group(group_ptr, [&](int64_t first, int64_t last) {
+    Products products(native);
     int64_t longest = 0;
     for (int64_t i = first; i < last; ++i) longest = std::max(longest, spans[i].hi - spans[i].lo);
     at::Tensor scratch_h = at::empty({longest, h}, opts);
@@ -187,8 +272,9 @@ std::vector<at::Tensor> mlp_backward(const at::Tensor& g_y, const at::Tensor& x,
       }
       const at::Tensor gy = rows(g_y_rw, sp.lo, sp.hi);
       at::Tensor g_a = scratch_h.slice(0, 0, sp.hi - sp.lo);
-      at::mm_out(g_a, gy, w2[e].t());
-      mm_into(g_w2[e], a.t(), gy);
+      // ReLU's backward (g_a = 0 where a <= 0) comes with the GEMM
+      products.mm_t(g_a, gy, w2[e], activation == kReLU ? &t : nullptr, false);
+      products.wgrad(g_w2[e], a, gy);
       if (has_b2) {
         at::Tensor dst = g_b2[e];
         at::sum_out(dst, gy, 0);
@@ -198,28 +284,70 @@ std::vector<at::Tensor> mlp_backward(const at::Tensor& g_y, const at::Tensor& x,
         rows(g_y_rw, sp.end, sp.hi).copy_(tail);
       }
       at::Tensor g_h3;
-      if (activation == kReLU) {
-        ::relu_backward_(g_a, t);
-      } else if (activation == kGELU) {
+      if (activation == kGELU) {
         at::gelu_backward_out(g_a, g_a, t);
-      } else {
+      } else if (activation == kSwiGLU) {
         g_h3 = g_a * at::silu(t);
         g_a.mul_(*h3);
         at::silu_backward_out(g_a, g_a, t);
       }
       const at::Tensor x_e = rows(x, sp.lo, sp.hi);
-      mm_into(g_w1[e], x_e.t(), g_a);
+      products.wgrad(g_w1[e], x_e, g_a);
       if (has_b1) {
         at::Tensor dst = g_b1[e];
         at::sum_out(dst, g_a, 0);
       }
-      if (g_h3.defined()) mm_into(g_w3[e], x_e.t(), g_h3);
+      if (g_h3.defined()) products.wgrad(g_w3[e], x_e, g_h3);
       if (need_x) {
-        at::Tensor g_x_rows = span_mm(g_a, w1[e].t(), std::nullopt, g_x, sp);
-        if (g_h3.defined()) g_x_rows.addmm_(g_h3, (*w3)[e].t());
+        at::Tensor g_x_rows = sp.hi > sp.end ? at::empty({sp.hi - sp.lo, d}, opts) : rows(g_x, sp.lo, sp.hi);
+        products.mm_t(g_x_rows, g_a, w1[e], nullptr, false);
+        if (g_h3.defined()) products.mm_t(g_x_rows, g_h3, (*w3)[e], nullptr, true);
         copy_own_rows(g_x, g_x_rows, sp);
       }
     }
   });
   return {g_x, g_w1, g_w2, g_w3, g_b1, g_b2};
+}
+
+// Whether the native bf16 GEMM can run this MLP: bfloat16, even d and h, the kernel compiled
+// for this CPU (AVX512-BF16).
+bool native_bf16_gemm(const at::Tensor& x, const at::Tensor& w1) {
+  return bf16::available() && x.scalar_type() == at::kBFloat16 && w1.scalar_type() == at::kBFloat16 &&
+         w1.dim() == 3 && w1.size(1) % 2 == 0 && w1.size(2) % 2 == 0;
+}
+
+// The native products one at a time, for tests and benchmarks/bf16_gemm.py. Operands are
+// bfloat16 with unit column stride; `out` is written in place.
+namespace {
+void check_native(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(bf16::available(), "the native bf16 GEMM is not compiled for this CPU (needs AVX512-BF16)");
+  for (const auto* t : {&a, &b})
+    TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->dim() == 2 && t->stride(1) == 1 && t->stride(0) % 2 == 0,
+                "operands must be 2-D bfloat16 with unit column stride and an even row stride");
+}
+}  // namespace
+
+void bf16_mm(at::Tensor out, const at::Tensor& a, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+             bool relu) {
+  check_native(a, w);
+  TORCH_CHECK(!bias || (bias->scalar_type() == at::kBFloat16 && bias->is_contiguous() && bias->numel() == w.size(1)),
+              "bf16_mm: bias must be a contiguous bfloat16 [n]");
+  TORCH_CHECK(a.size(1) % 2 == 0 && a.size(1) == w.size(0) && out.sizes() == at::IntArrayRef({a.size(0), w.size(1)}),
+              "bf16_mm: out [m, n] = a [m, k] @ w [k, n] with even k");
+  Products(true).mm(out, a, w, bias, relu);
+}
+
+void bf16_mm_t(at::Tensor out, const at::Tensor& g, const at::Tensor& w, const std::optional<at::Tensor>& keep,
+               bool accumulate) {
+  check_native(g, w);
+  TORCH_CHECK(g.size(1) % 2 == 0 && g.size(1) == w.size(1) && out.sizes() == at::IntArrayRef({g.size(0), w.size(0)}),
+              "bf16_mm_t: out [m, n] = g [m, k] @ w [n, k]^T with even k");
+  Products(true).mm_t(out, g, w, keep ? &*keep : nullptr, accumulate);
+}
+
+void bf16_wgrad(at::Tensor out, const at::Tensor& u, const at::Tensor& v) {
+  check_native(u, v);
+  TORCH_CHECK(u.size(0) == v.size(0) && out.sizes() == at::IntArrayRef({u.size(1), v.size(1)}),
+              "bf16_wgrad: out [m, n] = u [r, m]^T @ v [r, n]");
+  Products(true).wgrad(out, u, v);
 }
