@@ -66,17 +66,55 @@ def test_fused_router_matches_eager(dtype, num_experts, k, renormalize, recomput
             torch.testing.assert_close(got.float(), want.float(), **tol)
 
 
+def _router_forward(kernels, logits, k, renormalize=False, keep_prob=True):
+    C = logits.shape[0]
+    prob = torch.empty_like(logits) if keep_prob else None
+    weight, index, lse = torch.empty(C, k), torch.empty(C, k, dtype=torch.long), torch.empty(C)
+    prob_sum = kernels.router_forward(logits, prob, weight, index, lse, k, renormalize)
+    return prob, weight, index, lse, prob_sum
+
+
 @needs_compiler
-def test_fused_top_k_breaks_ties_to_the_lowest_index():
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_fused_top_k_breaks_ties_to_the_lowest_index(k):
+    """k <= 2 with few experts takes the 16-rows-at-once path, k = 3 the row path."""
     kernels = cpu_kernels.load_kernels()
     logits = torch.tensor([[0.0, 2.0, 1.0, 2.0, 2.0, -1.0], [3.0, 3.0, 3.0, 3.0, 3.0, 3.0]])
-    prob = torch.empty_like(logits)
-    top_val, top_idx, lse, prob_sum = kernels.router_forward(logits, prob, 3)
-    assert top_idx.tolist() == [[1, 3, 4], [0, 1, 2]]
-    assert top_val.tolist() == [[2.0, 2.0, 2.0], [3.0, 3.0, 3.0]]
+    prob, weight, index, lse, prob_sum = _router_forward(kernels, logits, k)
+    assert index.tolist() == [[1, 3, 4][:k], [0, 1, 2][:k]]
     torch.testing.assert_close(prob, torch.softmax(logits, -1))
+    torch.testing.assert_close(weight, torch.softmax(logits, -1).gather(1, index))
     torch.testing.assert_close(lse, torch.logsumexp(logits, -1))
     torch.testing.assert_close(prob_sum, torch.softmax(logits, -1).sum(0))
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_experts", [2, 7, 64, 65])
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("renormalize", [False, True])
+@pytest.mark.parametrize("rows", [1, 16, 37])
+def test_fused_router_forward_equals_float64(dtype, num_experts, k, renormalize, rows):
+    """The 16-rows-at-once path (up to 64 experts) and the row path (65) against float64:
+    a partial last block of rows, renormalized and full-softmax weights."""
+    kernels = cpu_kernels.load_kernels()
+    torch.manual_seed(num_experts * rows + k)
+    logits = (3 * torch.randn(rows, num_experts)).to(dtype)
+    prob, weight, index, lse, prob_sum = _router_forward(kernels, logits, k, renormalize)
+    ref = logits.double()
+    p = torch.softmax(ref, -1)
+    # the k largest logits (bf16 logits tie: torch.topk has no tie rule, the kernel takes the
+    # lowest index, so compare the values and check the indices are distinct)
+    assert torch.equal(ref.gather(1, index), torch.topk(ref, k, -1).values)
+    assert k == 1 or bool((index[:, 0] != index[:, 1]).all())
+    top = ref.gather(1, index)
+    want_weight = torch.softmax(top, -1) if renormalize else p.gather(1, index)
+    tol = dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(weight.double(), want_weight, **tol)
+    torch.testing.assert_close(lse.double(), torch.logsumexp(ref, -1), **tol)
+    torch.testing.assert_close(prob_sum.double(), p.sum(0), **tol)
+    prob_tol = tol if dtype == torch.float32 else dict(rtol=2**-8, atol=1e-6)
+    torch.testing.assert_close(prob.double(), p, **prob_tol)
 
 
 def test_eager_mode_does_not_use_the_kernels(monkeypatch):
@@ -302,3 +340,36 @@ def test_layer_with_kernels_matches_the_eager_layer(dtype, dropless, monkeypatch
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
     for got, want in zip(*runs):
         torch.testing.assert_close(got.float(), want.float(), **tol)
+
+
+@needs_compiler
+@pytest.mark.parametrize("capacity", [None, 0, 3, 1000])
+@pytest.mark.parametrize("withdrawn", [False, True])
+def test_compiled_dispatch_plan_equals_the_eager_plan(capacity, withdrawn, monkeypatch):
+    """csrc/dispatch_kernels.cpp's plan_by_position: every field of the plan as the eager sort,
+    ranks and masks give it, with drops and withdrawn assignments (GShard's random 2nd expert)."""
+    from moe_scale.moe.dispatch import plan_dispatch
+    from moe_scale.moe.routing import Routing
+
+    torch.manual_seed(3)
+    S, k, E = 50, 2, 7
+    routing = Routing(
+        token_idx_N=torch.arange(S).repeat(k),
+        expert_idx_N=torch.randint(0, E, (k * S,)),
+        weight_N=torch.rand(k * S),
+        num_tokens=S,
+        num_experts=E,
+        num_slots=k,
+        valid_N=torch.rand(k * S) < 0.7 if withdrawn else None,
+    )
+    plans = {}
+    for mode in ("auto", "eager"):
+        monkeypatch.setenv("MOE_SCALE_CPU_KERNELS", mode)
+        plans[mode] = plan_dispatch(routing, capacity, "position")
+    fused, eager = plans["auto"], plans["eager"]
+    for name in ("token_idx_M", "weight_M", "assignment_M", "counts_E", "routed_E", "num_dropped", "pos_kS",
+                 "weight_kS"):
+        assert torch.equal(getattr(fused, name), getattr(eager, name)), name
+    assert fused.capacity == eager.capacity
+    if capacity == 3:
+        assert int(fused.num_dropped) > 0  # the case exercises drops

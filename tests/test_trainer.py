@@ -48,8 +48,11 @@ def test_gradient_accumulation_matches_the_big_batch(tmp_path):
         ra, rb = a.train_step(), b.train_step()
         assert ra.loss == pytest.approx(rb.loss, rel=1e-5)
     pa, pb = params(a), params(b)
+    # The two sum their gradients in different orders; Adam's normalised step turns that float32
+    # noise into differences of ~1e-6 where an element's gradient is near zero (measured up
+    # to 1.5e-6 on weights of magnitude ~0.08).
     for name in pa:
-        torch.testing.assert_close(pa[name], pb[name], rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(pa[name], pb[name], rtol=1e-4, atol=5e-6, msg=name)
 
 
 class _Poison(nn.Module):

@@ -74,6 +74,9 @@ def plan_dispatch(routing: Routing, capacity: int | None, drop_policy: str = "po
     key_N = routing.expert_idx_N
     if routing.valid_N is not None:
         key_N = key_N.masked_fill(~routing.valid_N, E)
+    kernels = kernels_for(key_N, dtypes=(torch.long,))
+    if kernels is not None and routing.num_slots is not None and (drop_policy == "position" or capacity is None):
+        return _plan_by_position(kernels, routing, key_N, capacity)
     if drop_policy == "probability" and capacity is not None:
         by_weight = torch.argsort(routing.weight_N.detach(), descending=True, stable=True)
         by_key, routed_E = _sort_by_key(key_N.index_select(0, by_weight), E + 1)
@@ -108,6 +111,25 @@ def plan_dispatch(routing: Routing, capacity: int | None, drop_policy: str = "po
         capacity=capacity,
         pos_kS=pos_kS,
         weight_kS=weight_kS,
+    )
+
+
+def _plan_by_position(kernels, routing: Routing, key_N: Tensor, capacity: int | None) -> DispatchPlan:
+    """`plan_dispatch` of a slot-major routing under the position policy, in one compiled call
+    (csrc/dispatch_kernels.cpp): the same plan as the sort, ranks and masks below."""
+    k, S = routing.num_slots, routing.num_tokens
+    order, token_M, kept_E, routed_E, pos_N, dropped = kernels.plan_by_position(
+        key_N.contiguous(), routing.num_experts, -1 if capacity is None else capacity, S)
+    return DispatchPlan(
+        token_idx_M=token_M,
+        weight_M=routing.weight_N.index_select(0, order),
+        assignment_M=order,
+        counts_E=kept_E,
+        routed_E=routed_E,
+        num_dropped=dropped,
+        capacity=capacity,
+        pos_kS=pos_N.view(k, S),
+        weight_kS=routing.weight_N.view(k, S),
     )
 
 

@@ -101,21 +101,26 @@ def router_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _forward_chunk_eager(logits: Tensor, prob_out: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """`router_forward` of csrc/router_kernels.cpp in ATen: top-k, softmax into `prob_out`,
-    log-sum-exp and the probability column sums, accumulated in `router_dtype`."""
+def _forward_chunk_eager(logits: Tensor, prob_out: Tensor | None, weight_out: Tensor, index_out: Tensor,
+                         lse_out: Tensor, k: int, renormalize: bool) -> Tensor:
+    """`router_forward` of csrc/router_kernels.cpp in ATen: top-k and its combine weights,
+    softmax into `prob_out`, log-sum-exp, accumulated in `router_dtype`; returns the
+    probability column sums."""
     acc = router_dtype(logits.dtype)
     block = logits.to(acc)
     top_val, top_idx = _top_k(block, k)
     # One fused softmax pass (ATen's vectorised kernel: max, exp, sum, scale); its output goes
     # straight into the saved probabilities when they are kept in `acc`.
-    prob = prob_out if prob_out.dtype == acc else torch.empty_like(block)
+    prob = prob_out if prob_out is not None and prob_out.dtype == acc else torch.empty_like(block)
     torch._softmax(block, -1, False, out=prob)
     # The row max has probability exp(max - lse) = 1 / sum: lse = max - log(p_max).
     lse = top_val[:, 0] - prob.gather(1, top_idx[:, :1]).squeeze(1).log()
-    if prob_out.dtype != acc:
+    if prob_out is not None and prob_out.dtype != acc:
         prob_out.copy_(prob)
-    return top_val, top_idx, lse, prob.sum(0)
+    weight_out.copy_(torch.softmax(top_val, dim=-1) if renormalize else torch.exp(top_val - lse[:, None]))
+    index_out.copy_(top_idx)
+    lse_out.copy_(lse)
+    return prob.sum(0)
 
 
 def _logit_grad_eager(prob, g_prob_E, g_lse_sq, lse, dense_shift, index, sparse, acc) -> Tensor:
@@ -143,16 +148,14 @@ class _TopKSoftmaxRouter(torch.autograd.Function):
         # Large probability tensors are not kept: backward recomputes them (see `_recompute`).
         recompute = kernels is not None and _recompute(S, E, x_Sd.element_size())
         prob_SE = None if recompute else x_Sd.new_empty(S, E)
-        # One chunk of logits -> (top values, top indices, log-sum-exp, probability column sums),
-        # writing the probabilities: one pass per row in L1 (csrc/router_kernels.cpp), or ATen.
+        # One chunk of logits -> its top-k, combine weights and log-sum-exp (written into the
+        # outputs' rows) and its probability column sums, writing the probabilities: one pass
+        # per row in L1, or per 16 rows with few experts (csrc/router_kernels.cpp), or ATen.
         forward_chunk = kernels.router_forward if kernels is not None else _forward_chunk_eager
         for s, e in _token_chunks(S, E, fused=kernels is not None):
             prob_out = None if recompute else prob_SE[s:e]
-            top_val, top_idx, lse, prob_sum = forward_chunk(x_Sd[s:e] @ w_dE, prob_out, k)
-            prob_sum_E += prob_sum
-            weight_Sk[s:e] = torch.softmax(top_val, dim=-1) if renormalize else torch.exp(top_val - lse[:, None])
-            index_Sk[s:e] = top_idx
-            lse_S[s:e] = lse
+            prob_sum_E += forward_chunk(x_Sd[s:e] @ w_dE, prob_out, weight_Sk[s:e], index_Sk[s:e], lse_S[s:e], k,
+                                        renormalize)
         ctx.save_for_backward(x_Sd, w_dE, prob_SE, lse_S, weight_Sk, index_Sk)
         ctx.renormalize, ctx.kernels = renormalize, kernels
         ctx.mark_non_differentiable(index_Sk)

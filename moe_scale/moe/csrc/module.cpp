@@ -5,13 +5,16 @@
 
 #include <torch/extension.h>
 
-std::vector<torch::Tensor> router_forward(torch::Tensor logits, std::optional<torch::Tensor> prob_out, int64_t k);
+torch::Tensor router_forward(torch::Tensor logits, std::optional<torch::Tensor> prob_out, torch::Tensor weight,
+                             torch::Tensor top_idx, torch::Tensor lse, int64_t k, bool renormalize);
 void router_backward(torch::Tensor prob, torch::Tensor g_prob, torch::Tensor lse, double g_lse_sq, torch::Tensor shift,
                      torch::Tensor idx, torch::Tensor sparse, torch::Tensor grad_out, bool from_logits);
 torch::Tensor gather_sum(torch::Tensor rows, torch::Tensor pos, std::optional<torch::Tensor> weight);
 std::vector<torch::Tensor> unpermute_backward(torch::Tensor rows, torch::Tensor grad, torch::Tensor token,
                                               torch::Tensor assignment, torch::Tensor weight, bool need_rows);
 std::vector<torch::Tensor> sort_by_key(torch::Tensor key, int64_t num_keys);
+std::vector<torch::Tensor> plan_by_position(torch::Tensor key, int64_t num_experts, int64_t capacity,
+                                            int64_t num_tokens);
 void relu_(torch::Tensor x);
 void relu_backward_(torch::Tensor grad, torch::Tensor out);
 std::vector<torch::Tensor> mlp_forward(const torch::Tensor& x, const torch::Tensor& w1, const torch::Tensor& w2,
@@ -36,6 +39,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gather_sum", &gather_sum, "out[s] = sum_j w[j, s] rows[pos[j, s]]");
   m.def("unpermute_backward", &unpermute_backward, "combine backward: row and weight gradients");
   m.def("sort_by_key", &sort_by_key, "stable counting sort of small integer keys -> (order, counts)");
+  m.def("plan_by_position", &plan_by_position, "dispatch plan of a slot-major routing, position drop policy");
   m.def("relu_", &relu_, "in-place ReLU");
   m.def("relu_backward_", &relu_backward_, "in-place ReLU backward");
   // The span loop runs ATen ops on several threads; a Python dispatch mode (propagated to them

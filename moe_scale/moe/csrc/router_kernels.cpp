@@ -5,9 +5,10 @@
 // thousands of experts and d = 64 these cost more than the router GEMM itself. Here each row
 // is read once into a float row buffer that stays in L1, and every statistic comes from it:
 //
-//   forward   top-k (values best first, ties to the lowest index, as torch.max), the row's
-//             log-sum-exp, the probabilities p = softmax(row) written in the output dtype,
-//             and the column sums of p (per-thread partial sums, added at the end)
+//   forward   top-k (best first, ties to the lowest index, as torch.max) and its combine
+//             weights, the row's log-sum-exp, the probabilities p = softmax(row) written in
+//             the output dtype, and the column sums of p (per-thread partial sums, added at
+//             the end); with few experts 16 rows at a time, one per vector lane
 //   backward  grad = p * (g_p + coef) with coef = 2 g_z lse - <p, g_p> - shift, plus the
 //             sparse gradient of the chosen logits, written in the output dtype
 //
@@ -18,6 +19,8 @@
 
 #include "cpu_common.h"
 
+
+#include <algorithm>
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
@@ -129,10 +132,22 @@ inline void scale_accumulate(const float* __restrict x, int64_t n, float inv, fl
   for (int64_t i = 0; i < n; ++i) col_sum[i] += x[i] * inv;
 }
 
+// The combine weights of a row's top-k: the softmax over the k top logits (renormalize), or
+// their full-softmax probabilities exp(top - lse).
+inline void top_weights(const float* top_val, int64_t k, float lse, bool renormalize, float* weight) {
+  if (!renormalize) {
+    for (int64_t j = 0; j < k; ++j) weight[j] = exp_nonpositive(top_val[j] - lse);
+    return;
+  }
+  float sum = 0.f;
+  for (int64_t j = 0; j < k; ++j) sum += (weight[j] = exp_nonpositive(top_val[j] - top_val[0]));
+  for (int64_t j = 0; j < k; ++j) weight[j] /= sum;
+}
+
 template <typename T>
-void forward_row(const T* __restrict logits, T* __restrict prob, int64_t E, int64_t k, float* __restrict row,
-                 float* __restrict top_val, int64_t* __restrict top_idx,
-                 float* __restrict lse, float* __restrict col_sum) {
+void forward_row(const T* __restrict logits, T* __restrict prob, int64_t E, int64_t k, bool renormalize,
+                 float* __restrict row, float* __restrict top_val, float* __restrict weight,
+                 int64_t* __restrict top_idx, float* __restrict lse, float* __restrict col_sum) {
   // top-k: k rounds of (max, first index of it); each chosen entry is set to -FLT_MAX for the
   // later rounds and restored afterwards. The first max comes with the load.
   for (int64_t j = 0; j < k; ++j) {
@@ -148,20 +163,108 @@ void forward_row(const T* __restrict logits, T* __restrict prob, int64_t E, int6
   else
     scale_accumulate(row, E, 1.f / sum, col_sum);
   *lse = top_val[0] + std::log(sum);
+  top_weights(top_val, k, *lse, renormalize, weight);
+}
+
+// Few experts (E <= kBlockMaxExperts, k <= 2): a row's work is a handful of instructions on
+// E values, each dependent on the one before, and row by row the kernel waited on latencies
+// (~90 ns a row at E = 8). Here 16 rows go at once, one per vector lane: the block is
+// transposed into an [E][16] buffer, and every step (max, index, exp, sums) runs across the
+// 16 rows together.
+constexpr int kLanes = 16;
+constexpr int64_t kBlockMaxExperts = 64;
+
+template <typename T>
+void forward_block(const T* __restrict logits, T* __restrict prob, int64_t E, int64_t k, bool renormalize, int rows,
+                   float* __restrict tb, float* __restrict weight, int64_t* __restrict top_idx,
+                   float* __restrict lse, float* __restrict col_acc) {
+  for (int l = 0; l < kLanes; ++l)
+    for (int64_t e = 0; e < E; ++e) tb[e * kLanes + l] = l < rows ? to_float(logits[l * E + e]) : 0.f;
+  float m1[kLanes], m2[kLanes], sum[kLanes], inv[kLanes], w1[kLanes], w2[kLanes];
+  int32_t i1[kLanes], i2[kLanes];
+  for (int l = 0; l < kLanes; ++l) m1[l] = m2[l] = -FLT_MAX, i1[l] = 0, i2[l] = -1, sum[l] = 0.f;
+  for (int64_t e = 0; e < E; ++e) {  // first maximum: the lowest index wins ties, as torch.max
+#pragma omp simd
+    for (int l = 0; l < kLanes; ++l) {
+      const float v = tb[e * kLanes + l];
+      i1[l] = v > m1[l] ? static_cast<int32_t>(e) : i1[l];
+      m1[l] = v > m1[l] ? v : m1[l];
+    }
+  }
+  if (k == 2) {
+    for (int64_t e = 0; e < E; ++e) {
+#pragma omp simd
+      for (int l = 0; l < kLanes; ++l) {
+        const float v = i1[l] == e ? -FLT_MAX : tb[e * kLanes + l];
+        i2[l] = v > m2[l] ? static_cast<int32_t>(e) : i2[l];
+        m2[l] = v > m2[l] ? v : m2[l];
+      }
+    }
+  }
+  for (int64_t e = 0; e < E; ++e) {
+#pragma omp simd
+    for (int l = 0; l < kLanes; ++l) {
+      const float p = exp_nonpositive(tb[e * kLanes + l] - m1[l]);
+      tb[e * kLanes + l] = p;
+      sum[l] += p;
+    }
+  }
+#pragma omp simd
+  for (int l = 0; l < kLanes; ++l) {
+    inv[l] = l < rows ? 1.f / sum[l] : 0.f;  // padding lanes add nothing to the column sums
+    const float e2 = exp_nonpositive(m2[l] - m1[l]);
+    w1[l] = renormalize ? (k == 2 ? 1.f / (1.f + e2) : 1.f) : inv[l];
+    w2[l] = renormalize ? e2 / (1.f + e2) : e2 * inv[l];
+  }
+  for (int64_t e = 0; e < E; ++e) {
+#pragma omp simd
+    for (int l = 0; l < kLanes; ++l) {
+      const float p = tb[e * kLanes + l] * inv[l];
+      tb[e * kLanes + l] = p;
+      col_acc[e * kLanes + l] += p;
+    }
+  }
+  for (int l = 0; l < rows; ++l) {
+    if (prob)
+      for (int64_t e = 0; e < E; ++e) store<T>(prob, l * E + e, tb[e * kLanes + l]);
+    lse[l] = m1[l] + std::log(sum[l]);
+    weight[l * k] = w1[l];
+    top_idx[l * k] = i1[l];
+    if (k == 2) {
+      weight[l * k + 1] = w2[l];
+      top_idx[l * k + 1] = i2[l] >= 0 ? i2[l] : (i1[l] == 0 ? 1 : 0);  // every other logit was -inf / NaN
+    }
+  }
 }
 
 template <typename T>
-void forward_rows(const T* logits, T* prob, int64_t C, int64_t E, int64_t k, float* top_val,
+void forward_rows(const T* logits, T* prob, int64_t C, int64_t E, int64_t k, bool renormalize, float* weight,
                   int64_t* top_idx, float* lse, float* prob_sum_partial) {
+  // The column sums accumulate in the thread's own buffer, written out once: with few experts
+  // the threads' rows of `prob_sum_partial` share a cache line, and updating them row by row
+  // made every row a cache-line transfer between cores (the kernel took 315 us instead of
+  // ~40 us for 4096 x 8 logits).
+  if (E <= kBlockMaxExperts && k <= 2) {
+    const int64_t blocks = (C + kLanes - 1) / kLanes;
+    at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
+      std::vector<float> tb(E * kLanes), col_acc(E * kLanes, 0.f);
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t r = b * kLanes;
+        const int rows = static_cast<int>(std::min<int64_t>(kLanes, C - r));
+        forward_block<T>(logits + r * E, prob ? prob + r * E : nullptr, E, k, renormalize, rows, tb.data(),
+                         weight + r * k, top_idx + r * k, lse + r, col_acc.data());
+      }
+      float* partial = prob_sum_partial + at::get_thread_num() * E;
+      for (int64_t e = 0; e < E; ++e)
+        for (int l = 0; l < kLanes; ++l) partial[e] += col_acc[e * kLanes + l];
+    });
+    return;
+  }
   at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
-    // The column sums accumulate in the thread's own buffer, written out once: with few
-    // experts the threads' rows of `prob_sum_partial` share a cache line, and updating them
-    // row by row made every row a cache-line transfer between cores (the kernel took 315 us
-    // instead of ~40 us for 4096 x 8 logits).
-    std::vector<float> row(E), col_sum(E, 0.f);
+    std::vector<float> row(E), col_sum(E, 0.f), top_val(k);
     for (int64_t r = begin; r < end; ++r)
-      forward_row<T>(logits + r * E, prob ? prob + r * E : nullptr, E, k, row.data(), top_val + r * k,
-                     top_idx + r * k, lse + r, col_sum.data());
+      forward_row<T>(logits + r * E, prob ? prob + r * E : nullptr, E, k, renormalize, row.data(), top_val.data(),
+                     weight + r * k, top_idx + r * k, lse + r, col_sum.data());
     float* partial = prob_sum_partial + at::get_thread_num() * E;
     for (int64_t e = 0; e < E; ++e) partial[e] += col_sum[e];
   });
@@ -174,20 +277,13 @@ inline float dot(const float* __restrict a, const float* __restrict b, int64_t n
   return acc;
 }
 
-template <typename T>
-inline void scaled_sum_store(const float* __restrict p, const float* __restrict g_prob, float coef, int64_t n,
-                             T* __restrict out) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) store<T>(out, i, p[i] * (g_prob[i] + coef));
-}
-
-// One row's logit gradient. `src` holds the probabilities, or with FromLogits the logits, from
-// which p = exp(logit - lse) is recomputed in the row buffer (`grad` may then be `src`: the row
-// is read whole before any of it is written).
+// One row's logit gradient in float32 (`row` holds p on return, `g` the gradient). `src` holds
+// the probabilities, or with FromLogits the logits, from which p = exp(logit - lse) is
+// recomputed in the row buffer.
 template <typename T, bool FromLogits>
-void backward_row(const T* src, const float* __restrict g_prob, float lse, float g_lse_sq, float shift,
-                  const int64_t* __restrict idx, const float* __restrict sparse, T* grad, int64_t E, int64_t k,
-                  float* __restrict row) {
+void logit_grad_row(const T* src, const float* __restrict g_prob, float lse, float g_lse_sq, float shift,
+                    const int64_t* __restrict idx, const float* __restrict sparse, int64_t E, int64_t k,
+                    float* __restrict row, float* __restrict g) {
   float p_dot_g;
   if constexpr (FromLogits) {
     p_dot_g = load_exp_dot<T>(src, row, E, lse, g_prob);
@@ -196,19 +292,29 @@ void backward_row(const T* src, const float* __restrict g_prob, float lse, float
     p_dot_g = dot(row, g_prob, E);
   }
   const float coef = 2.f * g_lse_sq * lse - p_dot_g - shift;
-  scaled_sum_store<T>(row, g_prob, coef, E, grad);
-  for (int64_t j = 0; j < k; ++j)  // the chosen logits also get their sparse term
-    store<T>(grad, idx[j], row[idx[j]] * (g_prob[idx[j]] + coef) + sparse[j]);
+#pragma omp simd
+  for (int64_t e = 0; e < E; ++e) g[e] = row[e] * (g_prob[e] + coef);
+  for (int64_t j = 0; j < k; ++j) g[idx[j]] += sparse[j];
+}
+
+template <typename T, bool FromLogits>
+void backward_row(const T* src, const float* __restrict g_prob, float lse, float g_lse_sq, float shift,
+                  const int64_t* __restrict idx, const float* __restrict sparse, T* grad, int64_t E, int64_t k,
+                  float* __restrict row, float* __restrict g) {
+  logit_grad_row<T, FromLogits>(src, g_prob, lse, g_lse_sq, shift, idx, sparse, E, k, row, g);
+  // `grad` may be `src` (the recomputed logits): the row was read whole above
+#pragma omp simd
+  for (int64_t e = 0; e < E; ++e) store<T>(grad, e, g[e]);
 }
 
 template <typename T, bool FromLogits>
 void backward_rows(const T* src, const float* g_prob, const float* lse, float g_lse_sq, const float* shift,
                    const int64_t* idx, const float* sparse, T* grad, int64_t C, int64_t E, int64_t k) {
   at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> row(E);
+    std::vector<float> row(E), g(E);
     for (int64_t r = begin; r < end; ++r)
       backward_row<T, FromLogits>(src + r * E, g_prob, lse[r], g_lse_sq, shift[r], idx + r * k, sparse + r * k,
-                                  grad + r * E, E, k, row.data());
+                                  grad + r * E, E, k, row.data(), g.data());
   });
 }
 
@@ -224,9 +330,11 @@ void check_statistics(const at::Tensor& g_prob, const at::Tensor& lse, const at:
 }  // namespace
 
 // logits, prob_out: [C, E] of one dtype (float32 / bfloat16); writes prob_out unless it is None
-// (the backward then recomputes the probabilities from the logits).
-// Returns top_val [C, k] f32, top_idx [C, k] i64, lse [C] f32, prob_sum [E] f32.
-std::vector<at::Tensor> router_forward(at::Tensor logits, std::optional<at::Tensor> prob_out, int64_t k) {
+// (the backward then recomputes the probabilities from the logits), and into weight [C, k] f32
+// (see `top_weights`), top_idx [C, k] i64 (best first, ties to the lowest index) and lse [C]
+// f32. Returns the probability column sums [E] f32.
+at::Tensor router_forward(at::Tensor logits, std::optional<at::Tensor> prob_out, at::Tensor weight, at::Tensor top_idx,
+                          at::Tensor lse, int64_t k, bool renormalize) {
   check_rows(logits, "logits");
   if (prob_out.has_value()) {
     check_rows(*prob_out, "prob_out");
@@ -235,20 +343,23 @@ std::vector<at::Tensor> router_forward(at::Tensor logits, std::optional<at::Tens
   }
   const int64_t C = logits.size(0), E = logits.size(1);
   TORCH_CHECK(k >= 1 && k <= E, "k must lie in [1, E]");
-  auto f32 = logits.options().dtype(at::kFloat);
-  auto top_val = at::empty({C, k}, f32);
-  auto top_idx = at::empty({C, k}, logits.options().dtype(at::kLong));
-  auto lse = at::empty({C}, f32);
-  auto partial = at::zeros({at::get_num_threads(), E}, f32);
+  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.is_contiguous() && weight.sizes() == at::IntArrayRef({C, k}),
+              "weight must be a contiguous float32 [C, k]");
+  TORCH_CHECK(top_idx.scalar_type() == at::kLong && top_idx.is_contiguous() && top_idx.sizes() == at::IntArrayRef({C, k}),
+              "top_idx must be a contiguous int64 [C, k]");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.numel() == C,
+              "lse must be a contiguous float32 [C]");
+  auto partial = at::zeros({at::get_num_threads(), E}, logits.options().dtype(at::kFloat));
+  auto run = [&](auto* src, auto* prob) {
+    using T = std::remove_pointer_t<decltype(src)>;
+    forward_rows<T>(src, prob, C, E, k, renormalize, weight.data_ptr<float>(), top_idx.data_ptr<int64_t>(),
+                    lse.data_ptr<float>(), partial.data_ptr<float>());
+  };
   if (is_bf16(logits))
-    forward_rows<uint16_t>(data<uint16_t>(logits), prob_out ? data<uint16_t>(*prob_out) : nullptr, C, E, k,
-                           top_val.data_ptr<float>(), top_idx.data_ptr<int64_t>(), lse.data_ptr<float>(),
-                           partial.data_ptr<float>());
+    run(data<uint16_t>(logits), prob_out ? data<uint16_t>(*prob_out) : nullptr);
   else
-    forward_rows<float>(data<float>(logits), prob_out ? data<float>(*prob_out) : nullptr, C, E, k,
-                        top_val.data_ptr<float>(), top_idx.data_ptr<int64_t>(), lse.data_ptr<float>(),
-                        partial.data_ptr<float>());
-  return {top_val, top_idx, lse, partial.sum(0)};
+    run(data<float>(logits), prob_out ? data<float>(*prob_out) : nullptr);
+  return partial.sum(0);
 }
 
 // prob, grad_out: [C, E] of one dtype; g_prob [E], lse [C], shift [C], sparse [C, k] f32;
@@ -278,3 +389,4 @@ void router_backward(at::Tensor prob, at::Tensor g_prob, at::Tensor lse, double 
   else
     run(data<float>(prob), data<float>(grad_out));
 }
+
