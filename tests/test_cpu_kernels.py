@@ -66,6 +66,29 @@ def test_fused_router_matches_eager(dtype, num_experts, k, renormalize, recomput
             torch.testing.assert_close(got.float(), want.float(), **tol)
 
 
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("recompute", [False, True], ids=["saved-probs", "recomputed-probs"])
+def test_fused_router_in_chunks_equals_one_chunk(dtype, recompute, monkeypatch):
+    """The fused path over several token chunks (ragged last one): the same outputs and
+    gradients as in one chunk, the weight gradient accumulated across chunks in float32."""
+    monkeypatch.setattr(topk_softmax, "_RECOMPUTE_MIN_BYTES", 0 if recompute else 1 << 60)
+    torch.manual_seed(5)
+    x = torch.randn(300, 32, dtype=dtype)
+    w = torch.randn(32, 16, dtype=dtype)
+    whole = _route(x, w, 2, True, "auto", monkeypatch)
+    monkeypatch.setattr(topk_softmax, "_FUSED_CHUNK_ELEMENTS", 64 * 16)  # 64 tokens a chunk: 5 chunks
+    chunked = _route(x, w, 2, True, "auto", monkeypatch)
+    # bf16: each chunk's weight-gradient part is rounded before the sum (where parts cancel,
+    # single elements move by more than bf16's spacing): compared as a whole, by norm
+    bound = 1e-5 if dtype == torch.float32 else 1e-2
+    for got, want in zip(chunked, whole):
+        if got.dtype == torch.long:
+            assert torch.equal(got, want)
+        else:
+            assert (got.double() - want.double()).norm() <= bound * want.double().norm()
+
+
 def _router_forward(kernels, logits, k, renormalize=False, keep_prob=True):
     C = logits.shape[0]
     prob = torch.empty_like(logits) if keep_prob else None

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from functools import cached_property, partial
 
 import torch
 from torch import Tensor, nn
@@ -11,13 +13,14 @@ from moe_scale.distributed.comm import LocalComm
 from moe_scale.moe.config import MoEConfig
 from moe_scale.moe.dispatch import permute, plan_dispatch, served_tokens, unpermute
 from moe_scale.moe.experts import GroupedExperts
-from moe_scale.moe.losses import _NEEDS, aux_losses, check_supported, weighted_total
+from moe_scale.moe.losses import _NEEDS, aux_losses, check_supported, weighted_names, weighted_total
 from moe_scale.moe.routing import (
     ExpertChoiceRouter,
     HashRouter,
     HierarchicalRouter,
     MinLossRouter,
     NoisyTopKRouter,
+    RouterStats,
     TopKSoftmaxRouter,
     capacity_for,
 )
@@ -47,17 +50,35 @@ class MoEStats:
     capacity              per-expert capacity used, None when dropless
     aux_losses            every balancing loss the router supports, unweighted
     aux_loss              weighted sum: add it to the training loss
+
+    `num_unrouted`, `num_assignments` and the unweighted losses are computed on first read
+    (the weighted ones are part of `aux_loss` already): a step that does not read them does
+    not pay for their small ops.
     """
 
     tokens_per_expert_E: Tensor
     routed_per_expert_E: Tensor
     num_dropped: Tensor
-    num_unrouted: Tensor
-    num_assignments: Tensor
     num_tokens: int
     capacity: int | None
-    aux_losses: dict[str, Tensor]
     aux_loss: Tensor
+    _router_stats: RouterStats = field(repr=False)
+    _weighted_losses: dict[str, Tensor] = field(repr=False)
+    _num_experts: int = field(repr=False)
+    _served: Callable[[], Tensor] = field(repr=False)
+
+    @cached_property
+    def aux_losses(self) -> dict[str, Tensor]:
+        missing = aux_losses(self._router_stats, self._num_experts)
+        return {name: self._weighted_losses.get(name, value) for name, value in missing.items()}
+
+    @cached_property
+    def num_unrouted(self) -> Tensor:
+        return self.num_tokens - self._served()
+
+    @cached_property
+    def num_assignments(self) -> Tensor:
+        return self.routed_per_expert_E.sum()
 
     @property
     def dropped_fraction(self) -> Tensor:
@@ -137,16 +158,17 @@ class MoELayer(nn.Module):
         y_Md = self.comm.combine(y_local, handle)
         y_Sd = unpermute(y_Md, plan, S)
 
-        losses = aux_losses(routing.stats, self.cfg.num_experts)
+        weighted = aux_losses(routing.stats, self.cfg.num_experts, only=weighted_names(self.cfg.aux_loss))
         stats = MoEStats(
             tokens_per_expert_E=plan.counts_E,
             routed_per_expert_E=plan.routed_E,
             num_dropped=plan.num_dropped,
-            num_unrouted=S - served_tokens(plan, S),
-            num_assignments=plan.routed_E.sum(),
             num_tokens=S,
             capacity=None if uncapped else capacity,
-            aux_losses=losses,
-            aux_loss=weighted_total(losses, self.cfg.aux_loss, y_Sd),
+            aux_loss=weighted_total(weighted, self.cfg.aux_loss, y_Sd),
+            _router_stats=routing.stats,
+            _weighted_losses=weighted,
+            _num_experts=self.cfg.num_experts,
+            _served=partial(served_tokens, plan, S),
         )
         return y_Sd.reshape(x.shape), stats

@@ -52,24 +52,35 @@ def check_supported(weights: AuxLossWeights, available: set[str], router_name: s
             )
 
 
-def aux_losses(stats: RouterStats, num_experts: int) -> dict[str, Tensor]:
-    """Every loss the router's stats allow, unweighted."""
+def aux_losses(stats: RouterStats, num_experts: int, only: set[str] | None = None) -> dict[str, Tensor]:
+    """Every loss the router's stats allow (or those of them named in `only`), unweighted."""
     out: dict[str, Tensor] = {}
-    if stats.importance_E is not None:
+
+    def wanted(name: str, field: str) -> bool:
+        return (only is None or name in only) and getattr(stats, field) is not None
+
+    if wanted("importance", "importance_E"):
         out["importance"] = cv_squared(stats.importance_E)
-    if stats.load_E is not None:
+    if wanted("load", "load_E"):
         out["load"] = cv_squared(stats.load_E)
-    if stats.prob_mean_E is not None and stats.top1_frac_E is not None:
+    if wanted("switch", "prob_mean_E") and stats.top1_frac_E is not None:
         out["switch"] = num_experts * torch.sum(stats.top1_frac_E * stats.prob_mean_E)
-    if stats.z_loss is not None:
+    if wanted("z", "z_loss"):
         out["z"] = stats.z_loss
     return out
 
 
+def weighted_names(weights: AuxLossWeights) -> set[str]:
+    """The losses with a positive weight."""
+    return {f.name for f in fields(weights) if getattr(weights, f.name) > 0}
+
+
 def weighted_total(losses: dict[str, Tensor], weights: AuxLossWeights, like: Tensor) -> Tensor:
-    total = like.new_zeros((), dtype=torch.float32)
+    """sum of weight * loss over the weighted losses, float32 (zero, on `like`'s device, if none)."""
+    total = None
     for name, value in losses.items():
         w = getattr(weights, name)
         if w:
-            total = total + w * value
-    return total
+            term = (w * value).float()
+            total = term if total is None else total + term
+    return like.new_zeros((), dtype=torch.float32) if total is None else total

@@ -18,7 +18,8 @@ Policies:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -37,13 +38,28 @@ class RouterStats:
     prob_mean_E    mean over tokens of the full softmax router probability (differentiable)
     top1_frac_E    fraction of tokens whose first choice is each expert (constant)
     z_loss         mean over tokens of logsumexp(logits)^2 (differentiable)
+
+    A router may give a field as a function of no arguments: it runs on the first read of the
+    field, whose value then replaces it. Statistics that only a loss of weight zero or the
+    logging would read then cost nothing in a step that does not read them (each small op
+    costs ~10 us in a step on CPU, where the expert GEMMs have left the caches cold).
     """
 
-    importance_E: Tensor | None = None
-    load_E: Tensor | None = None
-    prob_mean_E: Tensor | None = None
-    top1_frac_E: Tensor | None = None
-    z_loss: Tensor | None = None
+    importance_E: Tensor | Callable[[], Tensor] | None = None
+    load_E: Tensor | Callable[[], Tensor] | None = None
+    prob_mean_E: Tensor | Callable[[], Tensor] | None = None
+    top1_frac_E: Tensor | Callable[[], Tensor] | None = None
+    z_loss: Tensor | Callable[[], Tensor] | None = None
+
+    def __getattribute__(self, name: str):
+        value = object.__getattribute__(self, name)
+        if callable(value) and name in _STAT_FIELDS:
+            value = value()
+            object.__setattr__(self, name, value)
+        return value
+
+
+_STAT_FIELDS = frozenset(f.name for f in fields(RouterStats))
 
 
 @dataclass
@@ -202,12 +218,12 @@ class TopKSoftmaxRouter(nn.Module):
         weight_Sk, index_Sk, prob_sum_E, lse_sq_sum = topk_softmax_router(
             x_Sd, self.w_gate.to(x_Sd.dtype), self.k, self.renormalize
         )
-        S = x_Sd.shape[0]
-        stats = RouterStats(
-            importance_E=_importance(index_Sk, weight_Sk, self.num_experts),
-            prob_mean_E=prob_sum_E / max(S, 1),
-            top1_frac_E=_top1_fraction(index_Sk, self.num_experts),
-            z_loss=lse_sq_sum / max(S, 1),
+        S, E = x_Sd.shape[0], self.num_experts
+        stats = RouterStats(  # computed where a weighted loss or the caller reads them
+            importance_E=lambda: _importance(index_Sk, weight_Sk, E),
+            prob_mean_E=lambda: prob_sum_E / max(S, 1),
+            top1_frac_E=lambda: _top1_fraction(index_Sk, E),
+            z_loss=lambda: lse_sq_sum / max(S, 1),
         )
         routing = _flatten_choices(index_Sk, weight_Sk, self.num_experts, stats)
         if self.training and self.random_second:

@@ -7,8 +7,9 @@
 
 torch::Tensor router_forward(torch::Tensor logits, std::optional<torch::Tensor> prob_out, torch::Tensor weight,
                              torch::Tensor top_idx, torch::Tensor lse, int64_t k, bool renormalize);
-void router_backward(torch::Tensor prob, torch::Tensor g_prob, torch::Tensor lse, double g_lse_sq, torch::Tensor shift,
-                     torch::Tensor idx, torch::Tensor sparse, torch::Tensor grad_out, bool from_logits);
+void router_backward(torch::Tensor prob, torch::Tensor g_prob, torch::Tensor lse, double g_lse_sq, torch::Tensor idx,
+                     torch::Tensor weight, std::optional<torch::Tensor> g_weight, bool renormalize,
+                     torch::Tensor grad_out, bool from_logits);
 torch::Tensor gather_sum(torch::Tensor rows, torch::Tensor pos, std::optional<torch::Tensor> weight);
 std::vector<torch::Tensor> unpermute_backward(torch::Tensor rows, torch::Tensor grad, torch::Tensor token,
                                               torch::Tensor assignment, torch::Tensor weight, bool need_rows);

@@ -10,7 +10,8 @@
 //             the output dtype, and the column sums of p (per-thread partial sums, added at
 //             the end); with few experts 16 rows at a time, one per vector lane
 //   backward  grad = p * (g_p + coef) with coef = 2 g_z lse - <p, g_p> - shift, plus the
-//             sparse gradient of the chosen logits, written in the output dtype
+//             sparse gradient of the chosen logits (both from the combine weights and their
+//             gradients), written in the output dtype
 //
 // Accumulation is in float32 (float64 tensors use the eager path). Masks use -FLT_MAX, never
 // -inf, so -ffast-math (which lets gcc call glibc's vector expf) cannot change the results.
@@ -279,11 +280,18 @@ inline float dot(const float* __restrict a, const float* __restrict b, int64_t n
 
 // One row's logit gradient in float32 (`row` holds p on return, `g` the gradient). `src` holds
 // the probabilities, or with FromLogits the logits, from which p = exp(logit - lse) is
-// recomputed in the row buffer.
+// recomputed in the row buffer. `weight` / `g_weight` are the row's k combine weights and
+// their gradients (g_weight may be null: zero): with `renormalize` (w = softmax of the top-k
+// logits) chosen logit j gets w_j (g_j - sum_i w_i g_i); otherwise (w_j = p[idx_j]) it gets
+// w_j g_j and every logit -p sum_i w_i g_i.
 template <typename T, bool FromLogits>
-void logit_grad_row(const T* src, const float* __restrict g_prob, float lse, float g_lse_sq, float shift,
-                    const int64_t* __restrict idx, const float* __restrict sparse, int64_t E, int64_t k,
-                    float* __restrict row, float* __restrict g) {
+void logit_grad_row(const T* src, const float* __restrict g_prob, float lse, float g_lse_sq,
+                    const int64_t* __restrict idx, const float* __restrict weight, const float* __restrict g_weight,
+                    bool renormalize, int64_t E, int64_t k, float* __restrict row, float* __restrict g) {
+  float wg_sum = 0.f;
+  if (g_weight)
+    for (int64_t j = 0; j < k; ++j) wg_sum += weight[j] * g_weight[j];
+  const float shift = renormalize ? 0.f : wg_sum;
   float p_dot_g;
   if constexpr (FromLogits) {
     p_dot_g = load_exp_dot<T>(src, row, E, lse, g_prob);
@@ -294,37 +302,45 @@ void logit_grad_row(const T* src, const float* __restrict g_prob, float lse, flo
   const float coef = 2.f * g_lse_sq * lse - p_dot_g - shift;
 #pragma omp simd
   for (int64_t e = 0; e < E; ++e) g[e] = row[e] * (g_prob[e] + coef);
-  for (int64_t j = 0; j < k; ++j) g[idx[j]] += sparse[j];
+  if (g_weight)
+    for (int64_t j = 0; j < k; ++j)
+      g[idx[j]] += weight[j] * (renormalize ? g_weight[j] - wg_sum : g_weight[j]);
 }
 
 template <typename T, bool FromLogits>
-void backward_row(const T* src, const float* __restrict g_prob, float lse, float g_lse_sq, float shift,
-                  const int64_t* __restrict idx, const float* __restrict sparse, T* grad, int64_t E, int64_t k,
-                  float* __restrict row, float* __restrict g) {
-  logit_grad_row<T, FromLogits>(src, g_prob, lse, g_lse_sq, shift, idx, sparse, E, k, row, g);
+void backward_row(const T* src, const float* __restrict g_prob, float lse, float g_lse_sq,
+                  const int64_t* __restrict idx, const float* __restrict weight, const float* __restrict g_weight,
+                  bool renormalize, T* grad, int64_t E, int64_t k, float* __restrict row, float* __restrict g) {
+  logit_grad_row<T, FromLogits>(src, g_prob, lse, g_lse_sq, idx, weight, g_weight, renormalize, E, k, row, g);
   // `grad` may be `src` (the recomputed logits): the row was read whole above
 #pragma omp simd
   for (int64_t e = 0; e < E; ++e) store<T>(grad, e, g[e]);
 }
 
 template <typename T, bool FromLogits>
-void backward_rows(const T* src, const float* g_prob, const float* lse, float g_lse_sq, const float* shift,
-                   const int64_t* idx, const float* sparse, T* grad, int64_t C, int64_t E, int64_t k) {
+void backward_rows(const T* src, const float* g_prob, const float* lse, float g_lse_sq, const int64_t* idx,
+                   const float* weight, const float* g_weight, bool renormalize, T* grad, int64_t C, int64_t E,
+                   int64_t k) {
   at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> row(E), g(E);
     for (int64_t r = begin; r < end; ++r)
-      backward_row<T, FromLogits>(src + r * E, g_prob, lse[r], g_lse_sq, shift[r], idx + r * k, sparse + r * k,
-                                  grad + r * E, E, k, row.data(), g.data());
+      backward_row<T, FromLogits>(src + r * E, g_prob, lse[r], g_lse_sq, idx + r * k, weight + r * k,
+                                  g_weight ? g_weight + r * k : nullptr, renormalize, grad + r * E, E, k, row.data(),
+                                  g.data());
   });
 }
 
-void check_statistics(const at::Tensor& g_prob, const at::Tensor& lse, const at::Tensor& shift,
-                      const at::Tensor& idx, const at::Tensor& sparse, int64_t C, int64_t E) {
-  for (const auto& t : {g_prob, lse, shift, sparse})
-    TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous(), "router statistics must be contiguous float32");
-  TORCH_CHECK(idx.scalar_type() == at::kLong && idx.is_contiguous() && idx.size(0) == C, "idx must be [C, k] int64");
-  TORCH_CHECK(g_prob.numel() == E && lse.numel() == C && shift.numel() == C && sparse.sizes() == idx.sizes(),
+void check_statistics(const at::Tensor& g_prob, const at::Tensor& lse, const at::Tensor& idx, const at::Tensor& weight,
+                      const std::optional<at::Tensor>& g_weight, int64_t C, int64_t E) {
+  for (const auto* t : {&g_prob, &lse, &weight})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous(), "router statistics must be contiguous float32");
+  TORCH_CHECK(idx.scalar_type() == at::kLong && idx.is_contiguous() && idx.dim() == 2 && idx.size(0) == C,
+              "idx must be [C, k] int64");
+  TORCH_CHECK(g_prob.numel() == E && lse.numel() == C && weight.sizes() == idx.sizes(),
               "router statistics have the wrong shapes");
+  if (g_weight)
+    TORCH_CHECK(g_weight->scalar_type() == at::kFloat && g_weight->is_contiguous() && g_weight->sizes() == idx.sizes(),
+                "g_weight must be a contiguous float32 [C, k]");
 }
 
 }  // namespace
@@ -362,31 +378,32 @@ at::Tensor router_forward(at::Tensor logits, std::optional<at::Tensor> prob_out,
   return partial.sum(0);
 }
 
-// prob, grad_out: [C, E] of one dtype; g_prob [E], lse [C], shift [C], sparse [C, k] f32;
-// idx [C, k] i64. Writes grad_out. With from_logits, `prob` holds the logits instead and the
-// probabilities are recomputed as exp(logit - lse); grad_out may then be the logits tensor.
-void router_backward(at::Tensor prob, at::Tensor g_prob, at::Tensor lse, double g_lse_sq, at::Tensor shift,
-                     at::Tensor idx, at::Tensor sparse, at::Tensor grad_out, bool from_logits) {
+// prob, grad_out: [C, E] of one dtype; g_prob [E], lse [C] f32; idx [C, k] i64 with its
+// combine weights weight [C, k] f32 and their gradients g_weight (None: zero). Writes
+// grad_out. With from_logits, `prob` holds the logits instead and the probabilities are
+// recomputed as exp(logit - lse); grad_out may then be the logits tensor.
+void router_backward(at::Tensor prob, at::Tensor g_prob, at::Tensor lse, double g_lse_sq, at::Tensor idx,
+                     at::Tensor weight, std::optional<at::Tensor> g_weight, bool renormalize, at::Tensor grad_out,
+                     bool from_logits) {
   check_rows(prob, "prob");
   check_rows(grad_out, "grad_out");
   const int64_t C = prob.size(0), E = prob.size(1), k = idx.size(1);
   TORCH_CHECK(grad_out.sizes() == prob.sizes() && grad_out.scalar_type() == prob.scalar_type(),
               "grad_out must match prob in shape and dtype");
-  check_statistics(g_prob, lse, shift, idx, sparse, C, E);
+  check_statistics(g_prob, lse, idx, weight, g_weight, C, E);
   const float g_z = static_cast<float>(g_lse_sq);
-  const float *gp = g_prob.data_ptr<float>(), *ls = lse.data_ptr<float>(), *sh = shift.data_ptr<float>(),
-              *sp = sparse.data_ptr<float>();
+  const float *gp = g_prob.data_ptr<float>(), *ls = lse.data_ptr<float>(), *w = weight.data_ptr<float>(),
+              *gw = g_weight ? g_weight->data_ptr<float>() : nullptr;
   const int64_t* ix = idx.data_ptr<int64_t>();
   auto run = [&](auto* src, auto* out) {
     using T = std::remove_pointer_t<decltype(src)>;
     if (from_logits)
-      backward_rows<T, true>(src, gp, ls, g_z, sh, ix, sp, out, C, E, k);
+      backward_rows<T, true>(src, gp, ls, g_z, ix, w, gw, renormalize, out, C, E, k);
     else
-      backward_rows<T, false>(src, gp, ls, g_z, sh, ix, sp, out, C, E, k);
+      backward_rows<T, false>(src, gp, ls, g_z, ix, w, gw, renormalize, out, C, E, k);
   };
   if (is_bf16(prob))
     run(data<uint16_t>(prob), data<uint16_t>(grad_out));
   else
     run(data<float>(prob), data<float>(grad_out));
 }
-
