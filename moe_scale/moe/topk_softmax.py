@@ -140,8 +140,10 @@ class _TopKSoftmaxRouter(torch.autograd.Function):
     def forward(ctx, x_Sd: Tensor, w_dE: Tensor, k: int, renormalize: bool):
         S, E = x_Sd.shape[0], w_dE.shape[1]
         acc = router_dtype(x_Sd.dtype)
-        weight_Sk = x_Sd.new_empty(S, k, dtype=acc)
-        index_Sk = torch.empty(S, k, dtype=torch.long, device=x_Sd.device)
+        # Choice-major storage, handed out as [S, k] views: flattening the choices slot-major
+        # (routing.py) is then a view, not a copy.
+        weight_Sk = x_Sd.new_empty(k, S, dtype=acc).t()
+        index_Sk = torch.empty(k, S, dtype=torch.long, device=x_Sd.device).t()
         lse_S = x_Sd.new_empty(S, dtype=acc)
         prob_sum_E = torch.zeros(E, dtype=acc, device=x_Sd.device)
         kernels = kernels_for(x_Sd)
@@ -166,7 +168,10 @@ class _TopKSoftmaxRouter(torch.autograd.Function):
         x_Sd, w_dE, prob_SE, lse_S, weight_Sk, index_Sk = ctx.saved_tensors
         S, E = x_Sd.shape[0], w_dE.shape[1]
         acc, kernels = weight_Sk.dtype, ctx.kernels
-        g_weight_Sk = None if g_weight_Sk is None else g_weight_Sk.to(acc).contiguous()
+        if g_weight_Sk is not None:  # in the strides of weight_Sk, as the kernel reads them
+            g_weight_Sk = g_weight_Sk.to(acc)
+            if g_weight_Sk.stride() != weight_Sk.stride():
+                g_weight_Sk = torch.empty_like(weight_Sk).copy_(g_weight_Sk)
         g_prob_E = torch.zeros(E, dtype=acc, device=x_Sd.device) if g_prob_sum_E is None else g_prob_sum_E.to(acc)
         g_lse_sq = 0.0 if g_lse_sq is None else float(g_lse_sq)
         if kernels is None:  # the sparse and dense terms of the weights' gradient (the kernel's, in ATen)

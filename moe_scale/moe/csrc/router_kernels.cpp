@@ -145,18 +145,20 @@ inline void top_weights(const float* top_val, int64_t k, float lse, bool renorma
   for (int64_t j = 0; j < k; ++j) weight[j] /= sum;
 }
 
+// `weight` and `top_idx` point at the row's first choice; choice j is `cs` elements further.
 template <typename T>
 void forward_row(const T* __restrict logits, T* __restrict prob, int64_t E, int64_t k, bool renormalize,
-                 float* __restrict row, float* __restrict top_val, float* __restrict weight,
-                 int64_t* __restrict top_idx, float* __restrict lse, float* __restrict col_sum) {
+                 float* __restrict row, float* __restrict top_val, int64_t* __restrict idx, float* __restrict w,
+                 float* __restrict weight, int64_t* __restrict top_idx, int64_t cs, float* __restrict lse,
+                 float* __restrict col_sum) {
   // top-k: k rounds of (max, first index of it); each chosen entry is set to -FLT_MAX for the
   // later rounds and restored afterwards. The first max comes with the load.
   for (int64_t j = 0; j < k; ++j) {
     top_val[j] = j == 0 ? load_row_max<T>(logits, row, E) : row_max(row, E);
-    top_idx[j] = first_index_of(row, E, top_val[j]);
-    row[top_idx[j]] = -FLT_MAX;
+    idx[j] = first_index_of(row, E, top_val[j]);
+    row[idx[j]] = -FLT_MAX;
   }
-  for (int64_t j = 0; j < k; ++j) row[top_idx[j]] = top_val[j];
+  for (int64_t j = 0; j < k; ++j) row[idx[j]] = top_val[j];
   float sum;
   exp_shift_(row, E, top_val[0], sum);
   if (prob)
@@ -164,7 +166,11 @@ void forward_row(const T* __restrict logits, T* __restrict prob, int64_t E, int6
   else
     scale_accumulate(row, E, 1.f / sum, col_sum);
   *lse = top_val[0] + std::log(sum);
-  top_weights(top_val, k, *lse, renormalize, weight);
+  top_weights(top_val, k, *lse, renormalize, w);
+  for (int64_t j = 0; j < k; ++j) {
+    weight[j * cs] = w[j];
+    top_idx[j * cs] = idx[j];
+  }
 }
 
 // Few experts (E <= kBlockMaxExperts, k <= 2): a row's work is a handful of instructions on
@@ -177,8 +183,8 @@ constexpr int64_t kBlockMaxExperts = 64;
 
 template <typename T>
 void forward_block(const T* __restrict logits, T* __restrict prob, int64_t E, int64_t k, bool renormalize, int rows,
-                   float* __restrict tb, float* __restrict weight, int64_t* __restrict top_idx,
-                   float* __restrict lse, float* __restrict col_acc) {
+                   float* __restrict tb, float* __restrict weight, int64_t* __restrict top_idx, int64_t rs,
+                   int64_t cs, float* __restrict lse, float* __restrict col_acc) {
   for (int l = 0; l < kLanes; ++l)
     for (int64_t e = 0; e < E; ++e) tb[e * kLanes + l] = l < rows ? to_float(logits[l * E + e]) : 0.f;
   float m1[kLanes], m2[kLanes], sum[kLanes], inv[kLanes], w1[kLanes], w2[kLanes];
@@ -229,18 +235,19 @@ void forward_block(const T* __restrict logits, T* __restrict prob, int64_t E, in
     if (prob)
       for (int64_t e = 0; e < E; ++e) store<T>(prob, l * E + e, tb[e * kLanes + l]);
     lse[l] = m1[l] + std::log(sum[l]);
-    weight[l * k] = w1[l];
-    top_idx[l * k] = i1[l];
+    weight[l * rs] = w1[l];
+    top_idx[l * rs] = i1[l];
     if (k == 2) {
-      weight[l * k + 1] = w2[l];
-      top_idx[l * k + 1] = i2[l] >= 0 ? i2[l] : (i1[l] == 0 ? 1 : 0);  // every other logit was -inf / NaN
+      weight[l * rs + cs] = w2[l];
+      top_idx[l * rs + cs] = i2[l] >= 0 ? i2[l] : (i1[l] == 0 ? 1 : 0);  // every other logit was -inf / NaN
     }
   }
 }
 
+// weight / top_idx: element (row r, choice j) at [r * rs + j * cs].
 template <typename T>
 void forward_rows(const T* logits, T* prob, int64_t C, int64_t E, int64_t k, bool renormalize, float* weight,
-                  int64_t* top_idx, float* lse, float* prob_sum_partial) {
+                  int64_t* top_idx, int64_t rs, int64_t cs, float* lse, float* prob_sum_partial) {
   // The column sums accumulate in the thread's own buffer, written out once: with few experts
   // the threads' rows of `prob_sum_partial` share a cache line, and updating them row by row
   // made every row a cache-line transfer between cores (the kernel took 315 us instead of
@@ -253,7 +260,7 @@ void forward_rows(const T* logits, T* prob, int64_t C, int64_t E, int64_t k, boo
         const int64_t r = b * kLanes;
         const int rows = static_cast<int>(std::min<int64_t>(kLanes, C - r));
         forward_block<T>(logits + r * E, prob ? prob + r * E : nullptr, E, k, renormalize, rows, tb.data(),
-                         weight + r * k, top_idx + r * k, lse + r, col_acc.data());
+                         weight + r * rs, top_idx + r * rs, rs, cs, lse + r, col_acc.data());
       }
       float* partial = prob_sum_partial + at::get_thread_num() * E;
       for (int64_t e = 0; e < E; ++e)
@@ -262,10 +269,11 @@ void forward_rows(const T* logits, T* prob, int64_t C, int64_t E, int64_t k, boo
     return;
   }
   at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> row(E), col_sum(E, 0.f), top_val(k);
+    std::vector<float> row(E), col_sum(E, 0.f), top_val(k), w(k);
+    std::vector<int64_t> idx(k);
     for (int64_t r = begin; r < end; ++r)
       forward_row<T>(logits + r * E, prob ? prob + r * E : nullptr, E, k, renormalize, row.data(), top_val.data(),
-                     weight + r * k, top_idx + r * k, lse + r, col_sum.data());
+                     idx.data(), w.data(), weight + r * rs, top_idx + r * rs, cs, lse + r, col_sum.data());
     float* partial = prob_sum_partial + at::get_thread_num() * E;
     for (int64_t e = 0; e < E; ++e) partial[e] += col_sum[e];
   });
@@ -280,17 +288,18 @@ inline float dot(const float* __restrict a, const float* __restrict b, int64_t n
 
 // One row's logit gradient in float32 (`row` holds p on return, `g` the gradient). `src` holds
 // the probabilities, or with FromLogits the logits, from which p = exp(logit - lse) is
-// recomputed in the row buffer. `weight` / `g_weight` are the row's k combine weights and
-// their gradients (g_weight may be null: zero): with `renormalize` (w = softmax of the top-k
-// logits) chosen logit j gets w_j (g_j - sum_i w_i g_i); otherwise (w_j = p[idx_j]) it gets
-// w_j g_j and every logit -p sum_i w_i g_i.
+// recomputed in the row buffer. `idx`, `weight`, `g_weight` point at the row's k choices
+// (choice j `cs` elements further): the chosen experts, their combine weights and the weights'
+// gradients (g_weight may be null: zero). With `renormalize` (w = softmax of the top-k logits)
+// chosen logit j gets w_j (g_j - sum_i w_i g_i); otherwise (w_j = p[idx_j]) it gets w_j g_j
+// and every logit -p sum_i w_i g_i.
 template <typename T, bool FromLogits>
 void logit_grad_row(const T* src, const float* __restrict g_prob, float lse, float g_lse_sq,
                     const int64_t* __restrict idx, const float* __restrict weight, const float* __restrict g_weight,
-                    bool renormalize, int64_t E, int64_t k, float* __restrict row, float* __restrict g) {
+                    int64_t cs, bool renormalize, int64_t E, int64_t k, float* __restrict row, float* __restrict g) {
   float wg_sum = 0.f;
   if (g_weight)
-    for (int64_t j = 0; j < k; ++j) wg_sum += weight[j] * g_weight[j];
+    for (int64_t j = 0; j < k; ++j) wg_sum += weight[j * cs] * g_weight[j * cs];
   const float shift = renormalize ? 0.f : wg_sum;
   float p_dot_g;
   if constexpr (FromLogits) {
@@ -304,51 +313,64 @@ void logit_grad_row(const T* src, const float* __restrict g_prob, float lse, flo
   for (int64_t e = 0; e < E; ++e) g[e] = row[e] * (g_prob[e] + coef);
   if (g_weight)
     for (int64_t j = 0; j < k; ++j)
-      g[idx[j]] += weight[j] * (renormalize ? g_weight[j] - wg_sum : g_weight[j]);
+      g[idx[j * cs]] += weight[j * cs] * (renormalize ? g_weight[j * cs] - wg_sum : g_weight[j * cs]);
 }
 
-template <typename T, bool FromLogits>
-void backward_row(const T* src, const float* __restrict g_prob, float lse, float g_lse_sq,
-                  const int64_t* __restrict idx, const float* __restrict weight, const float* __restrict g_weight,
-                  bool renormalize, T* grad, int64_t E, int64_t k, float* __restrict row, float* __restrict g) {
-  logit_grad_row<T, FromLogits>(src, g_prob, lse, g_lse_sq, idx, weight, g_weight, renormalize, E, k, row, g);
-  // `grad` may be `src` (the recomputed logits): the row was read whole above
-#pragma omp simd
-  for (int64_t e = 0; e < E; ++e) store<T>(grad, e, g[e]);
-}
+// The [C, k] arrays of the backward: element (row r, choice j) at [r * rs + j * cs].
+struct ChoiceArrays {
+  const int64_t* idx;
+  const float* weight;
+  const float* g_weight;  // null: zero
+  int64_t rs, cs;
+};
 
 template <typename T, bool FromLogits>
-void backward_rows(const T* src, const float* g_prob, const float* lse, float g_lse_sq, const int64_t* idx,
-                   const float* weight, const float* g_weight, bool renormalize, T* grad, int64_t C, int64_t E,
-                   int64_t k) {
+void backward_rows(const T* src, const float* g_prob, const float* lse, float g_lse_sq, const ChoiceArrays& ch,
+                   bool renormalize, T* grad, int64_t C, int64_t E, int64_t k) {
   at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> row(E), g(E);
-    for (int64_t r = begin; r < end; ++r)
-      backward_row<T, FromLogits>(src + r * E, g_prob, lse[r], g_lse_sq, idx + r * k, weight + r * k,
-                                  g_weight ? g_weight + r * k : nullptr, renormalize, grad + r * E, E, k, row.data(),
-                                  g.data());
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t o = r * ch.rs;
+      logit_grad_row<T, FromLogits>(src + r * E, g_prob, lse[r], g_lse_sq, ch.idx + o, ch.weight + o,
+                                    ch.g_weight ? ch.g_weight + o : nullptr, ch.cs, renormalize, E, k, row.data(),
+                                    g.data());
+      // `grad` may be `src` (the recomputed logits): the row was read whole above
+      T* out = grad + r * E;
+#pragma omp simd
+      for (int64_t e = 0; e < E; ++e) store<T>(out, e, g[e]);
+    }
   });
 }
 
+void check_choices(const at::Tensor& idx, const at::Tensor& weight, int64_t C) {
+  TORCH_CHECK(idx.scalar_type() == at::kLong && idx.dim() == 2 && idx.size(0) == C, "idx must be an int64 [C, k]");
+  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.sizes() == idx.sizes() && weight.strides() == idx.strides(),
+              "weight must be a float32 [C, k] with idx's strides");
+}
+
+// [C, k] arrays may be strided views (the router keeps them choice-major, [k, S]), but weight,
+// g_weight and idx must share their strides.
 void check_statistics(const at::Tensor& g_prob, const at::Tensor& lse, const at::Tensor& idx, const at::Tensor& weight,
                       const std::optional<at::Tensor>& g_weight, int64_t C, int64_t E) {
-  for (const auto* t : {&g_prob, &lse, &weight})
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous(), "router statistics must be contiguous float32");
-  TORCH_CHECK(idx.scalar_type() == at::kLong && idx.is_contiguous() && idx.dim() == 2 && idx.size(0) == C,
-              "idx must be [C, k] int64");
-  TORCH_CHECK(g_prob.numel() == E && lse.numel() == C && weight.sizes() == idx.sizes(),
-              "router statistics have the wrong shapes");
-  if (g_weight)
-    TORCH_CHECK(g_weight->scalar_type() == at::kFloat && g_weight->is_contiguous() && g_weight->sizes() == idx.sizes(),
-                "g_weight must be a contiguous float32 [C, k]");
+  TORCH_CHECK(g_prob.scalar_type() == at::kFloat && g_prob.is_contiguous() && g_prob.numel() == E,
+              "g_prob must be a contiguous float32 [E]");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.numel() == C,
+              "lse must be a contiguous float32 [C]");
+  check_choices(idx, weight, C);
+  if (g_weight) {
+    TORCH_CHECK(g_weight->scalar_type() == at::kFloat && g_weight->sizes() == idx.sizes() &&
+                    g_weight->strides() == idx.strides(),
+                "g_weight must be a float32 [C, k] with idx's strides");
+  }
 }
 
 }  // namespace
 
 // logits, prob_out: [C, E] of one dtype (float32 / bfloat16); writes prob_out unless it is None
 // (the backward then recomputes the probabilities from the logits), and into weight [C, k] f32
-// (see `top_weights`), top_idx [C, k] i64 (best first, ties to the lowest index) and lse [C]
-// f32. Returns the probability column sums [E] f32.
+// (see `top_weights`), top_idx [C, k] i64 (best first, ties to the lowest index; both may be
+// strided views with the same strides) and lse [C] f32. Returns the probability column sums
+// [E] f32.
 at::Tensor router_forward(at::Tensor logits, std::optional<at::Tensor> prob_out, at::Tensor weight, at::Tensor top_idx,
                           at::Tensor lse, int64_t k, bool renormalize) {
   check_rows(logits, "logits");
@@ -359,17 +381,15 @@ at::Tensor router_forward(at::Tensor logits, std::optional<at::Tensor> prob_out,
   }
   const int64_t C = logits.size(0), E = logits.size(1);
   TORCH_CHECK(k >= 1 && k <= E, "k must lie in [1, E]");
-  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.is_contiguous() && weight.sizes() == at::IntArrayRef({C, k}),
-              "weight must be a contiguous float32 [C, k]");
-  TORCH_CHECK(top_idx.scalar_type() == at::kLong && top_idx.is_contiguous() && top_idx.sizes() == at::IntArrayRef({C, k}),
-              "top_idx must be a contiguous int64 [C, k]");
+  check_choices(top_idx, weight, C);
+  TORCH_CHECK(top_idx.size(1) == k, "top_idx must be [C, k]");
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.numel() == C,
               "lse must be a contiguous float32 [C]");
   auto partial = at::zeros({at::get_num_threads(), E}, logits.options().dtype(at::kFloat));
   auto run = [&](auto* src, auto* prob) {
     using T = std::remove_pointer_t<decltype(src)>;
     forward_rows<T>(src, prob, C, E, k, renormalize, weight.data_ptr<float>(), top_idx.data_ptr<int64_t>(),
-                    lse.data_ptr<float>(), partial.data_ptr<float>());
+                    top_idx.stride(0), top_idx.stride(1), lse.data_ptr<float>(), partial.data_ptr<float>());
   };
   if (is_bf16(logits))
     run(data<uint16_t>(logits), prob_out ? data<uint16_t>(*prob_out) : nullptr);
@@ -379,7 +399,8 @@ at::Tensor router_forward(at::Tensor logits, std::optional<at::Tensor> prob_out,
 }
 
 // prob, grad_out: [C, E] of one dtype; g_prob [E], lse [C] f32; idx [C, k] i64 with its
-// combine weights weight [C, k] f32 and their gradients g_weight (None: zero). Writes
+// combine weights weight [C, k] f32 and their gradients g_weight (None: zero), all three with
+// the same (any) strides. Writes
 // grad_out. With from_logits, `prob` holds the logits instead and the probabilities are
 // recomputed as exp(logit - lse); grad_out may then be the logits tensor.
 void router_backward(at::Tensor prob, at::Tensor g_prob, at::Tensor lse, double g_lse_sq, at::Tensor idx,
@@ -392,15 +413,15 @@ void router_backward(at::Tensor prob, at::Tensor g_prob, at::Tensor lse, double 
               "grad_out must match prob in shape and dtype");
   check_statistics(g_prob, lse, idx, weight, g_weight, C, E);
   const float g_z = static_cast<float>(g_lse_sq);
-  const float *gp = g_prob.data_ptr<float>(), *ls = lse.data_ptr<float>(), *w = weight.data_ptr<float>(),
-              *gw = g_weight ? g_weight->data_ptr<float>() : nullptr;
-  const int64_t* ix = idx.data_ptr<int64_t>();
+  const float *gp = g_prob.data_ptr<float>(), *ls = lse.data_ptr<float>();
+  const ChoiceArrays ch{idx.data_ptr<int64_t>(), weight.data_ptr<float>(),
+                        g_weight ? g_weight->data_ptr<float>() : nullptr, idx.stride(0), idx.stride(1)};
   auto run = [&](auto* src, auto* out) {
     using T = std::remove_pointer_t<decltype(src)>;
     if (from_logits)
-      backward_rows<T, true>(src, gp, ls, g_z, ix, w, gw, renormalize, out, C, E, k);
+      backward_rows<T, true>(src, gp, ls, g_z, ch, renormalize, out, C, E, k);
     else
-      backward_rows<T, false>(src, gp, ls, g_z, ix, w, gw, renormalize, out, C, E, k);
+      backward_rows<T, false>(src, gp, ls, g_z, ch, renormalize, out, C, E, k);
   };
   if (is_bf16(prob))
     run(data<uint16_t>(prob), data<uint16_t>(grad_out));
