@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #include <immintrin.h>
@@ -33,9 +34,10 @@ namespace {
 constexpr int kNR = 64;  // columns per micro tile: four 16-float vectors
 constexpr int kMR = 6;   // rows per micro tile: 24 accumulators
 
-template <int MR>
+// C: uint16_t (bf16 output, rounded once) or float (float32 output).
+template <int MR, typename C>
 inline void micro_tile(const uint32_t* __restrict a, int64_t a_rs, int64_t a_ks, const uint32_t* __restrict b,
-                       int64_t ldb, int64_t Kp, uint16_t* __restrict c, int64_t ldc, int ncols, const Epilogue& ep,
+                       int64_t ldb, int64_t Kp, C* __restrict c, int64_t ldc, int ncols, const Epilogue& ep,
                        int64_t col0, const uint16_t* keep) {
   // What the epilogue touches (the output, the ReLU mask) comes in while the reduction runs:
   // cold, the mask's rows made the dgrad GEMM 1.9x slower.
@@ -104,8 +106,12 @@ inline void micro_tile(const uint32_t* __restrict a, int64_t a_rs, int64_t a_ks,
       __m512 v = acc[r][j];
       if (ep.bias) v = _mm512_add_ps(v, bias[j]);
       if (ep.accumulate) {
-        const __m256i old = _mm256_maskz_loadu_epi16(mask, c + r * ldc + 16 * j);
-        v = _mm512_add_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(old), 16)));
+        if constexpr (std::is_same_v<C, float>) {
+          v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, c + r * ldc + 16 * j));
+        } else {
+          const __m256i old = _mm256_maskz_loadu_epi16(mask, c + r * ldc + 16 * j);
+          v = _mm512_add_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(old), 16)));
+        }
       }
       if (ep.relu) v = _mm512_max_ps(_mm512_setzero_ps(), v);  // NaN stays NaN (maxps returns its 2nd operand)
       if (keep) {
@@ -116,20 +122,25 @@ inline void micro_tile(const uint32_t* __restrict a, int64_t a_rs, int64_t a_ks,
             _mm256_cmpgt_epi16_mask(_mm256_and_si256(k16, _mm256_set1_epi16(0x7FFF)), _mm256_set1_epi16(0x7F80));
         v = _mm512_maskz_mov_ps(kept, v);
       }
-      const __m256i out = (__m256i)_mm512_cvtneps_pbh(v);
-      _mm256_mask_storeu_epi16(c + r * ldc + 16 * j, mask, out);
+      if constexpr (std::is_same_v<C, float>) {
+        _mm512_mask_storeu_ps(c + r * ldc + 16 * j, mask, v);
+      } else {
+        const __m256i out = (__m256i)_mm512_cvtneps_pbh(v);
+        _mm256_mask_storeu_epi16(c + r * ldc + 16 * j, mask, out);
+      }
     }
 }
 
-using TileFn = void (*)(const uint32_t*, int64_t, int64_t, const uint32_t*, int64_t, int64_t, uint16_t*, int64_t, int,
+template <typename C>
+using TileFn = void (*)(const uint32_t*, int64_t, int64_t, const uint32_t*, int64_t, int64_t, C*, int64_t, int,
                         const Epilogue&, int64_t, const uint16_t*);
-constexpr TileFn kTiles[kMR + 1] = {nullptr,        &micro_tile<1>, &micro_tile<2>, &micro_tile<3>,
-                                    &micro_tile<4>, &micro_tile<5>, &micro_tile<6>};
+template <typename C>
+constexpr TileFn<C> kTiles[kMR + 1] = {nullptr,           &micro_tile<1, C>, &micro_tile<2, C>, &micro_tile<3, C>,
+                                       &micro_tile<4, C>, &micro_tile<5, C>, &micro_tile<6, C>};
 
-}  // namespace
-
-void gemm(const uint32_t* a, int64_t a_rs, int64_t a_ks, const uint32_t* b, int64_t ldb, int64_t M, int64_t N,
-          int64_t Kp, uint16_t* c, int64_t ldc, const Epilogue& ep) {
+template <typename C>
+void gemm_into(const uint32_t* a, int64_t a_rs, int64_t a_ks, const uint32_t* b, int64_t ldb, int64_t M, int64_t N,
+               int64_t Kp, C* c, int64_t ldc, const Epilogue& ep) {
   if (M <= 0 || N <= 0) return;
   // Tiles of kMR * 8 rows by kNR columns; within a tile column panel the B panel stays in cache.
   constexpr int64_t kRowBlock = kMR * 8;
@@ -146,11 +157,23 @@ void gemm(const uint32_t* a, int64_t a_rs, int64_t a_ks, const uint32_t* b, int6
       const int64_t m_end = std::min(M, (rb + 1) * kRowBlock);
       for (int64_t m = rb * kRowBlock; m < m_end; m += kMR) {
         const int rows = static_cast<int>(std::min<int64_t>(kMR, m_end - m));
-        kTiles[rows](a + m * a_rs, a_rs, a_ks, b + col0, ldb, Kp, c + m * ldc + col0, ldc, static_cast<int>(ncols), ep,
-                     col0, ep.keep ? ep.keep + m * ep.ld_keep + col0 : nullptr);
+        kTiles<C>[rows](a + m * a_rs, a_rs, a_ks, b + col0, ldb, Kp, c + m * ldc + col0, ldc, static_cast<int>(ncols),
+                        ep, col0, ep.keep ? ep.keep + m * ep.ld_keep + col0 : nullptr);
       }
     }
   });
+}
+
+}  // namespace
+
+void gemm(const uint32_t* a, int64_t a_rs, int64_t a_ks, const uint32_t* b, int64_t ldb, int64_t M, int64_t N,
+          int64_t Kp, uint16_t* c, int64_t ldc, const Epilogue& ep) {
+  gemm_into<uint16_t>(a, a_rs, a_ks, b, ldb, M, N, Kp, c, ldc, ep);
+}
+
+void gemm(const uint32_t* a, int64_t a_rs, int64_t a_ks, const uint32_t* b, int64_t ldb, int64_t M, int64_t N,
+          int64_t Kp, float* c, int64_t ldc, const Epilogue& ep) {
+  gemm_into<float>(a, a_rs, a_ks, b, ldb, M, N, Kp, c, ldc, ep);
 }
 
 void pack_row_pairs(const uint16_t* x, int64_t ld, int64_t rows, int64_t cols, uint32_t* out) {
@@ -230,6 +253,8 @@ bool available() { return false; }
 void pack_row_pairs(const uint16_t*, int64_t, int64_t, int64_t, uint32_t*) {}
 void pack_transposed(const uint16_t*, int64_t, int64_t, int64_t, uint32_t*) {}
 void gemm(const uint32_t*, int64_t, int64_t, const uint32_t*, int64_t, int64_t, int64_t, int64_t, uint16_t*, int64_t,
+          const Epilogue&) {}
+void gemm(const uint32_t*, int64_t, int64_t, const uint32_t*, int64_t, int64_t, int64_t, int64_t, float*, int64_t,
           const Epilogue&) {}
 
 #endif

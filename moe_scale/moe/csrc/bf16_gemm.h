@@ -29,5 +29,8 @@ struct Epilogue {
 // row stride ldb; float32 accumulation, one rounding. Parallel over tiles unless inside a parallel region.
 void gemm(const uint32_t* a, int64_t a_rs, int64_t a_ks, const uint32_t* b, int64_t ldb, int64_t M, int64_t N,
           int64_t Kp, uint16_t* c, int64_t ldc, const Epilogue& ep);
+// The same with a float32 C (accumulate adds to its float32 values).
+void gemm(const uint32_t* a, int64_t a_rs, int64_t a_ks, const uint32_t* b, int64_t ldb, int64_t M, int64_t N,
+          int64_t Kp, float* c, int64_t ldc, const Epilogue& ep);
 
 }  // namespace moe_scale::bf16
