@@ -324,9 +324,72 @@ struct ChoiceArrays {
   int64_t rs, cs;
 };
 
+// The logit gradients of up to 16 rows at once, one per vector lane (few experts; see
+// `forward_block`): the rows are transposed into `tb` [E][16], every per-row quantity (p,
+// <p, g_p>, the coefficient) is computed across the lanes, the chosen logits get their
+// terms lane by lane, and the rows are transposed back into `grad`.
+template <typename T, bool FromLogits>
+void backward_block(const T* src, const float* __restrict g_prob, const float* __restrict lse, float g_lse_sq,
+                    const ChoiceArrays& ch, int64_t r0, bool renormalize, T* grad, int rows, int64_t E, int64_t k,
+                    float* __restrict tb) {
+  for (int l = 0; l < kLanes; ++l)
+    for (int64_t e = 0; e < E; ++e) tb[e * kLanes + l] = l < rows ? to_float(src[l * E + e]) : 0.f;
+  float ls[kLanes], dot_l[kLanes], coef[kLanes], wg_sum[kLanes];
+  for (int l = 0; l < kLanes; ++l) {
+    ls[l] = l < rows ? lse[l] : 0.f;
+    dot_l[l] = 0.f;
+    wg_sum[l] = 0.f;
+    if (ch.g_weight && l < rows)
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t o = (r0 + l) * ch.rs + j * ch.cs;
+        wg_sum[l] += ch.weight[o] * ch.g_weight[o];
+      }
+  }
+  for (int64_t e = 0; e < E; ++e) {
+    const float gp = g_prob[e];
+#pragma omp simd
+    for (int l = 0; l < kLanes; ++l) {
+      float p = tb[e * kLanes + l];
+      if constexpr (FromLogits) p = exp_nonpositive(p - ls[l]);
+      tb[e * kLanes + l] = p;
+      dot_l[l] += p * gp;
+    }
+  }
+#pragma omp simd
+  for (int l = 0; l < kLanes; ++l)
+    coef[l] = 2.f * g_lse_sq * ls[l] - dot_l[l] - (renormalize ? 0.f : wg_sum[l]);
+  for (int64_t e = 0; e < E; ++e) {
+    const float gp = g_prob[e];
+#pragma omp simd
+    for (int l = 0; l < kLanes; ++l) tb[e * kLanes + l] *= gp + coef[l];
+  }
+  if (ch.g_weight)
+    for (int l = 0; l < rows; ++l)
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t o = (r0 + l) * ch.rs + j * ch.cs;
+        const float gw = ch.g_weight[o];
+        tb[ch.idx[o] * kLanes + l] += ch.weight[o] * (renormalize ? gw - wg_sum[l] : gw);
+      }
+  for (int l = 0; l < rows; ++l)  // `grad` may be `src` (the recomputed logits): all of it was read above
+    for (int64_t e = 0; e < E; ++e) store<T>(grad, l * E + e, tb[e * kLanes + l]);
+}
+
 template <typename T, bool FromLogits>
 void backward_rows(const T* src, const float* g_prob, const float* lse, float g_lse_sq, const ChoiceArrays& ch,
                    bool renormalize, T* grad, int64_t C, int64_t E, int64_t k) {
+  if (E <= kBlockMaxExperts) {
+    const int64_t blocks = (C + kLanes - 1) / kLanes;
+    at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
+      std::vector<float> tb(E * kLanes);
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t r = b * kLanes;
+        const int rows = static_cast<int>(std::min<int64_t>(kLanes, C - r));
+        backward_block<T, FromLogits>(src + r * E, g_prob, lse + r, g_lse_sq, ch, r, renormalize, grad + r * E, rows,
+                                      E, k, tb.data());
+      }
+    });
+    return;
+  }
   at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> row(E), g(E);
     for (int64_t r = begin; r < end; ++r) {
