@@ -98,7 +98,7 @@ def _build(impl: str, E: int, S: int, d: int, dtype, vary_input: bool = False, d
         experts = experts_bmm if impl == "floor_bmm" else experts_loop
 
         def step():
-            logits = x @ w_gate
+            logits = next_x() @ w_gate  # the same inputs (and their grads) as the layers
             torch.autograd.backward([logits, experts()], [g_logits, g_y])
 
         return step
