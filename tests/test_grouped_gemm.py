@@ -345,6 +345,6 @@ def test_span_loop_errors_in_threads_reach_python():
     x, w1 = torch.randn(16, 6), torch.randn(4, 6, 10)
     w2_wrong = torch.randn(4, 9, 6)  # inner dimension 9, not 10: every thread's GEMM fails
     with pytest.raises(RuntimeError, match="mat1 and mat2 shapes cannot be multiplied|size mismatch|shape"):
-        kernels.mlp_forward(x, w1, w2_wrong, None, None, None, blocks.spans_tensor(), blocks.group_ptr, 0, False)
+        kernels.mlp_forward(x, w1, w2_wrong, None, None, None, blocks.spans_tensor, blocks.group_ptr, 0, False)
     with pytest.raises(RuntimeError, match="group_ptr"):
-        kernels.mlp_forward(x, w1, torch.randn(4, 10, 6), None, None, None, blocks.spans_tensor(), [0, 1], 0, False)
+        kernels.mlp_forward(x, w1, torch.randn(4, 10, 6), None, None, None, blocks.spans_tensor, [0, 1], 0, False)

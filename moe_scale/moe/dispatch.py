@@ -25,17 +25,19 @@ import torch
 from torch import Tensor
 
 from moe_scale.moe.cpu_kernels import kernels_for
+from moe_scale.moe.deferred import DeferredFields
 from moe_scale.moe.routing import Routing
 
 DROP_POLICIES = ("position", "probability")
 
 
 @dataclass
-class DispatchPlan:
+class DispatchPlan(DeferredFields):
     """Kept assignments sorted by expert.
 
     token_idx_M      token of each kept assignment, grouped by expert
-    weight_M         its combine weight (differentiable)
+    weight_M         its combine weight (differentiable; computed on first read when the plan
+                     is slot-major, whose combine reads `weight_kS` instead)
     assignment_M     its index in the routing's assignment list
     counts_E         kept assignments per expert (int64)
     routed_E         valid assignments per expert before capacity drops (int64)
@@ -55,6 +57,8 @@ class DispatchPlan:
     capacity: int | None
     pos_kS: Tensor | None
     weight_kS: Tensor | None
+
+    _deferred = frozenset({"weight_M"})
 
     @property
     def num_rows(self) -> int:
@@ -122,7 +126,7 @@ def _plan_by_position(kernels, routing: Routing, key_N: Tensor, capacity: int | 
         key_N.contiguous(), routing.num_experts, -1 if capacity is None else capacity, S)
     return DispatchPlan(
         token_idx_M=token_M,
-        weight_M=routing.weight_N.index_select(0, order),
+        weight_M=lambda: routing.weight_N.index_select(0, order),
         assignment_M=order,
         counts_E=kept_E,
         routed_E=routed_E,

@@ -18,6 +18,7 @@ block (`a` is `[M, h]`); "bmm" pads rows into `[E, C, d]` once and runs batched 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -85,8 +86,9 @@ class _Blocks:
                     self.spans.append((e, s, end, s, end))
             self.group_ptr.append(len(self.spans))
 
+    @functools.cached_property
     def spans_tensor(self) -> Tensor:
-        """The spans as a `[n, 5]` int64 tensor (for csrc/mlp_kernels.cpp)."""
+        """The spans as a `[n, 5]` int64 tensor (for csrc/mlp_kernels.cpp; made once)."""
         return torch.tensor(self.spans, dtype=torch.long).view(-1, 5)
 
     @property
@@ -335,7 +337,7 @@ class _MLP(torch.autograd.Function):
         ctx.ops, ctx.activation, ctx.has_bias = ops, activation, (b1 is not None, b2 is not None)
         ctx.kernels, ctx.native = kernels, native
         if kernels is not None:  # the same spans, one group of experts per thread
-            y, *saved = kernels.mlp_forward(x_Md, w1, w2, w3, b1, b2, ops.blocks.spans_tensor(),
+            y, *saved = kernels.mlp_forward(x_Md, w1, w2, w3, b1, b2, ops.blocks.spans_tensor,
                                             ops.blocks.group_ptr, _ACTIVATION_CODES[activation], native)
             ctx.save_for_backward(x_Md, w1, w2, w3, *saved)
             return y
@@ -364,7 +366,7 @@ class _MLP(torch.autograd.Function):
         g_y = g_y.contiguous()
         if ctx.kernels is not None:
             g_x, g_w1, g_w2, g_w3, g_b1, g_b2 = ctx.kernels.mlp_backward(
-                g_y, x, w1, w2, w3, saved, *ctx.has_bias, ctx.needs_input_grad[0], ops.blocks.spans_tensor(),
+                g_y, x, w1, w2, w3, saved, *ctx.has_bias, ctx.needs_input_grad[0], ops.blocks.spans_tensor,
                 ops.blocks.group_ptr, _ACTIVATION_CODES[act], ctx.native)
             return g_x, g_w1, g_w2, g_w3, g_b1, g_b2, None, None, None, None
         E, d, h = w1.shape

@@ -25,12 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moe_scale.moe.deferred import DeferredFields
 from moe_scale.moe.grouped_gemm import grouped_linear
 from moe_scale.moe.topk_softmax import router_dtype, topk_softmax_router
 
 
 @dataclass
-class RouterStats:
+class RouterStats(DeferredFields):
     """O(E) summaries the balancing losses are computed from (None where a policy has none).
 
     importance_E   sum over tokens of each expert's gate value (differentiable)
@@ -39,10 +40,9 @@ class RouterStats:
     top1_frac_E    fraction of tokens whose first choice is each expert (constant)
     z_loss         mean over tokens of logsumexp(logits)^2 (differentiable)
 
-    A router may give a field as a function of no arguments: it runs on the first read of the
-    field, whose value then replaces it. Statistics that only a loss of weight zero or the
-    logging would read then cost nothing in a step that does not read them (each small op
-    costs ~10 us in a step on CPU, where the expert GEMMs have left the caches cold).
+    A router may give any field as a function of no arguments, run on its first read
+    (moe/deferred.py): statistics that only a loss of weight zero or the logging reads then
+    cost nothing in a step that does not read them.
     """
 
     importance_E: Tensor | Callable[[], Tensor] | None = None
@@ -51,22 +51,16 @@ class RouterStats:
     top1_frac_E: Tensor | Callable[[], Tensor] | None = None
     z_loss: Tensor | Callable[[], Tensor] | None = None
 
-    def __getattribute__(self, name: str):
-        value = object.__getattribute__(self, name)
-        if callable(value) and name in _STAT_FIELDS:
-            value = value()
-            object.__setattr__(self, name, value)
-        return value
 
-
-_STAT_FIELDS = frozenset(f.name for f in fields(RouterStats))
+RouterStats._deferred = frozenset(f.name for f in fields(RouterStats))
 
 
 @dataclass
-class Routing:
+class Routing(DeferredFields):
     """Assignments of tokens to experts.
 
-    token_idx_N    token of each assignment, in [0, num_tokens)
+    token_idx_N    token of each assignment, in [0, num_tokens) (token-choice routers give it
+                   as a function, run on first read: the compiled dispatch plan does not need it)
     expert_idx_N   global expert of each assignment, in [0, num_experts)
     weight_N       combine weight of each assignment (differentiable where the gate is learned)
     num_slots      k when the assignments are token-choice and slot-major (N = k * S, assignment
@@ -76,7 +70,7 @@ class Routing:
     capacity_bound True when the policy already respects capacity (expert choice)
     """
 
-    token_idx_N: Tensor
+    token_idx_N: Tensor | Callable[[], Tensor]
     expert_idx_N: Tensor
     weight_N: Tensor
     num_tokens: int
@@ -85,6 +79,8 @@ class Routing:
     num_slots: int | None = None
     valid_N: Tensor | None = None
     capacity_bound: bool = False
+
+    _deferred = frozenset({"token_idx_N"})
 
 
 def _slot_major_tokens(num_tokens: int, k: int, device) -> Tensor:
@@ -95,7 +91,7 @@ def _slot_major_tokens(num_tokens: int, k: int, device) -> Tensor:
 def _flatten_choices(index_Sk: Tensor, weight_Sk: Tensor, num_experts: int, stats) -> Routing:
     S, k = index_Sk.shape
     return Routing(
-        token_idx_N=_slot_major_tokens(S, k, index_Sk.device),
+        token_idx_N=lambda: _slot_major_tokens(S, k, index_Sk.device),
         expert_idx_N=index_Sk.t().reshape(-1),
         weight_N=weight_Sk.t().reshape(-1),
         num_tokens=S,
