@@ -35,9 +35,10 @@ _SHAPE_BUCKET = 64
 
 
 def bucketed_shapes(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether GEMM row counts are bucketed: oneDNN (bf16 / fp16 GEMMs on CPU) JIT-compiles a
-    kernel for every new shape, which costs about 0.3 ms; with expert loads that change every
-    step a 64-expert layer spent half its bf16 step compiling (152 vs 74 ms)."""
+    """Whether GEMM row counts are bucketed when oneDNN runs them (bf16 / fp16 GEMMs on CPU):
+    it JIT-compiles a kernel for every new shape, which costs about 0.3 ms; with expert loads
+    that change every step a 64-expert layer spent half its bf16 step compiling (152 vs 74
+    ms). The compiled span loop's own bf16 GEMM (csrc/bf16_gemm.cpp) needs no buckets."""
     return device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
 
 
@@ -50,7 +51,7 @@ class _Blocks:
                about 1/groups of the rows each, whose spans stay inside the group's rows
 
     Without `bucket` every span is exact (lo, hi = start, end). With `bucket` (bf16 / fp16 on
-    CPU, see `bucketed_shapes`) no GEMM sees a row count outside a small fixed set: a span has
+    CPU through oneDNN, see `bucketed_shapes`) no GEMM sees a row count outside a small fixed set: a span has
     `roundup(count, bucket)` rows. Normally they end at the block's end: the extra rows at the
     front belong to lower experts of the same group, whose own products run later (a group's
     spans go from its last expert to its first) and overwrite them. A block too close to its
