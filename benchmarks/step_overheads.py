@@ -1,6 +1,6 @@
 """What the work around the expert GEMMs costs inside a CPU layer step.
 
-Two measurements, one process, 8 experts x 4096 tokens, d = 128 (the row where that work
+Three measurements, one process, 8 experts x 4096 tokens, d = 128 (the row where that work
 matters most next to the GEMMs), `keep_freed_host_memory()` as in moe_layer.py:
 
 - small ops: the median time of a few tiny ATen ops (`torch.empty` of the layer's input
@@ -9,6 +9,9 @@ matters most next to the GEMMs), `keep_freed_host_memory()` as in moe_layer.py:
   of MiB through the caches, and every op meets cold code and data.
 - the dispatch plan: `plan_dispatch` of the layer's routing with the compiled pass
   (csrc/dispatch_kernels.cpp) and on the eager ATen path, each repeated in a loop.
+- the fixed cost of a step: forward + backward of the same layer with 1024 tokens and experts
+  of hidden size 2, where the GEMMs are next to nothing (the compiled expert loop still runs:
+  it takes 1024 x 2 rows > 8 experts x d).
 
     python benchmarks/step_overheads.py
     python benchmarks/step_overheads.py --dtype float32
@@ -72,17 +75,29 @@ def main():
     with torch.no_grad():
         routing = layer.router(x.detach())
     capacity = layer.capacity(S)
-    plan_us = {}
+    plan_us, compiled = {}, dispatch.kernels_for
     for mode in ("compiled", "eager"):
-        if mode == "eager":
-            dispatch.kernels_for = lambda *t, **kw: None  # this process only
+        dispatch.kernels_for = compiled if mode == "compiled" else (lambda *t, **kw: None)
         times = []
         for _ in range(args.steps * 5):
             t0 = time.perf_counter()
             dispatch.plan_dispatch(routing, capacity)
             times.append(time.perf_counter() - t0)
         plan_us[mode] = _median_us(times[args.steps:])
+    dispatch.kernels_for = compiled
     result["dispatch_plan_us"] = plan_us
+
+    tiny_x = torch.randn(1024, d, dtype=dtype, requires_grad=True)
+    tiny_grad = torch.randn(1024, d, dtype=dtype)
+    tiny = MoELayer(d, E, k=2, capacity_factor=1.25, activation="relu", aux_loss=dict(switch=0.01),
+                    d_hidden=2).to(dtype)
+    times = []
+    for i in range(args.steps * 5):
+        t0 = time.perf_counter()
+        y, stats = tiny(tiny_x)
+        torch.autograd.backward([y, stats.aux_loss], [tiny_grad, None])
+        times.append(time.perf_counter() - t0)
+    result["step_1024_tokens_hidden_2_us"] = _median_us(times[args.steps:])
     print(json.dumps(result, indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
