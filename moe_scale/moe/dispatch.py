@@ -83,10 +83,10 @@ def plan_dispatch(routing: Routing, capacity: int | None, drop_policy: str = "po
         return _plan_by_position(kernels, routing, key_N, capacity)
     if drop_policy == "probability" and capacity is not None:
         by_weight = torch.argsort(routing.weight_N.detach(), descending=True, stable=True)
-        by_key, routed_E = _sort_by_key(key_N.index_select(0, by_weight), E + 1)
+        by_key, routed_E = _sort_by_key(kernels, key_N.index_select(0, by_weight), E + 1)
         order = by_weight.index_select(0, by_key)
     else:
-        order, routed_E = _sort_by_key(key_N, E + 1)
+        order, routed_E = _sort_by_key(kernels, key_N, E + 1)
     routed_E = routed_E[:E]
     num_valid = N if routing.valid_N is None else int(routed_E.sum())
     order = order[:num_valid]
@@ -137,10 +137,9 @@ def _plan_by_position(kernels, routing: Routing, key_N: Tensor, capacity: int | 
     )
 
 
-def _sort_by_key(key_N: Tensor, num_keys: int) -> tuple[Tensor, Tensor]:
-    """(stable order of `key_N`, count of each key in [0, num_keys)): a counting sort on CPU
-    (csrc/dispatch_kernels.cpp), else argsort and bincount."""
-    kernels = kernels_for(key_N, dtypes=(torch.long,))
+def _sort_by_key(kernels, key_N: Tensor, num_keys: int) -> tuple[Tensor, Tensor]:
+    """(stable order of `key_N`, count of each key in [0, num_keys)): a counting sort with the
+    CPU kernels (csrc/dispatch_kernels.cpp), else argsort and bincount."""
     if kernels is not None:
         order, counts = kernels.sort_by_key(key_N.contiguous(), num_keys)
         return order, counts

@@ -51,8 +51,8 @@ class _Blocks:
                about 1/groups of the rows each, whose spans stay inside the group's rows
 
     Without `bucket` every span is exact (lo, hi = start, end). With `bucket` (bf16 / fp16 on
-    CPU through oneDNN, see `bucketed_shapes`) no GEMM sees a row count outside a small fixed set: a span has
-    `roundup(count, bucket)` rows. Normally they end at the block's end: the extra rows at the
+    CPU through oneDNN, see `bucketed_shapes`) no GEMM sees a row count outside a small fixed
+    set: a span has `roundup(count, bucket)` rows. Normally they end at the block's end: the extra rows at the
     front belong to lower experts of the same group, whose own products run later (a group's
     spans go from its last expert to its first) and overwrite them. A block too close to its
     group's first row to reach back reaches forward instead (hi > end) and keeps only its own

@@ -69,8 +69,8 @@ class MoEStats:
 
     @cached_property
     def aux_losses(self) -> dict[str, Tensor]:
-        missing = aux_losses(self._router_stats, self._num_experts)
-        return {name: self._weighted_losses.get(name, value) for name, value in missing.items()}
+        unweighted = set(_NEEDS) - set(self._weighted_losses)
+        return {**self._weighted_losses, **aux_losses(self._router_stats, self._num_experts, only=unweighted)}
 
     @cached_property
     def num_unrouted(self) -> Tensor:

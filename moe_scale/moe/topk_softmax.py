@@ -173,6 +173,7 @@ class _TopKSoftmaxRouter(torch.autograd.Function):
             if g_weight_Sk.stride() != weight_Sk.stride():
                 g_weight_Sk = torch.empty_like(weight_Sk).copy_(g_weight_Sk)
         g_prob_E = torch.zeros(E, dtype=acc, device=x_Sd.device) if g_prob_sum_E is None else g_prob_sum_E.to(acc)
+        g_prob_E = g_prob_E.contiguous()
         g_lse_sq = 0.0 if g_lse_sq is None else float(g_lse_sq)
         if kernels is None:  # the sparse and dense terms of the weights' gradient (the kernel's, in ATen)
             sparse_Sk, dense_shift_S = _weight_grad_terms(weight_Sk, g_weight_Sk, ctx.renormalize)
@@ -185,7 +186,7 @@ class _TopKSoftmaxRouter(torch.autograd.Function):
                 # from the saved probabilities, or (prob_SE None) from the recomputed logits, in place
                 source = x_Sd[s:e] @ w_dE if prob_SE is None else prob_SE[s:e]
                 grad_logits = source if prob_SE is None else torch.empty_like(source)
-                kernels.router_backward(source, g_prob_E.contiguous(), lse_S[s:e], g_lse_sq, index_Sk[s:e],
+                kernels.router_backward(source, g_prob_E, lse_S[s:e], g_lse_sq, index_Sk[s:e],
                                         weight_Sk[s:e], None if g_weight_Sk is None else g_weight_Sk[s:e],
                                         ctx.renormalize, grad_logits, prob_SE is None)
             else:

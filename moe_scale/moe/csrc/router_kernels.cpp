@@ -181,12 +181,25 @@ void forward_row(const T* __restrict logits, T* __restrict prob, int64_t E, int6
 constexpr int kLanes = 16;
 constexpr int64_t kBlockMaxExperts = 64;
 
+// rows [rows, E] -> tb [E][16] in float32, one row per lane; lanes past `rows` hold 0.
+template <typename T>
+inline void load_lanes(const T* __restrict src, int64_t E, int rows, float* __restrict tb) {
+  for (int l = 0; l < kLanes; ++l)
+    for (int64_t e = 0; e < E; ++e) tb[e * kLanes + l] = l < rows ? to_float(src[l * E + e]) : 0.f;
+}
+
+// tb [E][16] -> rows [rows, E] in T, the inverse of `load_lanes`.
+template <typename T>
+inline void store_lanes(const float* __restrict tb, int64_t E, int rows, T* __restrict dst) {
+  for (int l = 0; l < rows; ++l)
+    for (int64_t e = 0; e < E; ++e) store<T>(dst, l * E + e, tb[e * kLanes + l]);
+}
+
 template <typename T>
 void forward_block(const T* __restrict logits, T* __restrict prob, int64_t E, int64_t k, bool renormalize, int rows,
                    float* __restrict tb, float* __restrict weight, int64_t* __restrict top_idx, int64_t rs,
                    int64_t cs, float* __restrict lse, float* __restrict col_acc) {
-  for (int l = 0; l < kLanes; ++l)
-    for (int64_t e = 0; e < E; ++e) tb[e * kLanes + l] = l < rows ? to_float(logits[l * E + e]) : 0.f;
+  load_lanes<T>(logits, E, rows, tb);
   float m1[kLanes], m2[kLanes], sum[kLanes], inv[kLanes], w1[kLanes], w2[kLanes];
   int32_t i1[kLanes], i2[kLanes];
   for (int l = 0; l < kLanes; ++l) m1[l] = m2[l] = -FLT_MAX, i1[l] = 0, i2[l] = -1, sum[l] = 0.f;
@@ -231,9 +244,8 @@ void forward_block(const T* __restrict logits, T* __restrict prob, int64_t E, in
       col_acc[e * kLanes + l] += p;
     }
   }
+  if (prob) store_lanes<T>(tb, E, rows, prob);
   for (int l = 0; l < rows; ++l) {
-    if (prob)
-      for (int64_t e = 0; e < E; ++e) store<T>(prob, l * E + e, tb[e * kLanes + l]);
     lse[l] = m1[l] + std::log(sum[l]);
     weight[l * rs] = w1[l];
     top_idx[l * rs] = i1[l];
@@ -332,8 +344,7 @@ template <typename T, bool FromLogits>
 void backward_block(const T* src, const float* __restrict g_prob, const float* __restrict lse, float g_lse_sq,
                     const ChoiceArrays& ch, int64_t r0, bool renormalize, T* grad, int rows, int64_t E, int64_t k,
                     float* __restrict tb) {
-  for (int l = 0; l < kLanes; ++l)
-    for (int64_t e = 0; e < E; ++e) tb[e * kLanes + l] = l < rows ? to_float(src[l * E + e]) : 0.f;
+  load_lanes<T>(src, E, rows, tb);
   float ls[kLanes], dot_l[kLanes], coef[kLanes], wg_sum[kLanes];
   for (int l = 0; l < kLanes; ++l) {
     ls[l] = l < rows ? lse[l] : 0.f;
@@ -370,8 +381,7 @@ void backward_block(const T* src, const float* __restrict g_prob, const float* _
         const float gw = ch.g_weight[o];
         tb[ch.idx[o] * kLanes + l] += ch.weight[o] * (renormalize ? gw - wg_sum[l] : gw);
       }
-  for (int l = 0; l < rows; ++l)  // `grad` may be `src` (the recomputed logits): all of it was read above
-    for (int64_t e = 0; e < E; ++e) store<T>(grad, l * E + e, tb[e * kLanes + l]);
+  store_lanes<T>(tb, E, rows, grad);  // `grad` may be `src` (the recomputed logits): all of it was read above
 }
 
 template <typename T, bool FromLogits>
