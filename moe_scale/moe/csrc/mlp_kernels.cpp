@@ -56,9 +56,9 @@ void check_groups(const std::vector<int64_t>& group_ptr, size_t num_spans) {
 }
 
 // MKL (float32 GEMMs) keeps a pool of packing buffers per calling thread: with the span loop's
-// single-threaded GEMMs on every thread that was 15 MiB more peak memory at 8 experts x 4096
-// tokens (benchmarks/moe_layer.py; 105 vs 120 MiB with MKL_DISABLE_FAST_MM=1). Each thread
-// hands its pool back when its groups are done. A weak symbol: torch without MKL has none.
+// single-threaded GEMMs on every thread the float32 8-experts x 4096-tokens row of
+// benchmarks/moe_layer.py had a median peak of 116 MiB (1.16x of the floor's); with each
+// thread handing its pool back when its groups are done, 108 MiB (1.02x). A weak symbol: torch without MKL has none.
 extern "C" void mkl_serv_thread_free_buffers(void) __attribute__((weak));
 
 void release_gemm_buffers() {
