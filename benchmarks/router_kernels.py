@@ -39,7 +39,7 @@ def _worker(E: int, S: int, d: int, dtype_name: str, k: int, warmup: int, repeat
     fused = kernels_for(x) is not None
 
     def step():
-        weight, _, prob_sum, lse_sq = topk_softmax_router(x, w, k, True)
+        weight, _, prob_sum, lse_sq, _ = topk_softmax_router(x, w, k, True)
         (weight.sum() + 1e-3 * prob_sum.sum() + 1e-3 * lse_sq).backward()
 
     time_s = median_step_seconds(step, warmup, repeats)

@@ -19,7 +19,7 @@ def _route(x, w, k, renormalize, mode, monkeypatch):
     monkeypatch.setenv("MOE_SCALE_CPU_KERNELS", mode)
     x = x.detach().clone().requires_grad_()
     w = w.detach().clone().requires_grad_()
-    weight, index, prob_sum, lse_sq = topk_softmax_router(x, w, k, renormalize)
+    weight, index, prob_sum, lse_sq, _ = topk_softmax_router(x, w, k, renormalize)
     gen = torch.Generator().manual_seed(1)
     g_weight = torch.randn(weight.shape, generator=gen)
     g_prob = torch.randn(prob_sum.shape, generator=gen)
@@ -87,6 +87,64 @@ def test_fused_router_in_chunks_equals_one_chunk(dtype, recompute, monkeypatch):
             assert torch.equal(got, want)
         else:
             assert (got.double() - want.double()).norm() <= bound * want.double().norm()
+
+
+def _route_grads(x, w, k, renormalize, need=("x", "w")):
+    """Router outputs, first-choice counts and the gradients of the inputs named in `need`."""
+    x = x.detach().clone().requires_grad_("x" in need)
+    w = w.detach().clone().requires_grad_("w" in need)
+    weight, index, prob_sum, lse_sq, top1 = topk_softmax_router(x, w, k, renormalize)
+    gen = torch.Generator().manual_seed(1)
+    loss = (weight * torch.randn(weight.shape, generator=gen)).sum() + 0.3 * lse_sq
+    loss = loss + (prob_sum * torch.randn(prob_sum.shape, generator=gen)).sum()
+    loss.backward()
+    return weight, index, prob_sum, lse_sq, top1, x.grad, w.grad
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d", [32, 37, 200])
+@pytest.mark.parametrize("num_experts", [1, 5, 16])
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("need", [("x", "w"), ("x",), ("w",)], ids=["both", "x-only", "w-only"])
+def test_router_gemm_in_kernel_matches_the_aten_gemms(dtype, d, num_experts, k, need, monkeypatch):
+    """Up to 16 experts the fused kernels run the router GEMMs themselves (VDPBF16PS pairs for
+    bf16 with even d, float32 FMAs otherwise; d padded to whole vectors; a partial last block
+    of 16 rows): the same outputs and gradients as the kernels fed by ATen's GEMMs, the first
+    choices counted as bincount counts them."""
+    if k > num_experts:
+        pytest.skip("k > E")
+    torch.manual_seed(d + num_experts + k)
+    x = torch.randn(300, d, dtype=dtype)
+    w = torch.randn(d, num_experts, dtype=dtype) / d**0.5
+    if num_experts > 3:
+        w[:, 3] = w[:, 1]  # exact ties between experts 1 and 3 in every row
+    in_kernel = _route_grads(x, w, k, True, need)
+    monkeypatch.setattr(topk_softmax, "_GEMM_IN_KERNEL_MAX_EXPERTS", 0)
+    aten = _route_grads(x, w, k, True, need)
+    assert aten[4] is None and in_kernel[4] is not None
+    assert torch.equal(in_kernel[1], aten[1])
+    assert torch.equal(in_kernel[4], torch.bincount(in_kernel[1][:, 0], minlength=num_experts).float())
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+    for name, got, want in zip(["weight", "prob_sum", "lse_sq", "grad_x", "grad_w"],
+                               [in_kernel[0], in_kernel[2], in_kernel[3], in_kernel[5], in_kernel[6]],
+                               [aten[0], aten[2], aten[3], aten[5], aten[6]]):
+        assert (got is None) == (want is None), name
+        if got is not None:
+            assert got.dtype == want.dtype, name
+            torch.testing.assert_close(got.float(), want.float(), **tol, msg=name)
+
+
+@needs_compiler
+def test_router_gemm_in_kernel_rejects_what_it_does_not_take():
+    kernels = cpu_kernels.load_kernels()
+    x = torch.randn(8, 4)
+    with pytest.raises(RuntimeError, match="at most 16 experts"):
+        kernels.router_forward_gemm(x, torch.randn(4, 17), 2, True)
+    with pytest.raises(RuntimeError, match="in x's dtype"):
+        kernels.router_forward_gemm(x, torch.randn(4, 8, dtype=torch.bfloat16), 2, True)
+    with pytest.raises(RuntimeError, match="k in"):
+        kernels.router_forward_gemm(x, torch.randn(4, 8), 3, True)
 
 
 def _router_forward(kernels, logits, k, renormalize=False, keep_prob=True):
@@ -174,7 +232,7 @@ def test_a_failed_build_warns_and_the_router_stays_eager(monkeypatch):
         x, w = torch.randn(16, 8), torch.randn(8, 4)
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # warned once, not on every call
-            weight, index, _, _ = topk_softmax_router(x, w, 2, True)
+            weight, index, *_ = topk_softmax_router(x, w, 2, True)
         assert torch.equal(index, torch.topk(x @ w, 2).indices)
     finally:
         cpu_kernels.load_kernels.cache_clear()

@@ -32,7 +32,7 @@ def test_fused_router_gradcheck(k, renormalize, chunked, monkeypatch):
     x, w = _inputs((S, D), (D, E))
 
     def f(x, w):
-        weight, _, prob_sum, lse_sq = topk_softmax_router(x, w, k, renormalize)
+        weight, _, prob_sum, lse_sq, _ = topk_softmax_router(x, w, k, renormalize)
         return weight, prob_sum, lse_sq
 
     assert gradcheck(f, (x, w))
@@ -45,7 +45,7 @@ def test_fused_router_matches_autograd_softmax_topk(renormalize, monkeypatch):
     x, w = _inputs((S, D), (D, E), seed=1)
     g_w, g_p, g_z = torch.randn(S, 2, dtype=torch.float64), torch.randn(E, dtype=torch.float64), 0.7
 
-    weight, index, prob_sum, lse_sq = topk_softmax_router(x, w, 2, renormalize)
+    weight, index, prob_sum, lse_sq, _ = topk_softmax_router(x, w, 2, renormalize)
     logits = x @ w
     top_val, top_idx = torch.topk(logits, 2, dim=-1)
     want_weight = torch.softmax(top_val, -1) if renormalize else torch.softmax(logits, -1).gather(1, top_idx)

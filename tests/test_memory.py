@@ -93,7 +93,7 @@ def _naive_router(x_Sd, w_dE, k, renormalize):
     top_val, index = torch.topk(logits, k, dim=-1)
     weight = torch.softmax(top_val, dim=-1) if renormalize else prob.gather(1, index)
     lse = torch.logsumexp(logits, dim=-1)
-    return weight, index, prob.sum(0), (lse * lse).sum()
+    return weight, index, prob.sum(0), (lse * lse).sum(), None
 
 
 def _vm_kib(field: str) -> int:

@@ -211,14 +211,14 @@ class TopKSoftmaxRouter(nn.Module):
     def forward(self, x_Sd: Tensor, **_) -> Routing:
         if self.training and self.jitter > 0:
             x_Sd = x_Sd * torch.empty_like(x_Sd).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        weight_Sk, index_Sk, prob_sum_E, lse_sq_sum = topk_softmax_router(
+        weight_Sk, index_Sk, prob_sum_E, lse_sq_sum, top1_count_E = topk_softmax_router(
             x_Sd, self.w_gate.to(x_Sd.dtype), self.k, self.renormalize
         )
         S, E = x_Sd.shape[0], self.num_experts
         stats = RouterStats(  # computed where a weighted loss or the caller reads them
             importance_E=lambda: _importance(index_Sk, weight_Sk, E),
             prob_mean_E=lambda: prob_sum_E / max(S, 1),
-            top1_frac_E=lambda: _top1_fraction(index_Sk, E),
+            top1_frac_E=lambda: _top1_fraction(index_Sk, E) if top1_count_E is None else top1_count_E / max(S, 1),
             z_loss=lambda: lse_sq_sum / max(S, 1),
         )
         routing = _flatten_choices(index_Sk, weight_Sk, self.num_experts, stats)

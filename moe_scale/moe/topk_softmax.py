@@ -15,6 +15,8 @@ Outputs (all per call, S tokens, E experts, k choices):
     index_Sk      chosen experts, best first (int64)
     prob_sum_E    sum over tokens of the full softmax probability (differentiable; P_i * S)
     lse_sq_sum    sum over tokens of logsumexp(logits)^2 (differentiable; z-loss * S)
+    top1_count_E  first choices per expert, float32, where the kernel counted them (few
+                  experts; else None)
 """
 
 from __future__ import annotations
@@ -135,10 +137,31 @@ def _logit_grad_eager(prob, g_prob_E, g_lse_sq, lse, dense_shift, index, sparse,
     return grad.to(out_dtype)
 
 
+# With at most this many experts (and k <= 2) the fused kernels run the router's GEMMs too
+# (`router_forward_gemm` in csrc/router_kernels.cpp): one call each way instead of three small
+# ATen GEMMs and the Python around them.
+_GEMM_IN_KERNEL_MAX_EXPERTS = 16
+
+
+def _gemm_in_kernel(kernels, x_Sd: Tensor, w_dE: Tensor, k: int) -> bool:
+    return (kernels is not None and w_dE.shape[1] <= _GEMM_IN_KERNEL_MAX_EXPERTS and k <= 2
+            and w_dE.dtype == x_Sd.dtype and x_Sd.is_contiguous())
+
+
 class _TopKSoftmaxRouter(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_Sd: Tensor, w_dE: Tensor, k: int, renormalize: bool):
         S, E = x_Sd.shape[0], w_dE.shape[1]
+        kernels = kernels_for(x_Sd)
+        ctx.renormalize, ctx.kernels = renormalize, kernels
+        ctx.gemm_in_kernel = _gemm_in_kernel(kernels, x_Sd, w_dE, k)
+        if ctx.gemm_in_kernel:
+            weight_kS, index_kS, lse_S, prob_SE, prob_sum_E, lse_sq_sum, top1_E = kernels.router_forward_gemm(
+                x_Sd, w_dE, k, renormalize)
+            weight_Sk, index_Sk = weight_kS.t(), index_kS.t()
+            ctx.save_for_backward(x_Sd, w_dE, prob_SE, lse_S, weight_Sk, index_Sk)
+            ctx.mark_non_differentiable(index_Sk, top1_E)
+            return weight_Sk, index_Sk, prob_sum_E, lse_sq_sum, top1_E
         acc = router_dtype(x_Sd.dtype)
         # Choice-major storage, handed out as [S, k] views: flattening the choices slot-major
         # (routing.py) is then a view, not a copy.
@@ -146,7 +169,6 @@ class _TopKSoftmaxRouter(torch.autograd.Function):
         index_Sk = torch.empty(k, S, dtype=torch.long, device=x_Sd.device).t()
         lse_S = x_Sd.new_empty(S, dtype=acc)
         prob_sum_E = torch.zeros(E, dtype=acc, device=x_Sd.device)
-        kernels = kernels_for(x_Sd)
         # Large probability tensors are not kept: backward recomputes them (see `_recompute`).
         recompute = kernels is not None and _recompute(S, E, x_Sd.element_size())
         prob_SE = None if recompute else x_Sd.new_empty(S, E)
@@ -159,12 +181,11 @@ class _TopKSoftmaxRouter(torch.autograd.Function):
             prob_sum_E += forward_chunk(x_Sd[s:e] @ w_dE, prob_out, weight_Sk[s:e], index_Sk[s:e], lse_S[s:e], k,
                                         renormalize)
         ctx.save_for_backward(x_Sd, w_dE, prob_SE, lse_S, weight_Sk, index_Sk)
-        ctx.renormalize, ctx.kernels = renormalize, kernels
         ctx.mark_non_differentiable(index_Sk)
-        return weight_Sk, index_Sk, prob_sum_E, (lse_S * lse_S).sum()
+        return weight_Sk, index_Sk, prob_sum_E, (lse_S * lse_S).sum(), None
 
     @staticmethod
-    def backward(ctx, g_weight_Sk, _g_index, g_prob_sum_E, g_lse_sq):
+    def backward(ctx, g_weight_Sk, _g_index, g_prob_sum_E, g_lse_sq, _g_top1):
         x_Sd, w_dE, prob_SE, lse_S, weight_Sk, index_Sk = ctx.saved_tensors
         S, E = x_Sd.shape[0], w_dE.shape[1]
         acc, kernels = weight_Sk.dtype, ctx.kernels
@@ -175,9 +196,13 @@ class _TopKSoftmaxRouter(torch.autograd.Function):
         g_prob_E = torch.zeros(E, dtype=acc, device=x_Sd.device) if g_prob_sum_E is None else g_prob_sum_E.to(acc)
         g_prob_E = g_prob_E.contiguous()
         g_lse_sq = 0.0 if g_lse_sq is None else float(g_lse_sq)
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if ctx.gemm_in_kernel:
+            grad_x, grad_w = kernels.router_backward_gemm(x_Sd, w_dE, prob_SE, g_prob_E, lse_S, g_lse_sq, index_Sk,
+                                                          weight_Sk, g_weight_Sk, ctx.renormalize, need_x, need_w)
+            return grad_x, grad_w, None, None
         if kernels is None:  # the sparse and dense terms of the weights' gradient (the kernel's, in ATen)
             sparse_Sk, dense_shift_S = _weight_grad_terms(weight_Sk, g_weight_Sk, ctx.renormalize)
-        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_x = torch.empty_like(x_Sd) if need_x else None
         chunks = _token_chunks(S, E, fused=kernels is not None)
         grad_w_Ed = None  # [E, d]: (g^T x) rather than x^T g, which oneDNN ran 2x slower in bf16 at E = 8
@@ -221,7 +246,7 @@ def _weight_grad_terms(weight_Sk: Tensor, g_weight_Sk: Tensor | None, renormaliz
 
 def topk_softmax_router(
     x_Sd: Tensor, w_dE: Tensor, k: int, renormalize: bool
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
     """Route `x_Sd` with logits `x_Sd @ w_dE`; see the module docstring for the outputs."""
     (x_Sd, w_dE), autocast_off = outside_autocast(x_Sd, w_dE)
     with autocast_off:

@@ -38,12 +38,16 @@ constexpr int kMR = 6;   // rows per micro tile: 24 accumulators
 template <int MR, typename C>
 inline void micro_tile(const uint32_t* __restrict a, int64_t a_rs, int64_t a_ks, const uint32_t* __restrict b,
                        int64_t ldb, int64_t Kp, C* __restrict c, int64_t ldc, int ncols, const Epilogue& ep,
-                       int64_t col0, const uint16_t* keep) {
+                       int64_t col0, const uint16_t* keep, const float* addend) {
   // What the epilogue touches (the output, the ReLU mask) comes in while the reduction runs:
   // cold, the mask's rows made the dgrad GEMM 1.9x slower.
   for (int r = 0; r < 2 * MR; ++r)  // this tile's rows and the next tile's (prefetches never fault)
     for (int off = 0; off < ncols; off += 32) {
       if (keep) _mm_prefetch(reinterpret_cast<const char*>(keep + r * ep.ld_keep + off), _MM_HINT_T0);
+      if (addend) {
+        _mm_prefetch(reinterpret_cast<const char*>(addend + r * ep.ld_addend + off), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(addend + r * ep.ld_addend + off + 16), _MM_HINT_T0);
+      }
       __builtin_prefetch(c + r * ldc + off, 1, 3);  // for writing: the output's lines are read in first
     }
   __m512 acc[MR][4];
@@ -105,6 +109,7 @@ inline void micro_tile(const uint32_t* __restrict a, int64_t a_rs, int64_t a_ks,
       const __mmask16 mask = rem >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << rem) - 1u);
       __m512 v = acc[r][j];
       if (ep.bias) v = _mm512_add_ps(v, bias[j]);
+      if (addend) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, addend + r * ep.ld_addend + 16 * j));
       if (ep.accumulate) {
         if constexpr (std::is_same_v<C, float>) {
           v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, c + r * ldc + 16 * j));
@@ -133,7 +138,7 @@ inline void micro_tile(const uint32_t* __restrict a, int64_t a_rs, int64_t a_ks,
 
 template <typename C>
 using TileFn = void (*)(const uint32_t*, int64_t, int64_t, const uint32_t*, int64_t, int64_t, C*, int64_t, int,
-                        const Epilogue&, int64_t, const uint16_t*);
+                        const Epilogue&, int64_t, const uint16_t*, const float*);
 template <typename C>
 constexpr TileFn<C> kTiles[kMR + 1] = {nullptr,           &micro_tile<1, C>, &micro_tile<2, C>, &micro_tile<3, C>,
                                        &micro_tile<4, C>, &micro_tile<5, C>, &micro_tile<6, C>};
@@ -158,7 +163,8 @@ void gemm_into(const uint32_t* a, int64_t a_rs, int64_t a_ks, const uint32_t* b,
       for (int64_t m = rb * kRowBlock; m < m_end; m += kMR) {
         const int rows = static_cast<int>(std::min<int64_t>(kMR, m_end - m));
         kTiles<C>[rows](a + m * a_rs, a_rs, a_ks, b + col0, ldb, Kp, c + m * ldc + col0, ldc, static_cast<int>(ncols),
-                        ep, col0, ep.keep ? ep.keep + m * ep.ld_keep + col0 : nullptr);
+                        ep, col0, ep.keep ? ep.keep + m * ep.ld_keep + col0 : nullptr,
+                        ep.addend ? ep.addend + m * ep.ld_addend + col0 : nullptr);
       }
     }
   });

@@ -23,6 +23,8 @@ struct Epilogue {
   const uint16_t* keep = nullptr;      // [M, N] with row stride ld_keep: c = 0 where keep <= 0 (ReLU backward)
   int64_t ld_keep = 0;
   bool accumulate = false;             // c += the product (reads C's old values)
+  const float* addend = nullptr;       // [M, N] float32 with row stride ld_addend, added before rounding
+  int64_t ld_addend = 0;
 };
 
 // C[M, N] (bf16, row stride ldc) = A B: A[m][kp] pairs at a[m * a_rs + kp * a_ks], B pairs [Kp][N] with

@@ -155,7 +155,8 @@ class Products {
       return;
     }
     // Over pieces of kWgradRows rows, summed in float32 and rounded once: the packed pieces
-    // stay in L2 and take 1/4 of the memory a whole 1024-row expert block would.
+    // stay in L2 and take 1/4 of the memory a whole 1024-row expert block would. The last
+    // piece adds the float32 sum of the others in its epilogue and writes dst in bf16.
     acc_.resize(m * n);
     bf16::Epilogue ep;
     for (int64_t r0 = 0; r0 < rows; r0 += kWgradRows) {
@@ -163,9 +164,16 @@ class Products {
       pack(u.slice(0, r0, r1), pairs_u_);
       pack(v.slice(0, r0, r1), pairs_v_);
       ep.accumulate = r0 > 0;
-      bf16::gemm(pairs_u_.data(), 1, m, pairs_v_.data(), n, m, n, (r1 - r0 + 1) / 2, acc_.data(), n, ep);
+      const int64_t kp = (r1 - r0 + 1) / 2;
+      if (r1 < rows) {
+        bf16::gemm(pairs_u_.data(), 1, m, pairs_v_.data(), n, m, n, kp, acc_.data(), n, ep);
+      } else {
+        bf16::Epilogue last;
+        last.addend = acc_.data();
+        last.ld_addend = n;
+        bf16::gemm(pairs_u_.data(), 1, m, pairs_v_.data(), n, m, n, kp, bits_mut(dst), dst.stride(0), last);
+      }
     }
-    dst.copy_(at::from_blob(acc_.data(), {m, n}, dst.options().dtype(at::kFloat)));
   }
 
  private:

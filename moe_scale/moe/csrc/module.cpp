@@ -10,6 +10,14 @@ torch::Tensor router_forward(torch::Tensor logits, std::optional<torch::Tensor> 
 void router_backward(torch::Tensor prob, torch::Tensor g_prob, torch::Tensor lse, double g_lse_sq, torch::Tensor idx,
                      torch::Tensor weight, std::optional<torch::Tensor> g_weight, bool renormalize,
                      torch::Tensor grad_out, bool from_logits);
+std::vector<torch::Tensor> router_forward_gemm(const torch::Tensor& x, const torch::Tensor& w, int64_t k,
+                                               bool renormalize);
+std::vector<torch::Tensor> router_backward_gemm(const torch::Tensor& x, const torch::Tensor& w,
+                                                const torch::Tensor& prob, const torch::Tensor& g_prob,
+                                                const torch::Tensor& lse, double g_lse_sq, const torch::Tensor& idx,
+                                                const torch::Tensor& weight,
+                                                const std::optional<torch::Tensor>& g_weight, bool renormalize,
+                                                bool need_x, bool need_w);
 torch::Tensor gather_sum(torch::Tensor rows, torch::Tensor pos, std::optional<torch::Tensor> weight);
 std::vector<torch::Tensor> unpermute_backward(torch::Tensor rows, torch::Tensor grad, torch::Tensor token,
                                               torch::Tensor assignment, torch::Tensor weight, bool need_rows);
@@ -37,6 +45,8 @@ void bf16_wgrad(torch::Tensor out, const torch::Tensor& u, const torch::Tensor& 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("router_forward", &router_forward, "fused softmax top-k router forward");
   m.def("router_backward", &router_backward, "fused softmax top-k router backward");
+  m.def("router_forward_gemm", &router_forward_gemm, "fused router with its GEMM, few experts");
+  m.def("router_backward_gemm", &router_backward_gemm, "fused router backward with its GEMMs, few experts");
   m.def("gather_sum", &gather_sum, "out[s] = sum_j w[j, s] rows[pos[j, s]]");
   m.def("unpermute_backward", &unpermute_backward, "combine backward: row and weight gradients");
   m.def("sort_by_key", &sort_by_key, "stable counting sort of small integer keys -> (order, counts)");

@@ -18,6 +18,10 @@
 
 #include <ATen/Parallel.h>
 
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#endif
+
 #include "cpu_common.h"
 
 
@@ -195,11 +199,11 @@ inline void store_lanes(const float* __restrict tb, int64_t E, int rows, T* __re
     for (int64_t e = 0; e < E; ++e) store<T>(dst, l * E + e, tb[e * kLanes + l]);
 }
 
+// The forward of 16 rows whose logits are in `tb` [E][16] (float32, one row per lane).
 template <typename T>
-void forward_block(const T* __restrict logits, T* __restrict prob, int64_t E, int64_t k, bool renormalize, int rows,
-                   float* __restrict tb, float* __restrict weight, int64_t* __restrict top_idx, int64_t rs,
-                   int64_t cs, float* __restrict lse, float* __restrict col_acc) {
-  load_lanes<T>(logits, E, rows, tb);
+void forward_lanes(float* __restrict tb, T* __restrict prob, int64_t E, int64_t k, bool renormalize, int rows,
+                   float* __restrict weight, int64_t* __restrict top_idx, int64_t rs, int64_t cs,
+                   float* __restrict lse, float* __restrict col_acc) {
   float m1[kLanes], m2[kLanes], sum[kLanes], inv[kLanes], w1[kLanes], w2[kLanes];
   int32_t i1[kLanes], i2[kLanes];
   for (int l = 0; l < kLanes; ++l) m1[l] = m2[l] = -FLT_MAX, i1[l] = 0, i2[l] = -1, sum[l] = 0.f;
@@ -254,6 +258,14 @@ void forward_block(const T* __restrict logits, T* __restrict prob, int64_t E, in
       top_idx[l * rs + cs] = i2[l] >= 0 ? i2[l] : (i1[l] == 0 ? 1 : 0);  // every other logit was -inf / NaN
     }
   }
+}
+
+template <typename T>
+void forward_block(const T* __restrict logits, T* __restrict prob, int64_t E, int64_t k, bool renormalize, int rows,
+                   float* __restrict tb, float* __restrict weight, int64_t* __restrict top_idx, int64_t rs,
+                   int64_t cs, float* __restrict lse, float* __restrict col_acc) {
+  load_lanes<T>(logits, E, rows, tb);
+  forward_lanes<T>(tb, prob, E, k, renormalize, rows, weight, top_idx, rs, cs, lse, col_acc);
 }
 
 // weight / top_idx: element (row r, choice j) at [r * rs + j * cs].
@@ -340,11 +352,12 @@ struct ChoiceArrays {
 // `forward_block`): the rows are transposed into `tb` [E][16], every per-row quantity (p,
 // <p, g_p>, the coefficient) is computed across the lanes, the chosen logits get their
 // terms lane by lane, and the rows are transposed back into `grad`.
-template <typename T, bool FromLogits>
-void backward_block(const T* src, const float* __restrict g_prob, const float* __restrict lse, float g_lse_sq,
-                    const ChoiceArrays& ch, int64_t r0, bool renormalize, T* grad, int rows, int64_t E, int64_t k,
-                    float* __restrict tb) {
-  load_lanes<T>(src, E, rows, tb);
+// In place on `tb` [E][16]: the probabilities (or with FromLogits the logits) of 16 rows in,
+// their logit gradients out (lanes past `rows` are padding, their values meaningless).
+template <bool FromLogits>
+void logit_grad_lanes(float* __restrict tb, const float* __restrict g_prob, const float* __restrict lse,
+                      float g_lse_sq, const ChoiceArrays& ch, int64_t r0, bool renormalize, int rows, int64_t E,
+                      int64_t k) {
   float ls[kLanes], dot_l[kLanes], coef[kLanes], wg_sum[kLanes];
   for (int l = 0; l < kLanes; ++l) {
     ls[l] = l < rows ? lse[l] : 0.f;
@@ -381,6 +394,14 @@ void backward_block(const T* src, const float* __restrict g_prob, const float* _
         const float gw = ch.g_weight[o];
         tb[ch.idx[o] * kLanes + l] += ch.weight[o] * (renormalize ? gw - wg_sum[l] : gw);
       }
+}
+
+template <typename T, bool FromLogits>
+void backward_block(const T* src, const float* __restrict g_prob, const float* __restrict lse, float g_lse_sq,
+                    const ChoiceArrays& ch, int64_t r0, bool renormalize, T* grad, int rows, int64_t E, int64_t k,
+                    float* __restrict tb) {
+  load_lanes<T>(src, E, rows, tb);
+  logit_grad_lanes<FromLogits>(tb, g_prob, lse, g_lse_sq, ch, r0, renormalize, rows, E, k);
   store_lanes<T>(tb, E, rows, grad);  // `grad` may be `src` (the recomputed logits): all of it was read above
 }
 
@@ -411,6 +432,323 @@ void backward_rows(const T* src, const float* g_prob, const float* lse, float g_
       T* out = grad + r * E;
 #pragma omp simd
       for (int64_t e = 0; e < E; ++e) store<T>(out, e, g[e]);
+    }
+  });
+}
+
+// ------------------------------------------------------ few experts: the router GEMMs inside
+//
+// With few experts (E <= kGemmMaxExperts, k <= 2) the router's GEMMs, [S, d] x [d, E] forward
+// and the logit gradient times W^T and x backward, are small; in a layer step the three ATen
+// GEMMs and the Python around them took ~0.6 ms of a 11 ms step at E = 8 (cold caches and
+// dispatch; benchmarks/layer_breakdown.py). Here they run inside the 16-row block kernels,
+// with the experts (at most 16) along one vector, and the logits and logit gradients are
+// rounded to the input dtype where the ATen path rounds them (its GEMM outputs), so both paths
+// compute the same function up to the order of the float32 sums. In bfloat16 on CPUs with
+// AVX512-BF16 (and even d) the products take pairs of bf16 values with VDPBF16PS, as oneDNN's
+// GEMMs do; otherwise float32 FMAs.
+
+constexpr int64_t kGemmMaxExperts = 16;
+
+using vec16 = float __attribute__((vector_size(64)));  // 16 floats: one AVX-512 register (two AVX2)
+
+inline vec16 vload(const void* p) {
+  vec16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void vstore(void* p, vec16 v) { std::memcpy(p, &v, sizeof(v)); }
+
+// A scratch buffer of 32-bit elements aligned to 64 bytes, zero-filled: a vector load from
+// malloc's 16-byte alignment splits a cache line three times in four (the weight-gradient loop
+// ran at half speed).
+template <typename U>
+class Aligned {
+  static_assert(sizeof(U) == 4);
+
+ public:
+  explicit Aligned(int64_t n) : v_((n + 15) / 16, vec16{}) {}
+  U* data() { return reinterpret_cast<U*>(v_.data()); }
+  const U* data() const { return reinterpret_cast<const U*>(v_.data()); }
+
+ private:
+  std::vector<vec16> v_;
+};
+
+// The feature axis is padded to whole chunks of 8 vectors: 8 accumulators, enough independent
+// FMA chains to hide their latency.
+constexpr int64_t kChunk = 128;
+
+inline int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
+
+template <typename T>
+inline float round_to(float v) {
+  if constexpr (std::is_same_v<T, uint16_t>) return bf16_to_float(float_to_bf16(v));
+  return v;
+}
+
+// rows [rows, d] of T -> xf [16][dp] float32, zero past `rows` and past d.
+template <typename T>
+inline void load_block_rows(const T* __restrict x, int64_t d, int rows, int64_t dp, float* __restrict xf) {
+  for (int l = 0; l < kLanes; ++l) {
+    float* dst = xf + l * dp;
+    if (l < rows) load_row<T>(x + l * d, dst, d);
+    std::fill(dst + (l < rows ? d : 0), dst + dp, 0.f);
+  }
+}
+
+// acc [rows, d] as float32 chunks -> dst in T
+template <typename T>
+inline void store_chunk(const vec16* acc, int64_t n, T* __restrict dst) {
+  alignas(64) float buf[kChunk];
+  for (int j = 0; j < 8; ++j) vstore(buf + 16 * j, acc[j]);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) store<T>(dst, i, buf[i]);
+}
+
+// The three products in float32 FMAs, for rows of T.
+template <typename T>
+class Float32Gemms {
+ public:
+  // w [d, E] contiguous, in T
+  Float32Gemms(const T* w, int64_t d, int64_t E) : d_(d), dp_(round_up(d, kChunk)), E_(E), wv_(d * 16), wt_(E * dp_) {
+    for (int64_t i = 0; i < d; ++i)
+      for (int64_t e = 0; e < E; ++e) wv_.data()[i * 16 + e] = wt_.data()[e * dp_ + i] = to_float(w[i * E + e]);
+  }
+
+  struct Scratch {
+    explicit Scratch(const Float32Gemms& g) : xf(kLanes * g.dp_) {}
+    Aligned<float> xf;
+  };
+
+  // out [16][16] = logits of the block's rows x [rows, d] (rows past `rows`: zero)
+  void logits(const T* x, int rows, Scratch& s, float* __restrict out) const {
+    const float* xf = s.xf.data();
+    load_block_rows<T>(x, d_, rows, dp_, s.xf.data());
+    for (int r0 = 0; r0 < kLanes; r0 += 8) {
+      vec16 acc[8] = {};
+      for (int64_t i = 0; i < d_; ++i) {
+        const vec16 wv = vload(wv_.data() + i * 16);
+#pragma GCC unroll 8
+        for (int r = 0; r < 8; ++r) acc[r] += xf[(r0 + r) * dp_ + i] * wv;
+      }
+      for (int r = 0; r < 8; ++r) vstore(out + (r0 + r) * 16, acc[r]);
+    }
+  }
+
+  // grad_x rows [rows, d] = g [E][16] (lanes) @ W^T
+  void grad_x(const float* __restrict g, int rows, T* __restrict grad_x) const {
+    for (int l = 0; l < rows; ++l)
+      for (int64_t c = 0; c < dp_; c += kChunk) {
+        vec16 acc[8] = {};
+        for (int64_t e = 0; e < E_; ++e) {
+          const float ge = g[e * kLanes + l];
+          const float* w = wt_.data() + e * dp_ + c;
+#pragma GCC unroll 8
+          for (int j = 0; j < 8; ++j) acc[j] += ge * vload(w + 16 * j);
+        }
+        store_chunk<T>(acc, std::min<int64_t>(kChunk, d_ - c), grad_x + l * d_ + c);
+      }
+  }
+
+  // gw [E][dp] += g [E][16] (lanes) @ x [rows, d], over the first `rows` lanes
+  void grad_w(const float* __restrict g, const T* x, int rows, Scratch& s, float* __restrict gw) const {
+    load_block_rows<T>(x, d_, rows, dp_, s.xf.data());
+    const float* xf = s.xf.data();
+    for (int64_t e = 0; e < E_; ++e)
+      for (int64_t c = 0; c < dp_; c += kChunk) {
+        float* dst = gw + e * dp_ + c;
+        vec16 acc[8];
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; ++j) acc[j] = vload(dst + 16 * j);
+        for (int l = 0; l < rows; ++l) {
+          const float ge = g[e * kLanes + l];
+          const float* xr = xf + l * dp_ + c;
+#pragma GCC unroll 8
+          for (int j = 0; j < 8; ++j) acc[j] += ge * vload(xr + 16 * j);
+        }
+        for (int j = 0; j < 8; ++j) vstore(dst + 16 * j, acc[j]);
+      }
+  }
+
+  int64_t dp() const { return dp_; }
+
+ private:
+  int64_t d_, dp_, E_;
+  Aligned<float> wv_;  // [d][16]: W's rows, experts along the vector, zero past E
+  Aligned<float> wt_;  // [E][dp]: W^T, zero past d
+};
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define MOE_SCALE_ROUTER_BF16 1
+
+inline uint32_t pair(uint16_t lo, uint16_t hi) { return lo | static_cast<uint32_t>(hi) << 16; }
+
+// The bits of a float already rounded to bfloat16 precision.
+inline uint16_t bf16_bits(float v) {
+  uint32_t b;
+  std::memcpy(&b, &v, sizeof(b));
+  return static_cast<uint16_t>(b >> 16);
+}
+
+inline __m512 dot_pairs(__m512 acc, uint32_t a_pair, const uint32_t* b_pairs) {
+  return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi32(static_cast<int>(a_pair)),
+                          (__m512bh)_mm512_loadu_si512(b_pairs));
+}
+
+// The three products with VDPBF16PS on pairs of bfloat16 values (d even), as oneDNN's bf16 GEMMs.
+class Bf16Gemms {
+ public:
+  Bf16Gemms(const uint16_t* w, int64_t d, int64_t E)
+      : d_(d), dp_(round_up(d, kChunk)), E_(E), ep_((E + 1) / 2), wv_(d / 2 * 16), wt_(ep_ * dp_) {
+    auto at = [&](int64_t i, int64_t e) -> uint16_t { return e < E ? w[i * E + e] : 0; };
+    for (int64_t i = 0; i < d; i += 2)
+      for (int64_t e = 0; e < E; ++e) wv_.data()[i / 2 * 16 + e] = pair(at(i, e), at(i + 1, e));
+    for (int64_t p = 0; p < ep_; ++p)
+      for (int64_t i = 0; i < d; ++i) wt_.data()[p * dp_ + i] = pair(at(i, 2 * p), at(i, 2 * p + 1));
+  }
+
+  struct Scratch {
+    explicit Scratch(const Bf16Gemms& g) : xp(kLanes / 2 * g.dp_), zero(g.d_ / 2) {}
+    Aligned<uint32_t> xp;    // [8][dp]: pairs of rows (2q, 2q + 1), zero past d
+    Aligned<uint32_t> zero;  // a zero row, for the block's missing rows
+  };
+
+  void logits(const uint16_t* x, int rows, Scratch& s, float* __restrict out) const {
+    for (int r0 = 0; r0 < kLanes; r0 += 8) {
+      const uint32_t* xr[8];
+      for (int r = 0; r < 8; ++r)
+        xr[r] = r0 + r < rows ? reinterpret_cast<const uint32_t*>(x + (r0 + r) * d_) : s.zero.data();
+      __m512 acc[8];
+      for (int r = 0; r < 8; ++r) acc[r] = _mm512_setzero_ps();
+      for (int64_t ip = 0; ip < d_ / 2; ++ip) {
+        const uint32_t* wv = wv_.data() + ip * 16;
+#pragma GCC unroll 8
+        for (int r = 0; r < 8; ++r) acc[r] = dot_pairs(acc[r], xr[r][ip], wv);
+      }
+      for (int r = 0; r < 8; ++r) _mm512_storeu_ps(out + (r0 + r) * 16, acc[r]);
+    }
+  }
+
+  // g: lanes [E][16] already rounded to bf16 precision
+  void grad_x(const float* __restrict g, int rows, uint16_t* __restrict grad_x) const {
+    for (int l = 0; l < rows; ++l) {
+      uint32_t gp[kGemmMaxExperts / 2];
+      for (int64_t p = 0; p < ep_; ++p)
+        gp[p] = pair(bf16_bits(g[2 * p * kLanes + l]), 2 * p + 1 < E_ ? bf16_bits(g[(2 * p + 1) * kLanes + l]) : 0);
+      for (int64_t c = 0; c < dp_; c += kChunk) {
+        vec16 acc[8] = {};
+        for (int64_t p = 0; p < ep_; ++p) {
+          const uint32_t* w = wt_.data() + p * dp_ + c;
+#pragma GCC unroll 8
+          for (int j = 0; j < 8; ++j) acc[j] = (vec16)dot_pairs((__m512)acc[j], gp[p], w + 16 * j);
+        }
+        store_chunk<uint16_t>(acc, std::min<int64_t>(kChunk, d_ - c), grad_x + l * d_ + c);
+      }
+    }
+  }
+
+  void grad_w(const float* __restrict g, const uint16_t* x, int rows, Scratch& s, float* __restrict gw) const {
+    uint32_t* xp = s.xp.data();
+    for (int q = 0; q < kLanes / 2; ++q) {
+      const uint16_t* a = 2 * q < rows ? x + 2 * q * d_ : nullptr;
+      const uint16_t* b = 2 * q + 1 < rows ? x + (2 * q + 1) * d_ : nullptr;
+      uint32_t* dst = xp + q * dp_;
+#pragma omp simd
+      for (int64_t i = 0; i < d_; ++i) dst[i] = pair(a ? a[i] : 0, b ? b[i] : 0);
+    }
+    for (int64_t e = 0; e < E_; ++e) {
+      uint32_t gq[kLanes / 2];
+      for (int q = 0; q < kLanes / 2; ++q)
+        gq[q] = pair(2 * q < rows ? bf16_bits(g[e * kLanes + 2 * q]) : 0,
+                     2 * q + 1 < rows ? bf16_bits(g[e * kLanes + 2 * q + 1]) : 0);
+      for (int64_t c = 0; c < dp_; c += kChunk) {
+        float* dst = gw + e * dp_ + c;
+        __m512 acc[8];
+        for (int j = 0; j < 8; ++j) acc[j] = _mm512_loadu_ps(dst + 16 * j);
+        for (int q = 0; q < kLanes / 2; ++q) {
+#pragma GCC unroll 8
+          for (int j = 0; j < 8; ++j) acc[j] = dot_pairs(acc[j], gq[q], xp + q * dp_ + c + 16 * j);
+        }
+        for (int j = 0; j < 8; ++j) _mm512_storeu_ps(dst + 16 * j, acc[j]);
+      }
+    }
+  }
+
+  int64_t dp() const { return dp_; }
+
+ private:
+  int64_t d_, dp_, E_, ep_;
+  Aligned<uint32_t> wv_;  // [d/2][16]: pairs (w[2i][e], w[2i+1][e]), zero past E
+  Aligned<uint32_t> wt_;  // [ceil(E/2)][dp]: pairs (w[i][2p], w[i][2p+1]), zero past d and E
+};
+#endif
+
+// Per-thread partial sums of the forward, added up at the end.
+struct ForwardPartials {
+  ForwardPartials(int64_t threads, int64_t E) : prob_sum(threads * E), top1(threads * E), lse_sq(threads) {}
+  std::vector<float> prob_sum, top1;
+  std::vector<double> lse_sq;
+};
+
+// The forward of `router_forward_gemm` over rows [0, C): weight / top_idx [C, k] choice-major
+// ([k, C] storage).
+template <typename T, typename Gemms>
+void forward_gemm_rows(const T* x, int64_t C, int64_t d, const Gemms& gemms, int64_t E, int64_t k, bool renormalize,
+                       T* prob, float* weight, int64_t* top_idx, float* lse, ForwardPartials& partials) {
+  const int64_t blocks = (C + kLanes - 1) / kLanes;
+  at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
+    typename Gemms::Scratch scratch(gemms);
+    Aligned<float> logits(kLanes * 16);
+    std::vector<float> tb(E * kLanes), col_acc(E * kLanes, 0.f), top1(E, 0.f);
+    double lse_sq = 0.0;
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t r = b * kLanes;
+      const int rows = static_cast<int>(std::min<int64_t>(kLanes, C - r));
+      float* lg = logits.data();
+      gemms.logits(x + r * d, rows, scratch, lg);
+#pragma omp simd
+      for (int i = 0; i < kLanes * 16; ++i) lg[i] = round_to<T>(lg[i]);
+      for (int64_t e = 0; e < E; ++e)
+        for (int l = 0; l < kLanes; ++l) tb[e * kLanes + l] = l < rows ? lg[l * 16 + e] : 0.f;
+      forward_lanes<T>(tb.data(), prob + r * E, E, k, renormalize, rows, weight + r, top_idx + r, 1, C, lse + r,
+                       col_acc.data());
+      for (int l = 0; l < rows; ++l) {
+        lse_sq += static_cast<double>(lse[r + l]) * lse[r + l];
+        top1[top_idx[r + l]] += 1.f;
+      }
+    }
+    const int t = at::get_thread_num();
+    for (int64_t e = 0; e < E; ++e) {
+      for (int l = 0; l < kLanes; ++l) partials.prob_sum[t * E + e] += col_acc[e * kLanes + l];
+      partials.top1[t * E + e] += top1[e];
+    }
+    partials.lse_sq[t] += lse_sq;
+  });
+}
+
+// The backward of `router_backward_gemm`: grad_x [C, d] (or null) and per-thread partial
+// weight gradients gw [threads][E][dp] (or null).
+template <typename T, typename Gemms>
+void backward_gemm_rows(const T* x, const T* prob, int64_t C, int64_t d, const Gemms& gemms, const float* g_prob,
+                        const float* lse, float g_lse_sq, const ChoiceArrays& ch, bool renormalize, int64_t E,
+                        int64_t k, T* grad_x, float* gw_partial) {
+  const int64_t blocks = (C + kLanes - 1) / kLanes;
+  at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
+    typename Gemms::Scratch scratch(gemms);
+    std::vector<float> tb(E * kLanes);
+    float* gw = gw_partial ? gw_partial + at::get_thread_num() * E * gemms.dp() : nullptr;
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t r = b * kLanes;
+      const int rows = static_cast<int>(std::min<int64_t>(kLanes, C - r));
+      load_lanes<T>(prob + r * E, E, rows, tb.data());
+      logit_grad_lanes<false>(tb.data(), g_prob, lse + r, g_lse_sq, ch, r, renormalize, rows, E, k);
+      float* g = tb.data();  // as the ATen path's logit gradient, in the input dtype
+#pragma omp simd
+      for (int64_t i = 0; i < E * kLanes; ++i) g[i] = round_to<T>(g[i]);
+      if (grad_x) gemms.grad_x(tb.data(), rows, grad_x + r * d);
+      if (gw) gemms.grad_w(tb.data(), x + r * d, rows, scratch, gw);
     }
   });
 }
@@ -500,4 +838,103 @@ void router_backward(at::Tensor prob, at::Tensor g_prob, at::Tensor lse, double 
     run(data<uint16_t>(prob), data<uint16_t>(grad_out));
   else
     run(data<float>(prob), data<float>(grad_out));
+}
+
+// The router with its GEMMs fused in, for few experts (E <= 16, k <= 2): x [S, d] and w [d, E]
+// (contiguous) of one dtype (float32 / bfloat16) -> {weight [k, S] f32 (choice-major: the
+// [S, k] weights are its transpose), top_idx [k, S] i64, lse [S] f32, prob [S, E] (x's dtype),
+// prob column sums [E] f32, sum of lse^2 (0-dim f32), first choices per expert [E] f32}; see
+// `router_forward`.
+std::vector<at::Tensor> router_forward_gemm(const at::Tensor& x, const at::Tensor& w, int64_t k, bool renormalize) {
+  check_rows(x, "x");
+  const int64_t S = x.size(0), d = x.size(1), E = w.size(1);
+  TORCH_CHECK(w.dim() == 2 && w.size(0) == d && w.scalar_type() == x.scalar_type() && w.is_contiguous(),
+              "w must be a contiguous [d, E] in x's dtype");
+  TORCH_CHECK(E <= kGemmMaxExperts && k >= 1 && k <= std::min<int64_t>(2, E),
+              "router_forward_gemm takes at most 16 experts and k in [1, min(2, E)]");
+  const auto f32 = x.options().dtype(at::kFloat);
+  auto weight = at::empty({k, S}, f32), idx = at::empty({k, S}, x.options().dtype(at::kLong));
+  auto lse = at::empty({S}, f32), prob = at::empty({S, E}, x.options());
+  ForwardPartials partials(at::get_num_threads(), E);
+  auto run = [&](const auto& gemms, auto* src) {
+    using T = std::remove_pointer_t<decltype(src)>;
+    forward_gemm_rows<T>(src, S, d, gemms, E, k, renormalize, data<T>(prob), weight.data_ptr<float>(),
+                         idx.data_ptr<int64_t>(), lse.data_ptr<float>(), partials);
+  };
+  if (!is_bf16(x)) {
+    run(Float32Gemms<float>(data<float>(w), d, E), data<float>(x));
+  } else {
+#ifdef MOE_SCALE_ROUTER_BF16
+    if (d % 2 == 0)
+      run(Bf16Gemms(data<uint16_t>(w), d, E), data<uint16_t>(x));
+    else
+#endif
+      run(Float32Gemms<uint16_t>(data<uint16_t>(w), d, E), data<uint16_t>(x));
+  }
+  auto prob_sum = at::zeros({E}, f32), top1 = at::zeros({E}, f32);
+  double lse_sq = 0.0;
+  for (size_t t = 0; t < partials.lse_sq.size(); ++t) {
+    lse_sq += partials.lse_sq[t];
+    for (int64_t e = 0; e < E; ++e) {
+      prob_sum.data_ptr<float>()[e] += partials.prob_sum[t * E + e];
+      top1.data_ptr<float>()[e] += partials.top1[t * E + e];
+    }
+  }
+  return {weight, idx, lse, prob, prob_sum, at::scalar_tensor(lse_sq, f32), top1};
+}
+
+// Gradients of `router_forward_gemm`: x, w, prob as saved; g_prob [E], lse [S] f32; idx,
+// weight, g_weight (None: zero) [S, k] with one set of strides; -> {grad_x [S, d] (undefined
+// unless need_x), grad_w [d, E] in w's dtype (undefined unless need_w)}.
+std::vector<at::Tensor> router_backward_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& prob,
+                                             const at::Tensor& g_prob, const at::Tensor& lse, double g_lse_sq,
+                                             const at::Tensor& idx, const at::Tensor& weight,
+                                             const std::optional<at::Tensor>& g_weight, bool renormalize,
+                                             bool need_x, bool need_w) {
+  check_rows(x, "x");
+  check_rows(prob, "prob");
+  const int64_t S = x.size(0), d = x.size(1), E = w.size(1), k = idx.size(1);
+  TORCH_CHECK(w.dim() == 2 && w.size(0) == d && w.scalar_type() == x.scalar_type() && w.is_contiguous(),
+              "w must be a contiguous [d, E] in x's dtype");
+  TORCH_CHECK(E <= kGemmMaxExperts && prob.size(0) == S && prob.size(1) == E && prob.scalar_type() == x.scalar_type(),
+              "prob must be [S, E] in x's dtype with E <= 16");
+  check_statistics(g_prob, lse, idx, weight, g_weight, S, E);
+  const int64_t threads = at::get_num_threads();
+  at::Tensor grad_x = need_x ? at::empty_like(x) : at::Tensor();
+  std::vector<float> gw;
+  int64_t dp = 0;
+  const ChoiceArrays ch{idx.data_ptr<int64_t>(), weight.data_ptr<float>(),
+                        g_weight ? g_weight->data_ptr<float>() : nullptr, idx.stride(0), idx.stride(1)};
+  auto run = [&](const auto& gemms, auto* src) {
+    using T = std::remove_pointer_t<decltype(src)>;
+    dp = gemms.dp();
+    if (need_w) gw.assign(threads * E * dp, 0.f);
+    backward_gemm_rows<T>(src, data<T>(prob), S, d, gemms, g_prob.data_ptr<float>(), lse.data_ptr<float>(),
+                          static_cast<float>(g_lse_sq), ch, renormalize, E, k, need_x ? data<T>(grad_x) : nullptr,
+                          need_w ? gw.data() : nullptr);
+  };
+  if (!is_bf16(x)) {
+    run(Float32Gemms<float>(data<float>(w), d, E), data<float>(x));
+  } else {
+#ifdef MOE_SCALE_ROUTER_BF16
+    if (d % 2 == 0)
+      run(Bf16Gemms(data<uint16_t>(w), d, E), data<uint16_t>(x));
+    else
+#endif
+      run(Float32Gemms<uint16_t>(data<uint16_t>(w), d, E), data<uint16_t>(x));
+  }
+  at::Tensor grad_w;
+  if (need_w) {  // [d, E] = the threads' [E][dp] partials summed and transposed
+    std::vector<float> sum(d * E, 0.f);
+    for (int64_t t = 0; t < threads; ++t)
+      for (int64_t e = 0; e < E; ++e)
+        for (int64_t i = 0; i < d; ++i) sum[i * E + e] += gw[(t * E + e) * dp + i];
+    grad_w = at::empty({d, E}, w.options());
+    auto out = [&](auto* dst) {
+      using T = std::remove_pointer_t<decltype(dst)>;
+      for (int64_t i = 0; i < d * E; ++i) store<T>(dst, i, sum[i]);
+    };
+    is_bf16(w) ? out(data<uint16_t>(grad_w)) : out(data<float>(grad_w));
+  }
+  return {grad_x, grad_w};
 }
