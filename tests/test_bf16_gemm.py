@@ -140,13 +140,18 @@ def _reference(counts, activation, params):
     return [y, *grads]
 
 
-@pytest.mark.parametrize("groups", [1, 2, 3])
+@pytest.mark.parametrize("groups", [1, 2, 3, "2-split"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu"])
 def test_span_loop_with_native_gemm_is_as_exact_as_aten(activation, bias, groups, monkeypatch):
     """The expert MLP in bf16 with the native GEMM (exact spans, fused ReLU) and with ATen's
-    (bucketed spans): each output and gradient as close to the float64 reference as ATen's."""
+    (bucketed spans): each output and gradient as close to the float64 reference as ATen's.
+    "2-split": two groups made equal by splitting an expert across them, its weight gradients
+    summed from float32 partials."""
     _native_kernels()
+    if groups == "2-split":
+        groups = 2
+        monkeypatch.setattr(grouped_mlp, "_SPLIT_MIN_ROWS", 0)
     ran_native = []
     real = grouped_mlp.native_bf16_gemm
     monkeypatch.setattr(grouped_mlp, "native_bf16_gemm", lambda *a: ran_native.append(real(*a)) or ran_native[-1])

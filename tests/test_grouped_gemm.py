@@ -260,18 +260,26 @@ class _SpyKernels:
 
 
 @pytest.mark.parametrize("counts", [(4, 0, 7, 1, 3, 9, 2), (2, 5, 0, 4)])
-@pytest.mark.parametrize("groups", [1, 2, 3])
+@pytest.mark.parametrize("groups", [1, 2, 3, "2-split", "3-split"])
 @pytest.mark.parametrize("bucket", [0, 3])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu"])
 def test_expert_parallel_span_loop_equals_per_expert_linear(activation, bias, bucket, groups, counts, monkeypatch):
     """csrc/mlp_kernels.cpp runs groups of experts on threads of their own. In float32 against
     the float64 per-expert reference, with groups that start with a block reaching forward
-    (bucket 3), one group (the calling thread alone) and more groups than threads; the spy
-    checks the compiled loop ran."""
+    (bucket 3), one group (the calling thread alone), more groups than threads, and ("-split")
+    exact spans evened out by splitting experts across groups (their weight gradients summed
+    from partials); the spy checks the compiled loop ran."""
     kernels = grouped_mlp.kernels_for(torch.zeros(1))
     if kernels is None:
         pytest.skip("the fused CPU kernels are not built here")
+    if isinstance(groups, str):
+        if bucket:
+            pytest.skip("bucketed spans are never split")
+        groups = int(groups[0])
+        monkeypatch.setattr(grouped_mlp, "_SPLIT_MIN_ROWS", 0)
+        counts = (sum(counts), *counts[1:])  # one expert too large for any partition to even out
+        assert grouped_mlp._Blocks(counts, 0, groups, split=True).num_parts >= 2
     spy = _SpyKernels(kernels)
     real = grouped_mlp._mlp_kernels
     monkeypatch.setattr(grouped_mlp, "_mlp_kernels", lambda *t: spy if real(*t) is not None else None)
@@ -335,6 +343,31 @@ def test_grouped_blocks_keep_every_span_inside_its_group():
     # about a third of the rows each: no group holds more than a third plus its largest block
     sizes = [last - first for first, last in rows_seen]
     assert len(sizes) == 3 and max(sizes) <= sum(counts) / 3 + max(counts)
+
+
+@pytest.mark.parametrize("groups", [2, 3])
+def test_exact_spans_go_to_groups_of_balanced_rows(groups):
+    """Without buckets a few dozen experts are split into groups of nearly equal rows (the
+    groups run one per thread): with two groups the best split there is, found by brute force."""
+    import itertools
+
+    counts = (1081, 797, 1034, 0, 1085, 1058, 1063, 1053, 1021)
+    blocks = grouped_mlp._Blocks(counts, groups=groups)
+    ends = torch.cumsum(torch.tensor(counts), 0).tolist()
+    spans = blocks.spans
+    assert sorted(e for e, *_ in spans) == [e for e, c in enumerate(counts) if c]
+    assert all((lo, hi, s, end) == (ends[e] - counts[e], ends[e], ends[e] - counts[e], ends[e])
+               for e, lo, hi, s, end in spans)  # exact
+    loads = [sum(hi - lo for _, lo, hi, _, _ in spans[a:b]) for a, b in zip(blocks.group_ptr, blocks.group_ptr[1:])]
+    assert len(loads) == groups and sum(loads) == sum(counts)
+    rows = [c for c in counts if c]
+    if groups == 2:
+        best = min(max(sum(x), sum(rows) - sum(x)) for r in range(len(rows) + 1)
+                   for x in itertools.combinations(rows, r))
+        assert max(loads) == best
+    else:  # 8 blocks of ~1000 rows in 3 groups: the heaviest holds 3 of them
+        assert max(loads) <= 3 * max(rows)
+        assert min(loads) >= 2 * min(rows)
 
 
 def test_span_loop_errors_in_threads_reach_python():

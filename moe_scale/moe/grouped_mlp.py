@@ -47,8 +47,13 @@ class _Blocks:
 
     spans      (expert, lo, hi, start, end): the expert whose rows are [start, end) computes
                over rows [lo, hi) (a superset), in the order given
-    group_ptr  spans[group_ptr[g]:group_ptr[g + 1]] is group g: neighbouring experts with
-               about 1/groups of the rows each, whose spans stay inside the group's rows
+    group_ptr  spans[group_ptr[g]:group_ptr[g + 1]] is group g: experts with about 1/groups
+               of the rows each, whose spans stay inside the group's rows
+
+    Exact spans (no `bucket`) of a few dozen experts go to the groups by a balanced partition
+    of their row counts (`_balanced_partition`): the groups run one per thread and the layer
+    waits for the longest (8 experts of 797-1085 rows: neighbouring groups of 3997 and 4195
+    rows, balanced ones of 4096 each). Bucketed spans need neighbours.
 
     Without `bucket` every span is exact (lo, hi = start, end). With `bucket` (bf16 / fp16 on
     CPU through oneDNN, see `bucketed_shapes`) no GEMM sees a row count outside a small fixed
@@ -62,18 +67,25 @@ class _Blocks:
     they can run at once (csrc/mlp_kernels.cpp runs one per thread).
     """
 
-    def __init__(self, counts: tuple[int, ...], bucket: int = 0, groups: int = 1):
+    def __init__(self, counts: tuple[int, ...], bucket: int = 0, groups: int = 1, split: bool = False):
         self.counts = counts
+        self.parts: list[int] = []  # per span: -1, or the partial-gradient slot of a split expert's piece
         exact, start = [], 0
         for e, c in enumerate(counts):
             if c:
                 exact.append((e, start, start + c))
             start += c
         self.num_nonempty = len(exact)
-        # A block joins the group its middle row falls in: contiguous groups of ~start/groups rows.
         members: list[list[tuple[int, int, int]]] = [[] for _ in range(max(groups, 1))]
-        for e, s, end in exact:
-            members[min(len(members) - 1, (s + end) * len(members) // (2 * start))].append((e, s, end))
+        if bucket or len(members) == 1 or len(exact) > _BALANCE_MAX_BLOCKS:
+            # A block joins the group its middle row falls in: contiguous groups of ~start/groups rows.
+            for e, s, end in exact:
+                members[min(len(members) - 1, (s + end) * len(members) // (2 * start))].append((e, s, end))
+        else:
+            members = _balanced_partition(exact, len(members))
+        part_of: dict[tuple[int, int], int] = {}
+        if split and not bucket and len(members) > 1:
+            members, part_of = _split_to_balance(members)
         self.spans, self.group_ptr = [], [0]
         for group in (m for m in members if m):
             first, last = group[0][1], group[-1][2]
@@ -85,17 +97,104 @@ class _Blocks:
                     self.spans.append((e, s, s + rows, s, end))
                 else:
                     self.spans.append((e, s, end, s, end))
+                self.parts.append(part_of.get((e, s), -1))
             self.group_ptr.append(len(self.spans))
 
     @functools.cached_property
     def spans_tensor(self) -> Tensor:
-        """The spans as a `[n, 5]` int64 tensor (for csrc/mlp_kernels.cpp; made once)."""
-        return torch.tensor(self.spans, dtype=torch.long).view(-1, 5)
+        """The spans and their parts as a `[n, 6]` int64 tensor (for csrc/mlp_kernels.cpp; made once)."""
+        return torch.tensor([(*sp, p) for sp, p in zip(self.spans, self.parts)], dtype=torch.long).view(-1, 6)
+
+    @property
+    def num_parts(self) -> int:
+        """Pieces of split experts (`split`), each with its own partial weight gradients."""
+        return max(self.parts, default=-1) + 1
 
     @property
     def longest(self) -> int:
         """Rows of the longest span."""
         return max((hi - lo for _, lo, hi, _, _ in self.spans), default=0)
+
+
+# Up to this many blocks the groups of exact spans are a balanced partition (`_balanced_partition`);
+# more blocks are small next to a group, and contiguous groups are as even as one block.
+_BALANCE_MAX_BLOCKS = 64
+
+
+def _balanced_partition(blocks: list[tuple[int, int, int]], groups: int) -> list[list[tuple[int, int, int]]]:
+    """Blocks (expert, start, end) into `groups` lists with nearly equal total rows, each list
+    in expert order. Two groups: the exact best split (subset sums as a bitset); more: largest
+    first to the lightest group, then single moves and swaps between the heaviest and the
+    lightest group while they narrow its gap."""
+    rows = [end - s for _, s, end in blocks]
+    if groups == 2:
+        reach = [1]  # reach[i]: bit r set when some of the first i blocks sum to r rows
+        for r in rows:
+            reach.append(reach[-1] | reach[-1] << r)
+        half = sum(rows) // 2
+        best = (reach[-1] & ((2 << half) - 1)).bit_length() - 1  # the largest sum <= half
+        first, second = [], []
+        for i in range(len(blocks) - 1, -1, -1):
+            if reach[i] >> best & 1:
+                second.append(blocks[i])
+            else:
+                first.append(blocks[i])
+                best -= rows[i]
+        return [first[::-1], second[::-1]]
+    members: list[list[int]] = [[] for _ in range(groups)]
+    loads = [0] * groups
+    for i in sorted(range(len(blocks)), key=rows.__getitem__, reverse=True):
+        g = loads.index(min(loads))
+        members[g].append(i)
+        loads[g] += rows[i]
+    for _ in range(4 * len(blocks)):
+        hi, lo = loads.index(max(loads)), loads.index(min(loads))
+        gap, best = loads[hi] - loads[lo], None
+        for x, i in enumerate(members[hi]):
+            for y, j in enumerate([None, *members[lo]]):  # None: move block i alone
+                shift = rows[i] - (0 if j is None else rows[j])
+                if abs(gap - 2 * shift) < (gap if best is None else best[0]):
+                    best = (abs(gap - 2 * shift), x, y - 1, shift)
+        if best is None:
+            break
+        _, x, y, shift = best
+        i = members[hi].pop(x)
+        if y >= 0:
+            members[hi].append(members[lo].pop(y))
+        members[lo].append(i)
+        loads[hi] -= shift
+        loads[lo] += shift
+    return [[blocks[i] for i in sorted(m)] for m in members]
+
+
+# A group more than this many rows above its share is evened out by splitting a block.
+_SPLIT_MIN_ROWS = 32
+
+
+def _split_to_balance(members: list[list[tuple[int, int, int]]]):
+    """Equal rows per group by splitting blocks: while the heaviest group holds more than
+    `_SPLIT_MIN_ROWS` rows above its share, the tail of its largest block moves to the lightest
+    group. Returns the groups and {(expert, start): part} for every piece of a split expert
+    (its weight gradients are summed from per-piece partials, `mlp_backward`)."""
+    members = [list(m) for m in members]
+    loads = [sum(end - s for _, s, end in m) for m in members]
+    share = -(-sum(loads) // len(loads))
+    split_experts: set[int] = set()
+    for _ in range(2 * len(members)):
+        hi, lo = loads.index(max(loads)), loads.index(min(loads))
+        move = min(loads[hi] - share, share - loads[lo])
+        if loads[hi] - share <= _SPLIT_MIN_ROWS or move <= 0:
+            break
+        i = max(range(len(members[hi])), key=lambda j: members[hi][j][2] - members[hi][j][1])
+        e, s, end = members[hi][i]
+        move = min(move, end - s - 1)
+        members[hi][i] = (e, s, end - move)
+        members[lo].append((e, end - move, end))
+        loads[hi] -= move
+        loads[lo] += move
+        split_experts.add(e)
+    pieces = sorted((e, s) for m in members for e, s, _ in m if e in split_experts)
+    return [sorted(m) for m in members], {piece: p for p, piece in enumerate(pieces)}
 
 
 def _span_mm(a_span: Tensor, w: Tensor, bias: Tensor | None, out: Tensor, lo: int, hi: int, end: int) -> Tensor:
@@ -427,7 +526,7 @@ def grouped_mlp(
         kernels = _mlp_kernels(x_Md, w1, w2, w3, b1, b2)
         groups = _expert_groups(sum(1 for c in counts if c)) if kernels is not None else 1
         native = native_bf16_gemm(kernels, x_Md, w1)
-        ops = _Ops(method, _Blocks(tuple(counts), 0 if native else bucket, groups))
+        ops = _Ops(method, _Blocks(tuple(counts), 0 if native else bucket, groups, split=True))
         return _MLP.apply(x_Md, w1, w2, w3, b1, b2, ops, activation, kernels, native)
     ops = _Ops(method, _Blocks(tuple(counts), bucket))
     a = _Up.apply(x_Md, w1, w3, b1, ops, layout, activation)

@@ -37,15 +37,23 @@ enum Activation : int64_t { kReLU = 0, kGELU = 1, kSwiGLU = 2 };
 
 struct Span {
   int64_t e, lo, hi, s, end;  // expert e owns rows [s, end) and computes over [lo, hi)
+  int64_t part;               // -1, or the partial-gradient slot of a piece of a split expert
 };
 
+// spans [n, 5] or [n, 6] (the 6th column: part, see `_Blocks.parts`)
 std::vector<Span> read_spans(const at::Tensor& spans) {
-  TORCH_CHECK(spans.dim() == 2 && spans.size(1) == 5 && spans.scalar_type() == at::kLong && spans.is_cpu(),
-              "spans must be a [n, 5] int64 CPU tensor");
+  TORCH_CHECK(spans.dim() == 2 && (spans.size(1) == 5 || spans.size(1) == 6) && spans.scalar_type() == at::kLong &&
+                  spans.is_cpu(),
+              "spans must be a [n, 5] or [n, 6] int64 CPU tensor");
   const auto a = spans.contiguous();
   const int64_t* p = a.data_ptr<int64_t>();
+  const int64_t c = a.size(1);
   std::vector<Span> out(a.size(0));
-  for (size_t i = 0; i < out.size(); ++i) out[i] = {p[5 * i], p[5 * i + 1], p[5 * i + 2], p[5 * i + 3], p[5 * i + 4]};
+  for (size_t i = 0; i < out.size(); ++i) {
+    const int64_t* r = p + c * i;
+    out[i] = {r[0], r[1], r[2], r[3], r[4], c == 6 ? r[5] : -1};
+    TORCH_CHECK(out[i].part >= -1, "a span's part must be -1 or a slot index");
+  }
   return out;
 }
 
@@ -141,10 +149,15 @@ class Products {
     if (keep) ::relu_backward_(dst, *keep);
   }
 
-  // dst = u^T @ v, summed over rows
+  // dst = u^T @ v, summed over rows; dst may be float32 (a split expert's partial gradient)
   void wgrad(at::Tensor dst, const at::Tensor& u, const at::Tensor& v) {
-    if (!native_) {
-      at::mm_out(dst, u.t(), v);
+    if (!native_ || dst.scalar_type() != u.scalar_type()) {
+      if (dst.scalar_type() == u.scalar_type())
+        at::mm_out(dst, u.t(), v);
+      else if (native_)
+        wgrad_f32(dst, u, v);
+      else
+        dst.copy_(at::mm(u.t().to(dst.scalar_type()), v.to(dst.scalar_type())));
       return;
     }
     const int64_t rows = u.size(0), m = u.size(1), n = v.size(1);
@@ -177,6 +190,21 @@ class Products {
   }
 
  private:
+  // dst (float32, contiguous rows) = u^T @ v over pieces of kWgradRows rows
+  void wgrad_f32(at::Tensor& dst, const at::Tensor& u, const at::Tensor& v) {
+    const int64_t rows = u.size(0), m = u.size(1), n = v.size(1);
+    bf16::Epilogue ep;
+    for (int64_t r0 = 0; r0 < rows; r0 += kWgradRows) {
+      const int64_t r1 = std::min(rows, r0 + kWgradRows);
+      pack(u.slice(0, r0, r1), pairs_u_);
+      pack(v.slice(0, r0, r1), pairs_v_);
+      ep.accumulate = r0 > 0;
+      bf16::gemm(pairs_u_.data(), 1, m, pairs_v_.data(), n, m, n, (r1 - r0 + 1) / 2, dst.data_ptr<float>(),
+                 dst.stride(0), ep);
+    }
+    if (rows == 0) dst.zero_();
+  }
+
   static void pack(const at::Tensor& x, std::vector<uint32_t>& out) {
     out.resize((x.size(0) + 1) / 2 * x.size(1));
     bf16::pack_row_pairs(bits(x), x.stride(0), x.size(0), x.size(1), out.data());
@@ -289,6 +317,19 @@ std::vector<at::Tensor> mlp_backward(const at::Tensor& g_y, const at::Tensor& x,
   }
   at::Tensor g_x = need_x ? at::empty_like(x) : at::Tensor();
   at::Tensor g_y_rw = g_y;  // zeroed and restored in place, span by span (see `_Ops.own_rows`)
+  // The pieces of a split expert (on different threads) write float32 partial gradients,
+  // summed into the expert's gradients (one rounding) once every group is done.
+  int64_t parts = 0;
+  for (const Span& sp : spans) parts = std::max(parts, sp.part + 1);
+  const auto f32 = opts.dtype(at::kFloat);
+  auto partial = [&](const at::Tensor& g, std::vector<int64_t> shape) {
+    shape.insert(shape.begin(), parts);
+    return parts && g.defined() ? at::empty(shape, f32) : at::Tensor();
+  };
+  at::Tensor p_w1 = partial(g_w1, {d, h}), p_w2 = partial(g_w2, {h, d}), p_w3 = partial(g_w3, {d, h});
+  at::Tensor p_b1 = partial(g_b1, {h}), p_b2 = partial(g_b2, {d});
+  // where span `sp` writes the gradient `g` of its expert (`p`: the partials of g)
+  auto grad_of = [](const at::Tensor& g, const at::Tensor& p, const Span& sp) { return sp.part >= 0 ? p[sp.part] : g[sp.e]; };
 
   for_each_group(group_ptr, [&](int64_t first, int64_t last) {
     Products products(native);
@@ -315,10 +356,10 @@ std::vector<at::Tensor> mlp_backward(const at::Tensor& g_y, const at::Tensor& x,
       at::Tensor g_a = scratch_h.slice(0, 0, sp.hi - sp.lo);
       // ReLU's backward (g_a = 0 where a <= 0) comes with the GEMM
       products.mm_t(g_a, gy, w2[e], activation == kReLU ? &t : nullptr, false);
-      products.wgrad(g_w2[e], a, gy);
+      products.wgrad(grad_of(g_w2, p_w2, sp), a, gy);
       if (has_b2) {
-        at::Tensor dst = g_b2[e];
-        at::sum_out(dst, gy, 0);
+        at::Tensor dst = grad_of(g_b2, p_b2, sp);
+        at::sum_out(dst, gy, {0}, false, dst.scalar_type());
       }
       if (foreign) {
         rows(g_y_rw, sp.lo, sp.s).copy_(head);
@@ -333,12 +374,12 @@ std::vector<at::Tensor> mlp_backward(const at::Tensor& g_y, const at::Tensor& x,
         at::silu_backward_out(g_a, g_a, t);
       }
       const at::Tensor x_e = rows(x, sp.lo, sp.hi);
-      products.wgrad(g_w1[e], x_e, g_a);
+      products.wgrad(grad_of(g_w1, p_w1, sp), x_e, g_a);
       if (has_b1) {
-        at::Tensor dst = g_b1[e];
-        at::sum_out(dst, g_a, 0);
+        at::Tensor dst = grad_of(g_b1, p_b1, sp);
+        at::sum_out(dst, g_a, {0}, false, dst.scalar_type());
       }
-      if (g_h3.defined()) products.wgrad(g_w3[e], x_e, g_h3);
+      if (g_h3.defined()) products.wgrad(grad_of(g_w3, p_w3, sp), x_e, g_h3);
       if (need_x) {
         at::Tensor g_x_rows = sp.hi > sp.end ? at::empty({sp.hi - sp.lo, d}, opts) : rows(g_x, sp.lo, sp.hi);
         products.mm_t(g_x_rows, g_a, w1[e], nullptr, false);
@@ -347,6 +388,17 @@ std::vector<at::Tensor> mlp_backward(const at::Tensor& g_y, const at::Tensor& x,
       }
     }
   });
+  if (parts) {
+    std::vector<std::vector<int64_t>> parts_of(E);
+    for (const Span& sp : spans)
+      if (sp.part >= 0) parts_of[sp.e].push_back(sp.part);
+    for (int64_t e = 0; e < E; ++e) {
+      if (parts_of[e].empty()) continue;
+      const auto idx = at::tensor(parts_of[e], opts.dtype(at::kLong));
+      for (auto [g, p] : {std::pair{&g_w1, &p_w1}, {&g_w2, &p_w2}, {&g_w3, &p_w3}, {&g_b1, &p_b1}, {&g_b2, &p_b2}})
+        if (g->defined()) (*g)[e].copy_(p->index_select(0, idx).sum(0));
+    }
+  }
   return {g_x, g_w1, g_w2, g_w3, g_b1, g_b2};
 }
 
