@@ -167,8 +167,12 @@ def _balanced_partition(blocks: list[tuple[int, int, int]], groups: int) -> list
     return [[blocks[i] for i in sorted(m)] for m in members]
 
 
-# A group more than this many rows above its share is evened out by splitting a block.
-_SPLIT_MIN_ROWS = 32
+# A group more than this many rows above its share is evened out by splitting a block. A split
+# costs about what a hundred or more rows of work do (the piece packs its expert's weights
+# again, its weight gradients go through float32 partials): in benchmarks/span_balance.py a
+# split of 70 rows made the bf16 MLP 8.66 instead of 8.58 ms, one of 1904 rows (an expert with
+# 6000 of 8192 rows) 8.94 instead of 12.54 ms (results/span_balance.json).
+_SPLIT_MIN_ROWS = 256
 
 
 def _split_to_balance(members: list[list[tuple[int, int, int]]]):

@@ -19,10 +19,12 @@
 #include <omp.h>
 
 #include "bf16_gemm.h"
+#include "cpu_common.h"
 
 #include <algorithm>
 #include <exception>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <vector>
 
@@ -241,6 +243,36 @@ std::optional<at::Tensor> at_expert(const std::optional<at::Tensor>& t, int64_t 
   return t ? std::optional<at::Tensor>((*t)[e]) : std::nullopt;
 }
 
+// dst (contiguous, float32 or bf16) = the sum of the float32 partials[i] for i in `which`, in
+// that order, rounded once: one pass, both threads.
+void sum_parts(at::Tensor dst, const at::Tensor& partials, const std::vector<int64_t>& which) {
+  const int64_t n = dst.numel();
+  std::vector<const float*> src;
+  for (int64_t i : which) src.push_back(partials.data_ptr<float>() + i * n);
+  const bool bf16 = dst.scalar_type() == at::kBFloat16;
+  float* out_f = bf16 ? nullptr : dst.data_ptr<float>();
+  uint16_t* out_h = bf16 ? bits_mut(dst) : nullptr;
+  at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i0 = begin; i0 < end; i0 += 1024) {
+      const int64_t i1 = std::min(end, i0 + 1024);
+      float buf[1024];
+#pragma omp simd
+      for (int64_t i = i0; i < i1; ++i) buf[i - i0] = src[0][i];
+      for (size_t k = 1; k < src.size(); ++k) {
+        const float* p = src[k];
+#pragma omp simd
+        for (int64_t i = i0; i < i1; ++i) buf[i - i0] += p[i];
+      }
+      if (bf16) {
+#pragma omp simd
+        for (int64_t i = i0; i < i1; ++i) out_h[i] = float_to_bf16(buf[i - i0]);
+      } else {
+        std::memcpy(out_f + i0, buf, (i1 - i0) * sizeof(float));
+      }
+    }
+  });
+}
+
 }  // namespace
 
 bool native_bf16_gemm(const at::Tensor& x, const at::Tensor& w1);
@@ -394,9 +426,8 @@ std::vector<at::Tensor> mlp_backward(const at::Tensor& g_y, const at::Tensor& x,
       if (sp.part >= 0) parts_of[sp.e].push_back(sp.part);
     for (int64_t e = 0; e < E; ++e) {
       if (parts_of[e].empty()) continue;
-      const auto idx = at::tensor(parts_of[e], opts.dtype(at::kLong));
       for (auto [g, p] : {std::pair{&g_w1, &p_w1}, {&g_w2, &p_w2}, {&g_w3, &p_w3}, {&g_b1, &p_b1}, {&g_b2, &p_b2}})
-        if (g->defined()) (*g)[e].copy_(p->index_select(0, idx).sum(0));
+        if (g->defined()) sum_parts((*g)[e], *p, parts_of[e]);
     }
   }
   return {g_x, g_w1, g_w2, g_w3, g_b1, g_b2};
