@@ -84,7 +84,7 @@ def test_bound_catches_a_router_that_keeps_more_dense_tensors():
     assert peak > bound, f"autograd softmax+topk peak {peak / MIB:.0f} MiB should exceed {bound / MIB:.0f} MiB"
 
 
-def _naive_router(x_Sd, w_dE, k, renormalize):
+def _naive_router(x_Sd, w_dE, k, renormalize, flat=False):
     """Plain autograd: keeps logits, probabilities and their gradients at full [S, E] size."""
     import torch
 
@@ -93,7 +93,7 @@ def _naive_router(x_Sd, w_dE, k, renormalize):
     top_val, index = torch.topk(logits, k, dim=-1)
     weight = torch.softmax(top_val, dim=-1) if renormalize else prob.gather(1, index)
     lse = torch.logsumexp(logits, dim=-1)
-    return weight, index, prob.sum(0), (lse * lse).sum(), None
+    return weight.t().reshape(-1) if flat else weight, index, prob.sum(0), (lse * lse).sum(), None
 
 
 def _vm_kib(field: str) -> int:

@@ -140,7 +140,7 @@ class MoELayer(nn.Module):
         d = self.cfg.d_model
         if x.shape[-1] != d:
             raise ValueError(f"MoELayer(d_model={d}) expects inputs [..., {d}], got {tuple(x.shape)}")
-        x_Sd = x.reshape(-1, d)
+        x_Sd = x if x.dim() == 2 else x.reshape(-1, d)  # (a reshape to the same shape is an autograd view)
         S = x_Sd.shape[0]
         capacity = self.capacity(S)
         positions = None
@@ -171,4 +171,4 @@ class MoELayer(nn.Module):
             _num_experts=self.cfg.num_experts,
             _served=partial(served_tokens, plan, S),
         )
-        return y_Sd.reshape(x.shape), stats
+        return (y_Sd if x.dim() == 2 else y_Sd.reshape(x.shape)), stats

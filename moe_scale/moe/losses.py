@@ -64,7 +64,8 @@ def aux_losses(stats: RouterStats, num_experts: int, only: set[str] | None = Non
     if wanted("load", "load_E"):
         out["load"] = cv_squared(stats.load_E)
     if wanted("switch", "prob_mean_E") and stats.top1_frac_E is not None:
-        out["switch"] = num_experts * torch.sum(stats.top1_frac_E * stats.prob_mean_E)
+        prob_mean_E = stats.prob_mean_E  # a constant first-choice share times it: one node in backward
+        out["switch"] = torch.dot(stats.top1_frac_E.to(prob_mean_E.dtype) * num_experts, prob_mean_E)
     if wanted("z", "z_loss"):
         out["z"] = stats.z_loss
     return out

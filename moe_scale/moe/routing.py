@@ -88,12 +88,14 @@ def _slot_major_tokens(num_tokens: int, k: int, device) -> Tensor:
     return torch.arange(num_tokens, device=device).repeat(k)
 
 
-def _flatten_choices(index_Sk: Tensor, weight_Sk: Tensor, num_experts: int, stats) -> Routing:
+def _flatten_choices(index_Sk: Tensor, weight_Sk: Tensor | None, num_experts: int, stats,
+                     weight_N: Tensor | None = None) -> Routing:
+    """The `[S, k]` choices as a slot-major routing (`weight_N` given: the weights already flat)."""
     S, k = index_Sk.shape
     return Routing(
         token_idx_N=lambda: _slot_major_tokens(S, k, index_Sk.device),
         expert_idx_N=index_Sk.t().reshape(-1),
-        weight_N=weight_Sk.t().reshape(-1),
+        weight_N=weight_Sk.t().reshape(-1) if weight_N is None else weight_N,
         num_tokens=S,
         num_experts=num_experts,
         stats=stats,
@@ -211,19 +213,19 @@ class TopKSoftmaxRouter(nn.Module):
     def forward(self, x_Sd: Tensor, **_) -> Routing:
         if self.training and self.jitter > 0:
             x_Sd = x_Sd * torch.empty_like(x_Sd).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        weight_Sk, index_Sk, prob_sum_E, lse_sq_sum, top1_count_E = topk_softmax_router(
-            x_Sd, self.w_gate.to(x_Sd.dtype), self.k, self.renormalize
+        weight_N, index_Sk, prob_sum_E, lse_sq_sum, top1_count_E = topk_softmax_router(
+            x_Sd, self.w_gate.to(x_Sd.dtype), self.k, self.renormalize, flat=True
         )
         S, E = x_Sd.shape[0], self.num_experts
         stats = RouterStats(  # computed where a weighted loss or the caller reads them
-            importance_E=lambda: _importance(index_Sk, weight_Sk, E),
+            importance_E=lambda: _importance(index_Sk, weight_N.view(self.k, S).t(), E),
             prob_mean_E=lambda: prob_sum_E / max(S, 1),
             top1_frac_E=lambda: _top1_fraction(index_Sk, E) if top1_count_E is None else top1_count_E / max(S, 1),
             z_loss=lambda: lse_sq_sum / max(S, 1),
         )
-        routing = _flatten_choices(index_Sk, weight_Sk, self.num_experts, stats)
+        routing = _flatten_choices(index_Sk, None, self.num_experts, stats, weight_N=weight_N)
         if self.training and self.random_second:
-            keep_second = torch.rand(S, device=x_Sd.device) < 2.0 * weight_Sk[:, 1].detach()
+            keep_second = torch.rand(S, device=x_Sd.device) < 2.0 * weight_N[S:].detach()
             routing.valid_N = torch.cat([torch.ones(S, dtype=torch.bool, device=x_Sd.device), keep_second])
         return routing
 

@@ -11,7 +11,8 @@ and a large `[S, E]` (`_RECOMPUTE_MIN_BYTES`), not even that: backward recompute
 logits and probabilities from the saved input, and only `[S, k]`-sized statistics are kept.
 
 Outputs (all per call, S tokens, E experts, k choices):
-    weight_Sk     combine weights of the k chosen experts (differentiable)
+    weight_Sk     combine weights of the k chosen experts (differentiable; with `flat`,
+                  slot-major `[k * S]`)
     index_Sk      chosen experts, best first (int64)
     prob_sum_E    sum over tokens of the full softmax probability (differentiable; P_i * S)
     lse_sq_sum    sum over tokens of logsumexp(logits)^2 (differentiable; z-loss * S)
@@ -161,7 +162,7 @@ class _TopKSoftmaxRouter(torch.autograd.Function):
             weight_Sk, index_Sk = weight_kS.t(), index_kS.t()
             ctx.save_for_backward(x_Sd, w_dE, prob_SE, lse_S, weight_Sk, index_Sk)
             ctx.mark_non_differentiable(index_Sk, top1_E)
-            return weight_Sk, index_Sk, prob_sum_E, lse_sq_sum, top1_E
+            return weight_kS.view(-1), index_Sk, prob_sum_E, lse_sq_sum, top1_E
         acc = router_dtype(x_Sd.dtype)
         # Choice-major storage, handed out as [S, k] views: flattening the choices slot-major
         # (routing.py) is then a view, not a copy.
@@ -182,13 +183,14 @@ class _TopKSoftmaxRouter(torch.autograd.Function):
                                         renormalize)
         ctx.save_for_backward(x_Sd, w_dE, prob_SE, lse_S, weight_Sk, index_Sk)
         ctx.mark_non_differentiable(index_Sk)
-        return weight_Sk, index_Sk, prob_sum_E, (lse_S * lse_S).sum(), None
+        return weight_Sk.t().view(-1), index_Sk, prob_sum_E, (lse_S * lse_S).sum(), None
 
     @staticmethod
-    def backward(ctx, g_weight_Sk, _g_index, g_prob_sum_E, g_lse_sq, _g_top1):
+    def backward(ctx, g_weight_N, _g_index, g_prob_sum_E, g_lse_sq, _g_top1):
         x_Sd, w_dE, prob_SE, lse_S, weight_Sk, index_Sk = ctx.saved_tensors
         S, E = x_Sd.shape[0], w_dE.shape[1]
         acc, kernels = weight_Sk.dtype, ctx.kernels
+        g_weight_Sk = None if g_weight_N is None else g_weight_N.view(-1, S).t()
         if g_weight_Sk is not None:  # in the strides of weight_Sk, as the kernel reads them
             g_weight_Sk = g_weight_Sk.to(acc)
             if g_weight_Sk.stride() != weight_Sk.stride():
@@ -245,9 +247,12 @@ def _weight_grad_terms(weight_Sk: Tensor, g_weight_Sk: Tensor | None, renormaliz
 
 
 def topk_softmax_router(
-    x_Sd: Tensor, w_dE: Tensor, k: int, renormalize: bool
+    x_Sd: Tensor, w_dE: Tensor, k: int, renormalize: bool, flat: bool = False
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
-    """Route `x_Sd` with logits `x_Sd @ w_dE`; see the module docstring for the outputs."""
+    """Route `x_Sd` with logits `x_Sd @ w_dE`; see the module docstring for the outputs. With
+    `flat` the weights come slot-major as `[k * S]` (`weight_N`, the routing's own layout),
+    without the two autograd views of the `[S, k]` form."""
     (x_Sd, w_dE), autocast_off = outside_autocast(x_Sd, w_dE)
     with autocast_off:
-        return _TopKSoftmaxRouter.apply(x_Sd, w_dE, k, renormalize)
+        weight_N, *rest = _TopKSoftmaxRouter.apply(x_Sd, w_dE, k, renormalize)
+    return (weight_N if flat else weight_N.view(k, -1).t(), *rest)
