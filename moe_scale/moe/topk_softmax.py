@@ -190,7 +190,7 @@ class _TopKSoftmaxRouter(torch.autograd.Function):
         x_Sd, w_dE, prob_SE, lse_S, weight_Sk, index_Sk = ctx.saved_tensors
         S, E = x_Sd.shape[0], w_dE.shape[1]
         acc, kernels = weight_Sk.dtype, ctx.kernels
-        g_weight_Sk = None if g_weight_N is None else g_weight_N.view(-1, S).t()
+        g_weight_Sk = None if g_weight_N is None else g_weight_N.view(weight_Sk.shape[1], S).t()
         if g_weight_Sk is not None:  # in the strides of weight_Sk, as the kernel reads them
             g_weight_Sk = g_weight_Sk.to(acc)
             if g_weight_Sk.stride() != weight_Sk.stride():
