@@ -5,7 +5,8 @@ it once, accumulate in float32 and round once:
 
     csrc/router_kernels.cpp      softmax top-k router: per `[C, E]` logit row held in L1, top-k,
                                  softmax, log-sum-exp and column sums (forward), the logit
-                                 gradient (backward); see topk_softmax.py
+                                 gradient (backward); with up to 16 experts the router's
+                                 GEMMs too (`router_forward_gemm`); see topk_softmax.py
     csrc/dispatch_kernels.cpp    the combine's weighted gather-sum and its backward, the
                                  permute backward's gather-sum, the counting sort of
                                  assignments by expert; see dispatch.py

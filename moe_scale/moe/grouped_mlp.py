@@ -43,17 +43,22 @@ def bucketed_shapes(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 class _Blocks:
-    """Row blocks of the sorted input, one per non-empty expert, in groups of neighbours.
+    """Row blocks of the sorted input, one per non-empty expert (or two, when split), in groups.
 
     spans      (expert, lo, hi, start, end): the expert whose rows are [start, end) computes
                over rows [lo, hi) (a superset), in the order given
     group_ptr  spans[group_ptr[g]:group_ptr[g + 1]] is group g: experts with about 1/groups
                of the rows each, whose spans stay inside the group's rows
+    parts      per span, -1, or for a piece of a split expert the slot of its partial weight
+               gradients
 
-    Exact spans (no `bucket`) of a few dozen experts go to the groups by a balanced partition
-    of their row counts (`_balanced_partition`): the groups run one per thread and the layer
-    waits for the longest (8 experts of 797-1085 rows: neighbouring groups of 3997 and 4195
-    rows, balanced ones of 4096 each). Bucketed spans need neighbours.
+    The groups run one per thread and the layer waits for the longest. Exact spans (no
+    `bucket`) of a few dozen experts go to the groups by a balanced partition of their row
+    counts (`_balanced_partition`; 8 experts of 797-1085 rows: neighbouring groups of 3997 and
+    4195 rows, partitioned ones of 4026 and 4166). With `split`, a group still more than
+    `_SPLIT_MIN_ROWS` above its share hands the excess rows of its largest expert to the
+    lightest group (`_split_to_balance`): one hot expert can hold more rows than a thread's
+    share. Bucketed spans need neighbours and are never split.
 
     Without `bucket` every span is exact (lo, hi = start, end). With `bucket` (bf16 / fp16 on
     CPU through oneDNN, see `bucketed_shapes`) no GEMM sees a row count outside a small fixed
@@ -432,8 +437,9 @@ class _MLP(torch.autograd.Function):
     bucketed span borrows from its neighbour are kept twice, 2% more at 64 experts).
 
     On CPU in float32 / bfloat16 the same spans run in csrc/mlp_kernels.cpp, each group of
-    neighbouring experts on its own thread with single-threaded GEMMs; the Python loop below
-    is the path without the compiled kernels and computes the same products.
+    experts on its own thread with single-threaded GEMMs (an expert split across groups sums
+    its weight gradients from float32 partials); the Python loop below is the path without
+    the compiled kernels (one group, never split) and computes the same products.
     """
 
     @staticmethod

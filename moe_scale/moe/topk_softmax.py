@@ -9,6 +9,9 @@ probabilities (no exp) and feeds it straight into the two matmul gradients. Peak
 one `[S, E]` tensor (in the input dtype) plus a cache-sized chunk. With the fused CPU kernels
 and a large `[S, E]` (`_RECOMPUTE_MIN_BYTES`), not even that: backward recomputes each chunk's
 logits and probabilities from the saved input, and only `[S, k]`-sized statistics are kept.
+With up to 16 experts (k <= 2) the kernels run the router's GEMMs themselves, 16 tokens at a
+time: one compiled call forward and one backward, where three small ATen GEMMs and the Python
+around them took more of a layer step than their arithmetic (`_GEMM_IN_KERNEL_MAX_EXPERTS`).
 
 Outputs (all per call, S tokens, E experts, k choices):
     weight_Sk     combine weights of the k chosen experts (differentiable; with `flat`,

@@ -1,8 +1,10 @@
 // Expert-parallel forward and backward of the fused grouped MLP (see `_MLP` in
 // moe_scale/moe/grouped_mlp.py, which runs the same spans one after another from Python).
 //
-// The spans come in groups of neighbouring experts whose rows no other group touches (see
-// `_Blocks`). Each group runs on one thread, its GEMMs single-threaded, so a thread keeps its
+// The spans come in groups whose rows no other group touches (see `_Blocks`: neighbouring
+// experts for bucketed spans, a balanced partition of the experts for exact ones, an expert too
+// large for any partition split in two; a split expert's pieces write float32 partial weight
+// gradients, summed once every group is done). Each group runs on one thread, its GEMMs single-threaded, so a thread keeps its
 // expert's blocks in its own cache and no GEMM splits its rows across cores: with 8 experts
 // of ~1000 rows in bfloat16 the per-expert GEMMs take 0.77x the time of the same GEMMs each
 // run on both cores, and beat one padded `bmm` (benchmarks/moe_layer.py). Inside a group the
