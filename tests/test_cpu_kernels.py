@@ -104,16 +104,13 @@ def _route_grads(x, w, k, renormalize, need=("x", "w")):
 @needs_compiler
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("d", [32, 37, 200])
-@pytest.mark.parametrize("num_experts", [1, 5, 16])
-@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("num_experts,k", [(1, 1), (5, 1), (5, 2), (16, 1), (16, 2)])
 @pytest.mark.parametrize("need", [("x", "w"), ("x",), ("w",)], ids=["both", "x-only", "w-only"])
 def test_router_gemm_in_kernel_matches_the_aten_gemms(dtype, d, num_experts, k, need, monkeypatch):
     """Up to 16 experts the fused kernels run the router GEMMs themselves (VDPBF16PS pairs for
     bf16 with even d, float32 FMAs otherwise; d padded to whole vectors; a partial last block
     of 16 rows): the same outputs and gradients as the kernels fed by ATen's GEMMs, the first
     choices counted as bincount counts them."""
-    if k > num_experts:
-        pytest.skip("k > E")
     torch.manual_seed(d + num_experts + k)
     x = torch.randn(300, d, dtype=dtype)
     w = torch.randn(d, num_experts, dtype=dtype) / d**0.5
