@@ -13,6 +13,9 @@
 //             sparse gradient of the chosen logits (both from the combine weights and their
 //             gradients), written in the output dtype
 //
+// With few experts (router_forward_gemm / router_backward_gemm, below) the router's GEMMs run
+// inside the same block kernels.
+//
 // Accumulation is in float32 (float64 tensors use the eager path). Masks use -FLT_MAX, never
 // -inf, so -ffast-math (which lets gcc call glibc's vector expf) cannot change the results.
 
@@ -440,8 +443,8 @@ void backward_rows(const T* src, const float* g_prob, const float* lse, float g_
 //
 // With few experts (E <= kGemmMaxExperts, k <= 2) the router's GEMMs, [S, d] x [d, E] forward
 // and the logit gradient times W^T and x backward, are small; in a layer step the three ATen
-// GEMMs and the Python around them took ~0.6 ms of a 11 ms step at E = 8 (cold caches and
-// dispatch; benchmarks/layer_breakdown.py). Here they run inside the 16-row block kernels,
+// GEMMs and the Python around them cost far more than their arithmetic (every op meets cold
+// caches: benchmarks/step_overheads.py). Here they run inside the 16-row block kernels,
 // with the experts (at most 16) along one vector, and the logits and logit gradients are
 // rounded to the input dtype where the ATen path rounds them (its GEMM outputs), so both paths
 // compute the same function up to the order of the float32 sums. In bfloat16 on CPUs with
