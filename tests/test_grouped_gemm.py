@@ -370,6 +370,15 @@ def test_exact_spans_go_to_groups_of_balanced_rows(groups):
         assert min(loads) >= 2 * min(rows)
 
 
+def test_split_moves_the_excess_rows_and_never_leaves_an_empty_piece(monkeypatch):
+    monkeypatch.setattr(grouped_mlp, "_SPLIT_MIN_ROWS", 0)
+    groups, parts = grouped_mlp._split_to_balance([[(0, 0, 900)], [(1, 900, 1000)]])
+    assert groups == [[(0, 0, 500)], [(0, 500, 900), (1, 900, 1000)]] and parts == {(0, 0): 0, (0, 500): 1}
+    # one-row blocks cannot give anything away: no split, no empty piece
+    one_row = [[(0, 0, 1), (1, 1, 2), (2, 2, 3)], [(3, 3, 4)]]
+    assert grouped_mlp._split_to_balance(one_row) == (one_row, {})
+
+
 def test_span_loop_errors_in_threads_reach_python():
     kernels = grouped_mlp.kernels_for(torch.zeros(1))
     if kernels is None:

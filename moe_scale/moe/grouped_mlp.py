@@ -180,7 +180,9 @@ def _balanced_partition(blocks: list[tuple[int, int, int]], groups: int) -> list
 _SPLIT_MIN_ROWS = 256
 
 
-def _split_to_balance(members: list[list[tuple[int, int, int]]]):
+def _split_to_balance(
+    members: list[list[tuple[int, int, int]]],
+) -> tuple[list[list[tuple[int, int, int]]], dict[tuple[int, int], int]]:
     """Equal rows per group by splitting blocks: while the heaviest group holds more than
     `_SPLIT_MIN_ROWS` rows above its share, the tail of its largest block moves to the lightest
     group. Returns the groups and {(expert, start): part} for every piece of a split expert
@@ -196,7 +198,9 @@ def _split_to_balance(members: list[list[tuple[int, int, int]]]):
             break
         i = max(range(len(members[hi])), key=lambda j: members[hi][j][2] - members[hi][j][1])
         e, s, end = members[hi][i]
-        move = min(move, end - s - 1)
+        move = min(move, end - s - 1)  # the piece that stays keeps a row
+        if move <= 0:
+            break
         members[hi][i] = (e, s, end - move)
         members[lo].append((e, end - move, end))
         loads[hi] -= move
