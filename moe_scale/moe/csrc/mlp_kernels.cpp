@@ -164,49 +164,38 @@ class Products {
         dst.copy_(at::mm(u.t().to(dst.scalar_type()), v.to(dst.scalar_type())));
       return;
     }
-    const int64_t rows = u.size(0), m = u.size(1), n = v.size(1);
-    if (rows <= kWgradRows) {
-      pack(u, pairs_u_);
-      pack(v, pairs_v_);
-      bf16::gemm(pairs_u_.data(), 1, m, pairs_v_.data(), n, m, n, (rows + 1) / 2, bits_mut(dst), dst.stride(0), {});
-      return;
-    }
-    // Over pieces of kWgradRows rows, summed in float32 and rounded once: the packed pieces
-    // stay in L2 and take 1/4 of the memory a whole 1024-row expert block would. The last
-    // piece adds the float32 sum of the others in its epilogue and writes dst in bf16.
-    acc_.resize(m * n);
-    bf16::Epilogue ep;
-    for (int64_t r0 = 0; r0 < rows; r0 += kWgradRows) {
-      const int64_t r1 = std::min(rows, r0 + kWgradRows);
-      pack(u.slice(0, r0, r1), pairs_u_);
-      pack(v.slice(0, r0, r1), pairs_v_);
-      ep.accumulate = r0 > 0;
-      const int64_t kp = (r1 - r0 + 1) / 2;
-      if (r1 < rows) {
-        bf16::gemm(pairs_u_.data(), 1, m, pairs_v_.data(), n, m, n, kp, acc_.data(), n, ep);
-      } else {
-        bf16::Epilogue last;
-        last.addend = acc_.data();
-        last.ld_addend = n;
-        bf16::gemm(pairs_u_.data(), 1, m, pairs_v_.data(), n, m, n, kp, bits_mut(dst), dst.stride(0), last);
-      }
-    }
+    acc_.resize(u.size(1) * v.size(1));
+    wgrad_pieces(u, v, acc_.data(), v.size(1), &dst);
   }
 
  private:
-  // dst (float32, contiguous rows) = u^T @ v over pieces of kWgradRows rows
-  void wgrad_f32(at::Tensor& dst, const at::Tensor& u, const at::Tensor& v) {
+  // u^T @ v over pieces of kWgradRows rows, summed in float32 in `acc` (row stride ld_acc): the
+  // packed pieces stay in L2 and take 1/4 of the memory a whole 1024-row expert block would.
+  // With `out` (bf16) the last piece adds the float32 sum of the others in its epilogue and
+  // writes `out` instead, rounded once. At least one piece runs: no rows give zeros.
+  void wgrad_pieces(const at::Tensor& u, const at::Tensor& v, float* acc, int64_t ld_acc, at::Tensor* out) {
     const int64_t rows = u.size(0), m = u.size(1), n = v.size(1);
-    bf16::Epilogue ep;
-    for (int64_t r0 = 0; r0 < rows; r0 += kWgradRows) {
-      const int64_t r1 = std::min(rows, r0 + kWgradRows);
+    int64_t r0 = 0;
+    do {
+      const int64_t r1 = std::min(rows, r0 + kWgradRows), kp = (r1 - r0 + 1) / 2;
       pack(u.slice(0, r0, r1), pairs_u_);
       pack(v.slice(0, r0, r1), pairs_v_);
-      ep.accumulate = r0 > 0;
-      bf16::gemm(pairs_u_.data(), 1, m, pairs_v_.data(), n, m, n, (r1 - r0 + 1) / 2, dst.data_ptr<float>(),
-                 dst.stride(0), ep);
-    }
-    if (rows == 0) dst.zero_();
+      bf16::Epilogue ep;
+      if (out != nullptr && r1 == rows) {
+        ep.addend = r0 > 0 ? acc : nullptr;
+        ep.ld_addend = ld_acc;
+        bf16::gemm(pairs_u_.data(), 1, m, pairs_v_.data(), n, m, n, kp, bits_mut(*out), out->stride(0), ep);
+      } else {
+        ep.accumulate = r0 > 0;
+        bf16::gemm(pairs_u_.data(), 1, m, pairs_v_.data(), n, m, n, kp, acc, ld_acc, ep);
+      }
+      r0 = r1;
+    } while (r0 < rows);
+  }
+
+  // dst (float32, contiguous rows) = u^T @ v
+  void wgrad_f32(at::Tensor& dst, const at::Tensor& u, const at::Tensor& v) {
+    wgrad_pieces(u, v, dst.data_ptr<float>(), dst.stride(0), nullptr);
   }
 
   static void pack(const at::Tensor& x, std::vector<uint32_t>& out) {

@@ -843,6 +843,24 @@ void router_backward(at::Tensor prob, at::Tensor g_prob, at::Tensor lse, double 
     run(data<float>(prob), data<float>(grad_out));
 }
 
+// run(gemms, x's rows) with the products for x [S, d] and w [d, E]: VDPBF16PS pairs for bf16
+// with even d where the CPU has them, float32 FMAs otherwise.
+template <typename Run>
+void with_router_gemms(const at::Tensor& x, const at::Tensor& w, const Run& run) {
+  const int64_t d = x.size(1), E = w.size(1);
+  if (!is_bf16(x)) {
+    run(Float32Gemms<float>(data<float>(w), d, E), data<float>(x));
+    return;
+  }
+#ifdef MOE_SCALE_ROUTER_BF16
+  if (d % 2 == 0) {
+    run(Bf16Gemms(data<uint16_t>(w), d, E), data<uint16_t>(x));
+    return;
+  }
+#endif
+  run(Float32Gemms<uint16_t>(data<uint16_t>(w), d, E), data<uint16_t>(x));
+}
+
 // The router with its GEMMs fused in, for few experts (E <= 16, k <= 2): x [S, d] and w [d, E]
 // (contiguous) of one dtype (float32 / bfloat16) -> {weight [k, S] f32 (choice-major: the
 // [S, k] weights are its transpose), top_idx [k, S] i64, lse [S] f32, prob [S, E] (x's dtype),
@@ -864,16 +882,7 @@ std::vector<at::Tensor> router_forward_gemm(const at::Tensor& x, const at::Tenso
     forward_gemm_rows<T>(src, S, d, gemms, E, k, renormalize, data<T>(prob), weight.data_ptr<float>(),
                          idx.data_ptr<int64_t>(), lse.data_ptr<float>(), partials);
   };
-  if (!is_bf16(x)) {
-    run(Float32Gemms<float>(data<float>(w), d, E), data<float>(x));
-  } else {
-#ifdef MOE_SCALE_ROUTER_BF16
-    if (d % 2 == 0)
-      run(Bf16Gemms(data<uint16_t>(w), d, E), data<uint16_t>(x));
-    else
-#endif
-      run(Float32Gemms<uint16_t>(data<uint16_t>(w), d, E), data<uint16_t>(x));
-  }
+  with_router_gemms(x, w, run);
   auto prob_sum = at::zeros({E}, f32), top1 = at::zeros({E}, f32);
   double lse_sq = 0.0;
   for (size_t t = 0; t < partials.lse_sq.size(); ++t) {
@@ -916,16 +925,7 @@ std::vector<at::Tensor> router_backward_gemm(const at::Tensor& x, const at::Tens
                           static_cast<float>(g_lse_sq), ch, renormalize, E, k, need_x ? data<T>(grad_x) : nullptr,
                           need_w ? gw.data() : nullptr);
   };
-  if (!is_bf16(x)) {
-    run(Float32Gemms<float>(data<float>(w), d, E), data<float>(x));
-  } else {
-#ifdef MOE_SCALE_ROUTER_BF16
-    if (d % 2 == 0)
-      run(Bf16Gemms(data<uint16_t>(w), d, E), data<uint16_t>(x));
-    else
-#endif
-      run(Float32Gemms<uint16_t>(data<uint16_t>(w), d, E), data<uint16_t>(x));
-  }
+  with_router_gemms(x, w, run);
   at::Tensor grad_w;
   if (need_w) {  // [d, E] = the threads' [E][dp] partials summed and transposed
     std::vector<float> sum(d * E, 0.f);
