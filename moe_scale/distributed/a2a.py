@@ -94,18 +94,20 @@ def exchange(x, group, out_rows, in_rows, counters=None, inter_node=False) -> Te
     return AllToAll.apply(x, group, list(out_rows), list(in_rows), counters, inter_node)
 
 
-def transpose_blocks_index(sizes_AB: Tensor) -> Tensor:
+def transpose_blocks_index(sizes_AB: Tensor, total: int | None = None) -> Tensor:
     """Row index that reorders blocks stored in (a, b) order into (b, a) order.
 
     sizes_AB `[A, B]` holds the row count of each block; rows of block (a, b) stay in order.
     `x.index_select(0, index)` applies it; `transpose_blocks_index(sizes_AB.t())` undoes it.
+    total: the rows of all blocks, when the caller knows it on the host (on a GPU the index
+    is then built without reading the sizes back).
     """
     A, B = sizes_AB.shape
     flat = sizes_AB.reshape(-1)
     starts_AB = (torch.cumsum(flat, 0) - flat).view(A, B)
     sizes_BA = sizes_AB.t().reshape(-1)
     out_starts_BA = torch.cumsum(sizes_BA, 0) - sizes_BA
-    shift = torch.repeat_interleave(starts_AB.t().reshape(-1) - out_starts_BA, sizes_BA)
+    shift = torch.repeat_interleave(starts_AB.t().reshape(-1) - out_starts_BA, sizes_BA, output_size=total)
     return torch.arange(shift.numel(), device=sizes_AB.device) + shift
 
 
@@ -125,14 +127,15 @@ class _Permute(torch.autograd.Function):
 class BlockTranspose:
     """Reorders rows from blocks in (a, b) order to (b, a) order, and back (differentiable).
 
-    sizes_AB `[A, B]`: rows of each block. Identity (no copy) when A or B is 1.
+    sizes_AB `[A, B]`: rows of each block (on the rows' device), `total` their sum. Identity
+    (no copy) when A or B is 1.
     """
 
-    def __init__(self, sizes_AB: Tensor, device: torch.device):
+    def __init__(self, sizes_AB: Tensor, total: int):
         self.identity = 1 in sizes_AB.shape
         if not self.identity:
-            self.index = transpose_blocks_index(sizes_AB).to(device)
-            self.inverse = transpose_blocks_index(sizes_AB.t()).to(device)
+            self.index = transpose_blocks_index(sizes_AB, total)
+            self.inverse = transpose_blocks_index(sizes_AB.t(), total)
 
     def forward(self, x: Tensor) -> Tensor:
         return x if self.identity else _Permute.apply(x, self.index, self.inverse)
@@ -148,8 +151,16 @@ def _rows(counts_XH: Tensor, header: int) -> Tensor:
 
 @dataclass
 class FlatPlan:
+    """Split sizes (host lists, read once) and the received headers.
+
+    send_rows      rows this rank sends to each EP rank
+    recv_rows      rows it receives from each EP rank
+    recv_headers   the first `header` columns each rank sent this one
+    """
+
     send_rows: list[int]
     recv_rows: list[int]
+    recv_headers: list[list[int]]
 
 
 class FlatExchange:
@@ -163,7 +174,11 @@ class FlatExchange:
         """send_RH `[R, H]` (row j goes to EP rank j) -> recv_RH `[R, H]` (row i came from EP rank i)."""
         ones = [1] * self.size
         recv_RH = all_to_all(send_RH, self.group, ones, ones, self.counters)
-        return recv_RH, FlatPlan(_rows(send_RH, header).tolist(), _rows(recv_RH, header).tolist())
+        R = self.size
+        # The one host read of the exchange: split sizes both ways and the received headers.
+        host = torch.cat([_rows(send_RH, header), _rows(recv_RH, header), recv_RH[:, :header].reshape(-1)]).tolist()
+        headers = [host[2 * R + i * header: 2 * R + (i + 1) * header] for i in range(R)]
+        return recv_RH, FlatPlan(host[:R], host[R:2 * R], headers)
 
     def forward(self, x: Tensor, plan: FlatPlan) -> Tensor:
         """Rows sorted by destination rank -> rows sorted by source rank."""
@@ -181,13 +196,23 @@ class HierarchicalPlan:
     send_NL    rows this rank sends to (n', l')
     mid_LN     rows held after the intra-node stage: from local rank l, bound for node n'
     recv_NL    rows received from (n, l)
+    (host lists, read once), the received headers, and the two reorderings
     """
 
-    send_NL: Tensor
-    mid_LN: Tensor
-    recv_NL: Tensor
+    send_NL: list[list[int]]
+    mid_LN: list[list[int]]
+    recv_NL: list[list[int]]
+    recv_headers: list[list[int]]
     by_local: BlockTranspose  # (n', l') -> (l', n') before the intra-node stage
     by_node: BlockTranspose  # (l, n') -> (n', l) before the inter-node stage
+
+    @property
+    def send_rows(self) -> list[int]:
+        return [c for row in self.send_NL for c in row]
+
+    @property
+    def recv_rows(self) -> list[int]:
+        return [c for row in self.recv_NL for c in row]
 
 
 class HierarchicalExchange:
@@ -204,30 +229,45 @@ class HierarchicalExchange:
         mid_LNH = all_to_all(by_local, self.intra, [N] * L, [N] * L, self.counters).view(L, N, H)
         by_node = mid_LNH.transpose(0, 1).reshape(N * L, H)
         recv_RH = all_to_all(by_node, self.inter, [L] * N, [L] * N, self.counters, inter_node=True)
-        send_NL, mid_LN = _rows(send_RH, header).view(N, L), _rows(mid_LNH, header)
+        send_NL, mid_LN, recv_NL = _rows(send_RH, header).view(N, L), _rows(mid_LNH, header), _rows(recv_RH, header)
+        # The one host read of the exchange: every stage's split sizes and the received headers.
+        host = torch.cat([send_NL.reshape(-1), mid_LN.reshape(-1), recv_NL.reshape(-1),
+                          recv_RH[:, :header].reshape(-1)]).tolist()
+        R = N * L
+        nested = lambda flat, cols: [flat[i * cols:(i + 1) * cols] for i in range(len(flat) // cols)]  # noqa: E731
+        send_h, mid_h, recv_h = nested(host[:R], L), nested(host[R:2 * R], N), nested(host[2 * R:3 * R], L)
         plan = HierarchicalPlan(
-            send_NL=send_NL,
-            mid_LN=mid_LN,
-            recv_NL=_rows(recv_RH, header).view(N, L),
-            by_local=BlockTranspose(send_NL, send_RH.device),
-            by_node=BlockTranspose(mid_LN, send_RH.device),
+            send_NL=send_h,
+            mid_LN=mid_h,
+            recv_NL=recv_h,
+            recv_headers=nested(host[3 * R:], header),
+            by_local=BlockTranspose(send_NL, sum(host[:R])),
+            by_node=BlockTranspose(mid_LN, sum(host[R:2 * R])),
         )
         return recv_RH, plan
 
     def forward(self, x: Tensor, plan: HierarchicalPlan) -> Tensor:
         """Rows sorted by destination rank -> rows sorted by source rank (as `FlatExchange`)."""
         x = plan.by_local.forward(x)
-        x = exchange(x, self.intra, plan.mid_LN.sum(1).tolist(), plan.send_NL.sum(0).tolist(), self.counters)
+        x = exchange(x, self.intra, _row_sums(plan.mid_LN), _col_sums(plan.send_NL), self.counters)
         x = plan.by_node.forward(x)
         return exchange(
-            x, self.inter, plan.recv_NL.sum(1).tolist(), plan.mid_LN.sum(0).tolist(), self.counters, inter_node=True
+            x, self.inter, _row_sums(plan.recv_NL), _col_sums(plan.mid_LN), self.counters, inter_node=True
         )
 
     def reverse(self, y: Tensor, plan: HierarchicalPlan) -> Tensor:
         """Inverse of `forward`."""
         y = exchange(
-            y, self.inter, plan.mid_LN.sum(0).tolist(), plan.recv_NL.sum(1).tolist(), self.counters, inter_node=True
+            y, self.inter, _col_sums(plan.mid_LN), _row_sums(plan.recv_NL), self.counters, inter_node=True
         )
         y = plan.by_node.reverse(y)
-        y = exchange(y, self.intra, plan.send_NL.sum(0).tolist(), plan.mid_LN.sum(1).tolist(), self.counters)
+        y = exchange(y, self.intra, _col_sums(plan.send_NL), _row_sums(plan.mid_LN), self.counters)
         return plan.by_local.reverse(y)
+
+
+def _row_sums(table: list[list[int]]) -> list[int]:
+    return [sum(row) for row in table]
+
+
+def _col_sums(table: list[list[int]]) -> list[int]:
+    return [sum(col) for col in zip(*table)]

@@ -1,15 +1,11 @@
-"""Token exchange between the dispatch plan and the experts.
+"""`AllToAllComm`: the expert-parallel token exchange (the `ExpertComm` of moe/comm.py).
 
-`LocalComm` is the one-process case: every expert is local and the exchange is the identity.
-`AllToAllComm` is expert parallelism over an EP group of R ranks, rank i holding the global
-experts [i * E_local, (i + 1) * E_local). `parallelize` swaps it in; the layer only ever calls
-
-    dispatch(x_Md, counts_E) -> x_local, local_counts, handle
-    combine(y_local, handle) -> y_Md
-
-where x_Md `[M, d]` are this rank's kept assignments sorted by global expert, counts_E `[E]`
-their count per expert, and x_local `[M_local, d]` the rows this rank's experts must compute,
-sorted by local expert (within an expert: by source rank, then in the source's order).
+Over an EP group of R ranks, rank i holds the global experts [i * E_local, (i + 1) * E_local).
+`parallelize` swaps it in for the layer's `LocalComm`. The counts travel first in a fixed-size
+all-to-all on the device; the split sizes of the row exchange are then read on the host once
+per dispatch (the one host read of an expert-parallel layer call; the backward reuses them).
+The rows a rank's experts receive are sorted by local expert (within an expert: by source
+rank, then in the source's order); the local counts stay on the device.
 """
 
 from __future__ import annotations
@@ -19,21 +15,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor
 
 from moe_scale.distributed.a2a import A2ACounters, BlockTranspose, FlatExchange, HierarchicalExchange
-
-
-class LocalComm:
-    """All experts live in this process."""
-
-    def dispatch(self, x_Md: Tensor, counts_E: Tensor) -> tuple[Tensor, list[int], Any]:
-        """Rows grouped by global expert -> rows grouped by local expert, local counts, handle."""
-        return x_Md, counts_E.tolist(), None
-
-    def combine(self, y_Md: Tensor, handle: Any) -> Tensor:
-        """Inverse of `dispatch`: local expert outputs back in the caller's row order."""
-        return y_Md
 
 
 # Every rank sends every other rank a header before the counts: [status, d, dtype, detail, detail].
@@ -46,7 +31,9 @@ _OK, _BAD_LEN, _NEGATIVE, _BAD_SUM, _BAD_DIM, _BAD_DTYPE = range(6)
 class _Handle:
     plan: Any
     by_expert: BlockTranspose  # (source rank, local expert) -> (local expert, source rank)
-    rows: int
+    rows: int  # rows received (the experts' input)
+    sent: int  # rows sent (the kept rows of the caller's x_Nd)
+    total: int  # rows of the caller's x_Nd
     d: int
 
 
@@ -82,50 +69,57 @@ class AllToAllComm:
             return cls(num_local_experts, mesh.ep_group, intra_group=mesh.ep_intra_group, inter_group=mesh.ep_inter_group)
         return cls(num_local_experts, mesh.ep_group)
 
-    def dispatch(self, x_Md: Tensor, counts_E: Tensor) -> tuple[Tensor, list[int], _Handle]:
-        """x_Md `[M, d]` sorted by global expert, counts_E `[E]` -> x_local `[M_local, d]`, counts, handle."""
-        send_RH = self._header_and_counts(x_Md, counts_E)
+    def dispatch(self, x_Nd: Tensor, counts_E: Tensor) -> tuple[Tensor, Tensor, _Handle]:
+        """x_Nd `[N, d]` sorted by global expert, counts_E `[E]` -> x_local `[M_local, d]`,
+        local counts `[E_local]` (device), handle."""
+        send_RH = self._header_and_counts(x_Nd, counts_E)
         recv_RH, plan = self.exchange.exchange_counts(send_RH, _HEADER)
-        self._check(recv_RH, x_Md)
+        self._check(plan.recv_headers)
         recv_RE = recv_RH[:, _HEADER:]
-        by_expert = BlockTranspose(recv_RE, x_Md.device)
-        x_local = by_expert.forward(self.exchange.forward(x_Md, plan))
-        return x_local, recv_RE.sum(0).tolist(), _Handle(plan, by_expert, x_local.shape[0], x_Md.shape[-1])
+        sent, received = sum(plan.send_rows), sum(plan.recv_rows)
+        by_expert = BlockTranspose(recv_RE, received)
+        x_local = by_expert.forward(self.exchange.forward(x_Nd[:sent], plan))
+        handle = _Handle(plan, by_expert, received, sent, x_Nd.shape[0], x_Nd.shape[-1])
+        return x_local, recv_RE.sum(0), handle
 
     def combine(self, y_local: Tensor, handle: _Handle) -> Tensor:
-        """y_local `[M_local, d]` in `dispatch`'s output order -> y_Md `[M, d]` in its input order."""
+        """y_local `[M_local, d]` in `dispatch`'s output order -> y_Nd `[N, d]` in its input
+        order (zero rows where nothing was sent)."""
         if tuple(y_local.shape) != (handle.rows, handle.d):
             raise DispatchError(
                 f"combine expects the experts' output [{handle.rows}, {handle.d}] (one row per dispatched "
                 f"row), got {tuple(y_local.shape)}"
             )
-        return self.exchange.reverse(handle.by_expert.reverse(y_local), handle.plan)
+        y_sent = self.exchange.reverse(handle.by_expert.reverse(y_local), handle.plan)
+        return F.pad(y_sent, (0, 0, 0, handle.total - handle.sent))
 
-    def _header_and_counts(self, x_Md: Tensor, counts_E: Tensor) -> Tensor:
+    def _header_and_counts(self, x_Nd: Tensor, counts_E: Tensor) -> Tensor:
+        """`[R, H + E_local]` on the counts' device: this rank's header (the checks that need
+        tensor data are done on the device, so reading their outcome costs no extra sync),
+        then the counts bound for each rank."""
         R, El = self.ep_size, self.num_local_experts
-        send_RH = torch.zeros(R, _HEADER + El, dtype=torch.int64, device=counts_E.device)
-        status, detail = _OK, (0, 0)
-        rows = x_Md.shape[0] if x_Md.dim() == 2 else -1
-        if x_Md.dim() != 2:
-            status, detail = _BAD_DIM, (x_Md.dim(), 0)
-        elif x_Md.dtype not in _DTYPES:
-            status = _BAD_DTYPE
+        device = counts_E.device
+        rows = x_Nd.shape[0] if x_Nd.dim() == 2 else -1
+        dtype_code = _DTYPES.index(x_Nd.dtype) if x_Nd.dtype in _DTYPES else -1
+        d = x_Nd.shape[-1] if x_Nd.dim() else 0
+        send_RH = torch.zeros(R, _HEADER + El, dtype=torch.int64, device=device)
+        if x_Nd.dim() != 2:
+            header = torch.tensor([_BAD_DIM, d, dtype_code, x_Nd.dim(), 0], device=device)
+        elif dtype_code < 0:
+            header = torch.tensor([_BAD_DTYPE, d, dtype_code, 0, 0], device=device)
         elif counts_E.numel() != R * El:
-            status, detail = _BAD_LEN, (counts_E.numel(), R * El)
-        elif bool((counts_E < 0).any()):
-            status = _NEGATIVE
-        elif int(counts_E.sum()) != rows:
-            status, detail = _BAD_SUM, (int(counts_E.sum()), rows)
-        dtype_code = _DTYPES.index(x_Md.dtype) if x_Md.dtype in _DTYPES else -1
-        d = x_Md.shape[-1] if x_Md.dim() else 0
-        send_RH[:, :_HEADER] = torch.tensor([status, d, dtype_code, *detail])
-        if status == _OK:
-            send_RH[:, _HEADER:] = counts_E.reshape(R, El)
+            header = torch.tensor([_BAD_LEN, d, dtype_code, counts_E.numel(), R * El], device=device)
+        else:
+            total = counts_E.sum()
+            status = torch.where((counts_E < 0).any(), _NEGATIVE, torch.where(total > rows, _BAD_SUM, _OK))
+            fixed = torch.tensor([d, dtype_code], device=device)
+            header = torch.cat([status.reshape(1), fixed, total.reshape(1), torch.full_like(fixed[:1], rows)])
+            send_RH[:, _HEADER:] = torch.where(status == _OK, counts_E.reshape(R, El), 0)
+        send_RH[:, :_HEADER] = header
         return send_RH
 
-    def _check(self, recv_RH: Tensor, x_Md: Tensor) -> None:
+    def _check(self, header: list[list[int]]) -> None:
         """Raise the same DispatchError on every rank if any rank's header is bad or differs."""
-        header = recv_RH[:, :_HEADER].tolist()
         problems = []
         for src, (status, d, dtype_code, a, b) in enumerate(header):
             if status == _BAD_LEN:
@@ -133,9 +127,9 @@ class AllToAllComm:
             elif status == _NEGATIVE:
                 problems.append(f"EP rank {src}: counts_E has negative entries")
             elif status == _BAD_SUM:
-                problems.append(f"EP rank {src}: counts_E sums to {a} but x_Md has {b} rows (split-size mismatch)")
+                problems.append(f"EP rank {src}: counts_E sums to {a} but x_Nd has only {b} rows (split-size mismatch)")
             elif status == _BAD_DIM:
-                problems.append(f"EP rank {src}: x_Md must be 2-D [M, d], got {a} dims")
+                problems.append(f"EP rank {src}: x_Nd must be 2-D [M, d], got {a} dims")
             elif status == _BAD_DTYPE:
                 problems.append(f"EP rank {src}: unsupported dtype (supported: {_DTYPES})")
         if not problems:

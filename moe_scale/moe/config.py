@@ -7,17 +7,18 @@ from dataclasses import dataclass, field
 from moe_scale.moe.dispatch import DROP_POLICIES
 from moe_scale.moe.experts import ACTIVATIONS
 from moe_scale.moe.grouped_gemm import METHODS
-from moe_scale.moe.losses import AuxLossWeights
+from moe_scale.moe.losses import AuxLossWeights, check_supported
+from moe_scale.moe.routing import ROUTERS
 
-ROUTERS = ("noisy_topk", "switch", "topk", "expert_choice", "hash", "hierarchical", "min_loss")
+BACKENDS = ("auto", "core", "cpu")
 
 
 @dataclass
 class MoEConfig:
     """Options of one `MoELayer`.
 
-    router                  one of ROUTERS; "switch" is top-1 with the full softmax gate,
-                            "topk" renormalises over the k kept experts (GShard top-2)
+    router                  a name in ROUTERS (moe/routing.py); "switch" is top-1 with the full
+                            softmax gate, "topk" renormalises over the k kept experts (GShard top-2)
     k                       experts per token (expert choice: average experts per token)
     capacity_factor         train capacity = ceil(k * S / E * capacity_factor)
     eval_capacity_factor    the same in eval mode
@@ -29,7 +30,11 @@ class MoEConfig:
     hierarchical_groups     hierarchical router: number of groups a (E = a * b)
     hierarchical_k_groups   groups chosen per token by the primary gate
     aux_loss                weights of the balancing losses (importance, load, switch, z)
-    grouped_gemm            expert compute method: auto, loop, bmm, grouped_mm
+    grouped_gemm            expert GEMMs: auto (`torch._grouped_mm` where its rules hold, else a
+                            loop), grouped_mm, loop (see moe/grouped_gemm.py)
+    backend                 core (plain PyTorch, every device), cpu (the CPU kernels of moe/cpu/
+                            for CPU tensors), auto (cpu where `moe.cpu.kernels.available()`:
+                            an AVX-512 CPU with a compiler and no CUDA; else core)
     """
 
     d_model: int
@@ -50,6 +55,7 @@ class MoEConfig:
     hierarchical_k_groups: int = 1
     aux_loss: AuxLossWeights = field(default_factory=AuxLossWeights)
     grouped_gemm: str = "auto"
+    backend: str = "auto"
 
     def __post_init__(self):
         if isinstance(self.aux_loss, dict):
@@ -57,16 +63,23 @@ class MoEConfig:
         if self.d_hidden is None:
             self.d_hidden = 4 * self.d_model
         _positive(d_model=self.d_model, num_experts=self.num_experts, d_hidden=self.d_hidden, k=self.k)
-        _choice("router", self.router, ROUTERS)
+        _choice("router", self.router, tuple(ROUTERS))
         _choice("activation", self.activation, ACTIVATIONS)
         _choice("drop_policy", self.drop_policy, DROP_POLICIES)
         _choice("grouped_gemm", self.grouped_gemm, METHODS)
+        _choice("backend", self.backend, BACKENDS)
+        spec = ROUTERS[self.router]
         if self.k > self.num_experts:
             raise ValueError(f"k={self.k} exceeds num_experts={self.num_experts}; lower k or add experts")
-        if self.router == "switch" and self.k != 1:
-            raise ValueError("the switch router is top-1: set k=1 (or use router='topk' for k>1)")
-        if self.router in ("hash", "min_loss") and self.k != 1:
-            raise ValueError(f"the {self.router} router sends each token to one expert: set k=1")
+        if spec.fixed_k is not None and self.k != spec.fixed_k:
+            raise ValueError(f"the {self.router} router sends each token to {spec.fixed_k} expert(s): set k={spec.fixed_k}")
+        defaults = {"jitter": 0.0, "random_second": False, "hierarchical_groups": 0, "hierarchical_k_groups": 1}
+        for option, default in defaults.items():
+            if getattr(self, option) != default and option not in spec.options:
+                users = sorted(name for name, s in ROUTERS.items() if option in s.options)
+                raise ValueError(f"{option} applies to the {users} router(s), not {self.router!r}; "
+                                 f"leave it at {default!r}")
+        check_supported(self.aux_loss, spec.stats, self.router)
         for name in ("capacity_factor", "eval_capacity_factor"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)} (use dropless=True for no capacity)")
@@ -74,7 +87,7 @@ class MoEConfig:
             raise ValueError(f"min_capacity must be >= 0, got {self.min_capacity}")
         if not 0 <= self.jitter < 1:
             raise ValueError(f"jitter must be in [0, 1), got {self.jitter}")
-        if self.random_second and not (self.router == "topk" and self.k == 2):
+        if self.random_second and self.k != 2:
             raise ValueError("random_second is GShard's top-2 option: use router='topk', k=2")
         if self.router == "expert_choice" and self.dropless:
             raise ValueError("expert_choice routing has a fixed capacity per expert; set dropless=False")

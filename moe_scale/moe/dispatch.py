@@ -1,20 +1,19 @@
-"""Capacity, drop policy and index-based permutation of tokens to experts.
+"""Capacity, drop policy and index-based permutation of tokens to experts, in static shapes.
 
-The plan sorts the N (token, expert) assignments by expert with a stable sort and keeps the
-first `capacity` of each expert; nothing of size S*E or S*E*C is built. Kept assignments
-and rows of the expert input are in one-to-one correspondence, so for token-choice routing
-(k slots per token) both directions of the exchange are gathers, forward and backward:
+The plan sorts the N (token, expert) assignments by expert with a stable sort and gives each a
+row of the experts' input `[N, d]`: kept assignments first, grouped by expert, then the ones
+dropped for capacity (or withdrawn by the router), parked past the last expert's rows where
+the grouped GEMM neither reads nor writes them. Nothing has a data-dependent size: counts,
+offsets and ranks are device tensors, so the plan runs on `meta`, compiles with
+`fullgraph=True` and never syncs a GPU. Nothing of size S*E or S*E*C is built.
 
-    permute     x_Sd -> x_Md          row m = token of kept assignment m
-    unpermute   y_Md -> y_Sd          y[s] = sum_j w[j, s] * y[pos[j, s]]   (zero if dropped)
+    permute     x_Sd -> x_Nd        row r holds the token of the assignment placed there
+    combine     y_Nd -> y_Sd        y[s] = sum_j w[j, s] * y[row[j, s]]   (float32; zero if dropped)
 
-`pos_kS` maps each (slot, token) to its row, or to M when it was dropped. It is
-slot-major, like the routing's assignment list, so each slot's row is contiguous and the
-combine runs as k gathers and k fused multiply-adds over `[S, d]` (a batched `[1, k] x [k, d]`
-matmul per token is several times slower on CPU). On CPU a
-gather is much faster than the scatter-add that autograd would use for these backwards, and
-it is deterministic. Expert-choice routing (a variable number of experts per token) falls
-back to `index_add`.
+Rows and assignments are in one-to-one correspondence, so both directions are gathers,
+forward and backward, for token-choice routing (k slots per token, slot-major): no atomic
+scatter-add, deterministic on every device. Expert-choice routing (a variable number of
+experts per token) combines with `index_add`.
 """
 
 from __future__ import annotations
@@ -24,45 +23,41 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from moe_scale.moe.cpu_kernels import kernels_for
-from moe_scale.moe.deferred import DeferredFields
-from moe_scale.moe.routing import Routing
+from moe_scale.moe.routing import Routing, expert_counts
 
 DROP_POLICIES = ("position", "probability")
 
 
 @dataclass
-class DispatchPlan(DeferredFields):
-    """Kept assignments sorted by expert.
+class DispatchPlan:
+    """Where each assignment goes (N assignments, E experts; every tensor on the routing's device).
 
-    token_idx_M      token of each kept assignment, grouped by expert
-    weight_M         its combine weight (differentiable; computed on first read when the plan
-                     is slot-major, whose combine reads `weight_kS` instead)
-    assignment_M     its index in the routing's assignment list
-    counts_E         kept assignments per expert (int64)
-    routed_E         valid assignments per expert before capacity drops (int64)
-    num_dropped      valid assignments dropped for capacity (0-dim int64)
-    capacity         per-expert capacity, None when uncapped
-    pos_kS           row of each (slot, token) assignment, M where it is not computed; None
-                     for routings that are not slot-major
-    weight_kS        routing weights as [k, S] (slot-major routings only)
+    row_token_N          token of each row of the experts' input
+    row_of_assignment_N  row of each assignment (a permutation of [0, N))
+    assignment_of_row_N  its inverse: the assignment each row holds
+    kept_N               per assignment: computed by its expert (bool)
+    counts_E             kept assignments per expert (int64); they fill rows [0, sum) in order
+    routed_E             valid assignments per expert before capacity drops (int64)
+    num_dropped          valid assignments dropped for capacity (0-dim int64)
+    capacity             per-expert capacity, None when uncapped
+    num_slots            k for slot-major token-choice routings (N = k * S), else None
+    weight_N             the routing's combine weights
     """
 
-    token_idx_M: Tensor
-    weight_M: Tensor
-    assignment_M: Tensor
+    row_token_N: Tensor
+    row_of_assignment_N: Tensor
+    assignment_of_row_N: Tensor
+    kept_N: Tensor
     counts_E: Tensor
     routed_E: Tensor
     num_dropped: Tensor
     capacity: int | None
-    pos_kS: Tensor | None
-    weight_kS: Tensor | None
-
-    _deferred = frozenset({"weight_M"})
+    num_slots: int | None
+    weight_N: Tensor
 
     @property
     def num_rows(self) -> int:
-        return self.token_idx_M.shape[0]
+        return self.row_token_N.shape[0]
 
 
 def plan_dispatch(routing: Routing, capacity: int | None, drop_policy: str = "position") -> DispatchPlan:
@@ -74,170 +69,127 @@ def plan_dispatch(routing: Routing, capacity: int | None, drop_policy: str = "po
     if drop_policy not in DROP_POLICIES:
         raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {drop_policy!r}")
     E, N = routing.num_experts, routing.expert_idx_N.numel()
+    device = routing.expert_idx_N.device
     # Withdrawn assignments get the key E and sort after every real one.
     key_N = routing.expert_idx_N
     if routing.valid_N is not None:
         key_N = key_N.masked_fill(~routing.valid_N, E)
-    kernels = kernels_for(key_N, dtypes=(torch.long,))
-    if kernels is not None and routing.num_slots is not None and (drop_policy == "position" or capacity is None):
-        return _plan_by_position(kernels, routing, key_N, capacity)
     if drop_policy == "probability" and capacity is not None:
         by_weight = torch.argsort(routing.weight_N.detach(), descending=True, stable=True)
-        by_key, routed_E = _sort_by_key(kernels, key_N.index_select(0, by_weight), E + 1)
-        order = by_weight.index_select(0, by_key)
+        order = by_weight.index_select(0, torch.argsort(key_N.index_select(0, by_weight), stable=True))
     else:
-        order, routed_E = _sort_by_key(kernels, key_N, E + 1)
-    routed_E = routed_E[:E]
-    num_valid = N if routing.valid_N is None else int(routed_E.sum())
-    order = order[:num_valid]
-    if capacity is None:
-        kept_E, dropped = routed_E, routed_E.new_zeros(())
+        order = torch.argsort(key_N, stable=True)
+    routed_K = expert_counts(key_N, E + 1)  # the last bin counts withdrawn assignments
+    routed_E = routed_K[:E]
+    arange_N = torch.arange(N, device=device)
+    if capacity is None and routing.valid_N is None:  # every assignment kept, in sorted order
+        row_sorted = arange_N
+        kept_E = routed_E
+        kept_sorted = torch.ones(N, dtype=torch.bool, device=device)
     else:
-        starts_E = torch.cumsum(routed_E, 0) - routed_E
-        rank = torch.arange(num_valid, device=order.device) - starts_E.index_select(0, key_N.index_select(0, order))
-        order = order[rank < capacity]
-        kept_E = routed_E.clamp(max=capacity)
-        dropped = routed_E.sum() - kept_E.sum()
-    pos_kS = weight_kS = None
-    if routing.num_slots is not None:
-        M, S, k = order.numel(), routing.num_tokens, routing.num_slots
-        pos_N = torch.full((N,), M, dtype=torch.long, device=order.device)
-        pos_N[order] = torch.arange(M, device=order.device)
-        pos_kS = pos_N.view(k, S)
-        weight_kS = routing.weight_N.view(k, S)
+        sorted_key = key_N.index_select(0, order)
+        starts_K = torch.cumsum(routed_K, 0) - routed_K
+        rank_sorted = arange_N - starts_K.index_select(0, sorted_key)
+        kept_sorted = sorted_key < E
+        kept_E = routed_E
+        if capacity is not None:
+            kept_sorted = kept_sorted & (rank_sorted < capacity)
+            kept_E = routed_E.clamp(max=capacity)
+        kept_starts_E = torch.cumsum(kept_E, 0) - kept_E
+        kept_row = kept_starts_E.index_select(0, sorted_key.clamp(max=E - 1)) + rank_sorted
+        # Dropped and withdrawn assignments take the rows after the kept ones, in sorted order.
+        parked_row = kept_E.sum() + torch.cumsum(~kept_sorted, 0) - 1
+        row_sorted = torch.where(kept_sorted, kept_row, parked_row)
+    row_of_assignment = torch.empty_like(order).scatter_(0, order, row_sorted)
+    assignment_of_row = torch.empty_like(order).scatter_(0, row_sorted, order)
+    kept_N = torch.empty_like(kept_sorted).scatter_(0, order, kept_sorted)
     return DispatchPlan(
-        token_idx_M=routing.token_idx_N.index_select(0, order),  # index_select: faster than [] on CPU
-        weight_M=routing.weight_N.index_select(0, order),
-        assignment_M=order,
+        row_token_N=routing.token_idx_N.index_select(0, assignment_of_row),
+        row_of_assignment_N=row_of_assignment,
+        assignment_of_row_N=assignment_of_row,
+        kept_N=kept_N,
         counts_E=kept_E,
         routed_E=routed_E,
-        num_dropped=dropped,
+        num_dropped=routed_E.sum() - kept_E.sum(),
         capacity=capacity,
-        pos_kS=pos_kS,
-        weight_kS=weight_kS,
+        num_slots=routing.num_slots,
+        weight_N=routing.weight_N,
     )
-
-
-def _plan_by_position(kernels, routing: Routing, key_N: Tensor, capacity: int | None) -> DispatchPlan:
-    """`plan_dispatch` of a slot-major routing under the position policy, in one compiled call
-    (csrc/dispatch_kernels.cpp): the same plan as the sort, ranks and masks below."""
-    k, S = routing.num_slots, routing.num_tokens
-    order, token_M, kept_E, routed_E, pos_N, dropped = kernels.plan_by_position(
-        key_N.contiguous(), routing.num_experts, -1 if capacity is None else capacity, S)
-    return DispatchPlan(
-        token_idx_M=token_M,
-        weight_M=lambda: routing.weight_N.index_select(0, order),
-        assignment_M=order,
-        counts_E=kept_E,
-        routed_E=routed_E,
-        num_dropped=dropped,
-        capacity=capacity,
-        pos_kS=pos_N.view(k, S),
-        weight_kS=routing.weight_N.view(k, S),
-    )
-
-
-def _sort_by_key(kernels, key_N: Tensor, num_keys: int) -> tuple[Tensor, Tensor]:
-    """(stable order of `key_N`, count of each key in [0, num_keys)): a counting sort with the
-    CPU kernels (csrc/dispatch_kernels.cpp), else argsort and bincount."""
-    if kernels is not None:
-        order, counts = kernels.sort_by_key(key_N.contiguous(), num_keys)
-        return order, counts
-    return torch.argsort(key_N, stable=True), torch.bincount(key_N, minlength=num_keys)
-
-
-def _clamped(pos_kS: Tensor, num_rows: int) -> tuple[Tensor, Tensor]:
-    """Positions with the dropped ones (== M) pointing at a real row, and the kept mask `[k, S]`.
-
-    Gathers read the clamped row and give it weight zero, rather than reading a zero row
-    appended to the `[M, d]` rows: that append would copy all of them (and page-fault a new
-    buffer) on every call.
-    """
-    return pos_kS.clamp(max=max(num_rows - 1, 0)), pos_kS < num_rows
-
-
-def _gather_sum(rows_Md: Tensor, pos_kS: Tensor, weight_kS: Tensor | None = None) -> Tensor:
-    """out[s] = sum_j w[j, s] * rows[pos[j, s]] (w = 1 when None), pos == M adds nothing. `[S, d]`."""
-    S, d, M = pos_kS.shape[1], rows_Md.shape[-1], rows_Md.shape[0]
-    if M == 0:
-        return rows_Md.new_zeros(S, d)
-    kernels = kernels_for(rows_Md)
-    if kernels is not None:  # one pass, float32 accumulation (csrc/dispatch_kernels.cpp)
-        weight = None if weight_kS is None else weight_kS.float().contiguous()
-        return kernels.gather_sum(rows_Md.contiguous(), pos_kS.contiguous(), weight)
-    pos, kept = _clamped(pos_kS, M)
-    if weight_kS is None and bool(kept.all()):  # nothing dropped: a plain sum of gathers
-        out = rows_Md.index_select(0, pos[0])
-        for j in range(1, pos.shape[0]):
-            out += rows_Md.index_select(0, pos[j])
-        return out
-    w = kept.to(rows_Md.dtype) if weight_kS is None else weight_kS.to(rows_Md.dtype) * kept
-    out = rows_Md.index_select(0, pos[0]).mul_(w[0, :, None])
-    for j in range(1, pos.shape[0]):
-        out.addcmul_(rows_Md.index_select(0, pos[j]), w[j, :, None])
-    return out
 
 
 class _Permute(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_Sd: Tensor, token_idx_M: Tensor, pos_kS: Tensor):
-        ctx.save_for_backward(pos_kS)
-        return x_Sd.index_select(0, token_idx_M)
+    """x_Nd = x_Sd[row_token]; the backward sums each token's k rows with gathers (no scatter)."""
 
     @staticmethod
-    def backward(ctx, grad_Md):
-        (pos_kS,) = ctx.saved_tensors
-        return _gather_sum(grad_Md, pos_kS), None, None
-
-
-class _Unpermute(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y_Md: Tensor, weight_kS: Tensor, pos_kS: Tensor, token_idx_M: Tensor, assignment_M: Tensor):
-        ctx.save_for_backward(y_Md, weight_kS, token_idx_M, assignment_M)
-        return _gather_sum(y_Md, pos_kS, weight_kS)
+    def forward(ctx, x_Sd: Tensor, row_token_N: Tensor, row_kS: Tensor):
+        ctx.save_for_backward(row_kS)
+        return x_Sd.index_select(0, row_token_N)
 
     @staticmethod
-    def backward(ctx, grad_Sd):
-        y_Md, weight_kS, token_idx_M, assignment_M = ctx.saved_tensors
-        need_y, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        kernels = kernels_for(y_Md, grad_Sd)
-        if kernels is not None and weight_kS.dtype == torch.float32 and (need_y or need_w):
-            # one pass over the rows (csrc/dispatch_kernels.cpp), the same two gradients
-            grad_y, grad_w = kernels.unpermute_backward(y_Md.contiguous(), grad_Sd.contiguous(), token_idx_M,
-                                                        assignment_M, weight_kS.contiguous().view(-1), need_y)
-            return grad_y if need_y else None, grad_w.view_as(weight_kS) if need_w else None, None, None, None
-        # One gather serves both: the row gradient is w_m * grad[token_m], the weight gradient
-        # of a kept assignment is <y_m, grad[token_m]>, and dropped ones get zero.
-        grad_tok_Md = grad_Sd.index_select(0, token_idx_M) if need_y or need_w else None
-        grad_w = grad_y = None
-        if need_w:
-            grad_w = torch.zeros_like(weight_kS)
-            row_dots = torch.linalg.vecdot(y_Md, grad_tok_Md).to(weight_kS.dtype)
-            grad_w.view(-1).index_copy_(0, assignment_M, row_dots)
-        if need_y:
-            w_M = weight_kS.reshape(-1).index_select(0, assignment_M).to(grad_Sd.dtype)
-            grad_y = grad_tok_Md.mul_(w_M[:, None])
-        return grad_y, grad_w, None, None, None
+    def backward(ctx, grad_Nd: Tensor):
+        (row_kS,) = ctx.saved_tensors
+        grad_Sd = grad_Nd.index_select(0, row_kS[0])
+        for j in range(1, row_kS.shape[0]):
+            grad_Sd = grad_Sd + grad_Nd.index_select(0, row_kS[j])
+        return grad_Sd, None, None
 
 
 def permute(x_Sd: Tensor, plan: DispatchPlan) -> Tensor:
-    """Gather the token of every kept assignment: `[S, d]` -> `[M, d]` grouped by expert."""
-    if plan.pos_kS is None:
-        return x_Sd.index_select(0, plan.token_idx_M)
-    return _Permute.apply(x_Sd, plan.token_idx_M, plan.pos_kS)
+    """Gather the token of every row: `[S, d]` -> `[N, d]`, kept rows grouped by expert first."""
+    if plan.num_slots is None:
+        return x_Sd.index_select(0, plan.row_token_N)
+    row_kS = plan.row_of_assignment_N.view(plan.num_slots, -1)
+    return _Permute.apply(x_Sd, plan.row_token_N, row_kS)
 
 
-def unpermute(y_Md: Tensor, plan: DispatchPlan, num_tokens: int) -> Tensor:
-    """Weighted sum of each token's expert outputs: `[M, d]` -> `[S, d]` (zero if none kept)."""
-    if plan.pos_kS is None:
-        weighted = y_Md * plan.weight_M.to(y_Md.dtype)[:, None]
-        return y_Md.new_zeros(num_tokens, y_Md.shape[-1]).index_add(0, plan.token_idx_M, weighted)
-    return _Unpermute.apply(y_Md, plan.weight_kS, plan.pos_kS, plan.token_idx_M, plan.assignment_M)
+class _Combine(torch.autograd.Function):
+    """y_Sd[s] = sum_j w[j, s] * y_Nd[row[j, s]] in float32, with w = 0 where not kept.
+
+    Backward, both gathers: the row gradient is w * grad[token of row], the weight gradient of
+    a kept assignment is <y[row], grad[token]>.
+    """
+
+    @staticmethod
+    def forward(ctx, y_Nd: Tensor, weight_kS: Tensor, row_kS: Tensor, kept_kS: Tensor, row_token_N: Tensor,
+                assignment_of_row_N: Tensor):
+        w_kS = torch.where(kept_kS, weight_kS, 0).float()
+        ctx.save_for_backward(y_Nd, w_kS, row_kS, kept_kS, row_token_N, assignment_of_row_N)
+        ctx.weight_dtype = weight_kS.dtype
+        out_Sd = y_Nd.index_select(0, row_kS[0]).float() * w_kS[0, :, None]
+        for j in range(1, row_kS.shape[0]):
+            out_Sd = out_Sd.addcmul_(y_Nd.index_select(0, row_kS[j]).float(), w_kS[j, :, None])
+        return out_Sd
+
+    @staticmethod
+    def backward(ctx, grad_Sd: Tensor):
+        y_Nd, w_kS, row_kS, kept_kS, row_token_N, assignment_of_row_N = ctx.saved_tensors
+        grad_y = grad_w = None
+        grad_rows_Nd = grad_Sd.float().index_select(0, row_token_N)
+        if ctx.needs_input_grad[0]:
+            w_row_N = w_kS.reshape(-1).index_select(0, assignment_of_row_N)
+            grad_y = (grad_rows_Nd * w_row_N[:, None]).to(y_Nd.dtype)
+        if ctx.needs_input_grad[1]:
+            dots_N = (y_Nd.float() * grad_rows_Nd).sum(-1)
+            dots_kS = dots_N.index_select(0, row_kS.reshape(-1)).view_as(row_kS)
+            grad_w = torch.where(kept_kS, dots_kS, 0).to(ctx.weight_dtype)
+        return grad_y, grad_w, None, None, None, None
+
+
+def combine(y_Nd: Tensor, plan: DispatchPlan, num_tokens: int) -> Tensor:
+    """Weighted sum of each token's expert outputs, in float32: `[N, d]` -> `[S, d]` (zero if none kept)."""
+    if plan.num_slots is None:
+        w_N = torch.where(plan.kept_N, plan.weight_N, 0).float().index_select(0, plan.assignment_of_row_N)
+        weighted = y_Nd.float() * w_N[:, None]
+        return weighted.new_zeros(num_tokens, y_Nd.shape[-1]).index_add(0, plan.row_token_N, weighted)
+    k = plan.num_slots
+    return _Combine.apply(y_Nd, plan.weight_N.view(k, -1), plan.row_of_assignment_N.view(k, -1),
+                          plan.kept_N.view(k, -1), plan.row_token_N, plan.assignment_of_row_N)
 
 
 def served_tokens(plan: DispatchPlan, num_tokens: int) -> Tensor:
     """Number of tokens with at least one computed assignment (0-dim int64)."""
-    if plan.pos_kS is not None:
-        return (plan.pos_kS < plan.num_rows).any(0).sum()
-    served = torch.zeros(num_tokens, dtype=torch.bool, device=plan.token_idx_M.device)
-    return served.index_fill(0, plan.token_idx_M, True).sum()
+    if plan.num_slots is not None:
+        return plan.kept_N.view(plan.num_slots, -1).any(0).sum()
+    token_N = plan.row_token_N.index_select(0, plan.row_of_assignment_N)
+    served = torch.zeros(num_tokens, dtype=torch.long, device=token_N.device)
+    return served.index_add(0, token_N, plan.kept_N.long()).clamp(max=1).sum()

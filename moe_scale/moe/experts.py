@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moe_scale.moe.autocast import outside_autocast
-from moe_scale.moe.grouped_gemm import choose_method, grouped_linear
-from moe_scale.moe.grouped_mlp import grouped_mlp
+from moe_scale.moe.autocast import autocast_disabled
+from moe_scale.moe.grouped_gemm import group_ends, grouped_linear, row_groups
 
 ACTIVATIONS = ("relu", "gelu", "swiglu")
+
+# (experts, x_Md, counts_E) -> y_Md, or None where it does not apply: a backend's fused expert
+# MLP (moe/cpu/__init__.py).
+FusedExpertMLP = Callable[["GroupedExperts", Tensor, Tensor], Tensor | None]
 
 
 class GroupedExperts(nn.Module):
@@ -32,12 +36,13 @@ class GroupedExperts(nn.Module):
         activation: str = "gelu",
         bias: bool = False,
         method: str = "auto",
+        fused: FusedExpertMLP | None = None,
     ):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         self.num_experts, self.d_model, self.d_hidden = num_experts, d_model, d_hidden
-        self.activation, self.method = activation, method
+        self.activation, self.method, self.fused = activation, method, fused
         self.w1 = nn.Parameter(torch.empty(num_experts, d_model, d_hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, d_hidden, d_model))
         self.w3 = nn.Parameter(torch.empty(num_experts, d_model, d_hidden)) if activation == "swiglu" else None
@@ -63,37 +68,35 @@ class GroupedExperts(nn.Module):
             return F.gelu(h)
         return F.silu(h) * gate
 
-    def forward(self, x_Md: Tensor, counts: list[int]) -> Tensor:
-        """x_Md: rows sorted by expert, `counts[e]` rows for local expert e -> `[M, d]`."""
+    def forward(self, x_Md: Tensor, counts_E: Tensor) -> Tensor:
+        """x_Md: rows sorted by expert, `counts_E[e]` (a device tensor) rows for local expert e
+        first; rows past their sum belong to no expert and come out zero. -> `[M, d]` in x's dtype."""
         if x_Md.shape[-1] != self.d_model:
             raise ValueError(f"expert input has d={x_Md.shape[-1]}, experts expect d_model={self.d_model}")
-        (x_Md,), autocast_off = outside_autocast(x_Md)
-        with autocast_off:
-            return self._forward(x_Md, counts)
+        with autocast_disabled(x_Md.device):
+            if self.fused is not None:
+                y = self.fused(self, x_Md, counts_E)
+                if y is not None:
+                    return y
+            return self._forward(x_Md, group_ends(counts_E))
 
-    def _forward(self, x_Md: Tensor, counts: list[int]) -> Tensor:
-        dtype = x_Md.dtype
-        w1, w2 = self.w1.to(dtype), self.w2.to(dtype)
-        w3 = self.w3.to(dtype) if self.w3 is not None else None
-        b1 = self.b1.to(dtype) if self.b1 is not None else None
-        b2 = self.b2.to(dtype) if self.b2 is not None else None
-        method = choose_method(counts, x_Md.device, dtype, self.method)
-        if method in ("loop", "bmm"):
-            return grouped_mlp(x_Md, w1, w2, w3, b1, b2, counts, method, self.activation)
-        # torch._grouped_mm (CUDA) composes with autograd directly.
-        h = grouped_linear(x_Md, w1, counts, method)
-        gate = grouped_linear(x_Md, w3, counts, method) if w3 is not None else None
+    def weights(self, dtype: torch.dtype) -> tuple[Tensor | None, ...]:
+        """(w1, w2, w3, b1, b2) in `dtype` (None where absent)."""
+        return tuple(None if p is None else p.to(dtype) for p in (self.w1, self.w2, self.w3, self.b1, self.b2))
+
+    def _forward(self, x_Md: Tensor, ends_E: Tensor) -> Tensor:
+        """The three GEMMs share one set of int32 offsets (`ends_E`)."""
+        w1, w2, w3, b1, b2 = self.weights(x_Md.dtype)
+        h = grouped_linear(x_Md, w1, ends_E, self.method)
+        gate = grouped_linear(x_Md, w3, ends_E, self.method) if w3 is not None else None
+        expert_M = row_groups(ends_E, x_Md.shape[0]) if b1 is not None else None
         if b1 is not None:
-            h = h + self._per_row(b1, counts)
-        y = grouped_linear(self._act(h, gate), w2, counts, method)
+            h = h + b1.index_select(0, expert_M)
+        y = grouped_linear(self._act(h, gate), w2, ends_E, self.method)
         if b2 is not None:
-            y = y + self._per_row(b2, counts)
+            in_group = (torch.arange(x_Md.shape[0], device=x_Md.device) < ends_E[-1:])[:, None]
+            y = y + torch.where(in_group, b2.index_select(0, expert_M), 0)
         return y
-
-    @staticmethod
-    def _per_row(bias_En: Tensor, counts: list[int]) -> Tensor:
-        counts_E = torch.tensor(counts, device=bias_En.device)
-        return torch.repeat_interleave(bias_En, counts_E, dim=0)
 
     def extra_repr(self) -> str:
         return (

@@ -1,135 +1,153 @@
-"""Grouped matrix multiplication over rows sorted by group.
+"""Grouped matrix multiplication over rows sorted by group, with device-side offsets.
 
-`x_Mk` holds M rows sorted by group, `counts[g]` rows for group g; group g is multiplied by
-`w_Gkn[g]`. Three exact methods, chosen per device and shape (see `choose_method`):
+`x_Mk` holds M rows sorted by group; `ends_G` (int32, on x's device) is the cumulative row
+count, so group g owns rows [ends_G[g-1], ends_G[g]) and is multiplied by `w_Gkn[g]`. Rows at
+or past `ends_G[-1]` belong to no group (capacity drops parked at the end of a static-size
+buffer): their output and their input gradient are exactly zero.
 
-    loop        one GEMM per non-empty group; no padding. Best when groups hold many rows.
-    bmm         scatter rows into a zero-padded `[G, C, k]` block (C = largest group), one
-                batched GEMM. Best on CPU when groups are many and small: a Python loop over
-                thousands of tiny GEMMs costs more than the padding.
-    grouped_mm  `torch._grouped_mm` (CUDA, bf16): variable-size groups in one kernel.
+Two implementations, chosen once per (device, dtype, shape) by `grouped_mm_supported`:
 
-Measured on the 2-core CPU (benchmarks/moe_layer.py): bmm beats `_grouped_mm` fwd+bwd at
-2048+ groups of 5-16 rows, and the loop wins at 64 groups of 256+ rows.
+    grouped_mm  `torch._grouped_mm`: one kernel for all groups, the offsets never leave the
+                device. Its rules: row strides a multiple of 16 bytes (d and n multiples of 8
+                in bf16, of 4 in float32); on CUDA bfloat16 on compute capability 9.x / 10.x
+                only (elsewhere torch's own fallback copies the offsets to the host); on CPU
+                float32 and bfloat16 (bfloat16 under torch.compile); on `meta` bfloat16.
+    loop        one `mm` per non-empty group. It reads the offsets on the host: one sync per
+                call, the price of shapes `_grouped_mm` does not take.
+
+Both give exactly zero weight gradients for empty groups, whatever the kernel does with them
+(upstream CUDA kernels have left non-zero values there), and never read the rows past the end.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
-METHODS = ("auto", "loop", "bmm", "grouped_mm")
-
-# Groups at least this large amortise the per-GEMM Python cost: `auto` loops over them; so
-# does a layer with this few non-empty groups, where a loop costs little.
-_LOOP_MIN_ROWS = 128
-_LOOP_MAX_GROUPS = 64
-# Past this padding factor (a few huge groups among many small ones, e.g. dropless at init)
-# the padded block would waste more than the loop's per-group cost.
-_MAX_PAD_FACTOR = 4.0
+METHODS = ("auto", "grouped_mm", "loop")
 
 
-def has_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
-    return device.type == "cuda" and dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+@functools.cache
+def _cuda_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
-def choose_method(counts: list[int], device: torch.device, dtype: torch.dtype, method: str = "auto") -> str:
-    """Pick the grouped-GEMM method for these group sizes (see module docstring)."""
+def grouped_mm_supported(device: torch.device, dtype: torch.dtype, *dims: int) -> bool:
+    """Whether `torch._grouped_mm` runs these products on `device` without a host sync.
+
+    dims: every inner and outer dimension of the products (each row stride must be a multiple
+    of 16 bytes).
+    """
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if any(d * itemsize % 16 for d in dims):
+        return False
+    if device.type == "cuda":
+        major, _ = _cuda_capability(device.index if device.index is not None else torch.cuda.current_device())
+        return dtype == torch.bfloat16 and major in (9, 10)
+    if device.type == "cpu":  # torch.compile traces it with the meta rules below
+        return dtype == torch.bfloat16 or (dtype == torch.float32 and not torch.compiler.is_compiling())
+    if device.type == "meta":  # its shape function follows the CUDA kernel's rules
+        return dtype == torch.bfloat16
+    return False
+
+
+def choose_method(device: torch.device, dtype: torch.dtype, dims: tuple[int, ...], method: str = "auto") -> str:
+    """"grouped_mm" where its rules hold (or when asked for), else "loop"."""
     if method not in METHODS:
         raise ValueError(f"grouped GEMM method must be one of {METHODS}, got {method!r}")
-    if method != "auto":
-        return method
-    if has_grouped_mm(device, dtype):
-        return "grouped_mm"
-    rows, nonempty = sum(counts), sum(1 for c in counts if c)
-    if nonempty == 0:
-        return "loop"
-    if nonempty <= _LOOP_MAX_GROUPS or rows / nonempty >= _LOOP_MIN_ROWS:
-        return "loop"
-    padded = len(counts) * max(counts)
-    return "bmm" if padded <= _MAX_PAD_FACTOR * rows else "loop"
+    if method == "auto":
+        return "grouped_mm" if grouped_mm_supported(device, dtype, *dims) else "loop"
+    return method
 
 
-class _ScatterRows(torch.autograd.Function):
-    """out = zeros(n, d); out[slot] = x, with distinct slots: the backward is a gather."""
+def group_ends(counts_G: Tensor) -> Tensor:
+    """Cumulative row counts as the int32 offsets `_grouped_mm` takes (built once per layer call)."""
+    return torch.cumsum(counts_G, 0, dtype=torch.int32)
+
+
+def rows_in_groups(ends_G: Tensor, num_rows: int) -> Tensor:
+    """`[M, 1]` bool: row m belongs to a group (m < ends_G[-1])."""
+    return (torch.arange(num_rows, device=ends_G.device) < ends_G[-1:])[:, None]
+
+
+def row_groups(ends_G: Tensor, num_rows: int) -> Tensor:
+    """Group of each row `[M]` (int64; rows past the end get the last group's index)."""
+    rows = torch.arange(num_rows, device=ends_G.device, dtype=ends_G.dtype)
+    return torch.searchsorted(ends_G, rows, right=True).clamp_(max=ends_G.numel() - 1)
+
+
+def _mm_grouped(x_Mk: Tensor, w_Gkn: Tensor, ends_G: Tensor) -> Tensor:
+    return torch._grouped_mm(x_Mk, w_Gkn, offs=ends_G)
+
+
+def _wgrad_grouped(x_Mk: Tensor, g_Mn: Tensor, ends_G: Tensor) -> Tensor:
+    return torch._grouped_mm(x_Mk.t(), g_Mn, offs=ends_G)
+
+
+def _mm_loop(x_Mk: Tensor, w_Gkn: Tensor, ends: list[int]) -> Tensor:
+    out = x_Mk.new_zeros(x_Mk.shape[0], w_Gkn.shape[-1])
+    start = 0
+    for g, end in enumerate(ends):
+        if end > start:
+            torch.mm(x_Mk[start:end], w_Gkn[g], out=out[start:end])
+        start = end
+    return out
+
+
+def _wgrad_loop(x_Mk: Tensor, g_Mn: Tensor, ends: list[int]) -> Tensor:
+    out = x_Mk.new_zeros(len(ends), x_Mk.shape[-1], g_Mn.shape[-1])
+    start = 0
+    for g, end in enumerate(ends):
+        if end > start:
+            torch.mm(x_Mk[start:end].t(), g_Mn[start:end], out=out[g])
+        start = end
+    return out
+
+
+class _GroupedMM(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_Mk: Tensor, w_Gkn: Tensor, ends_G: Tensor, method: str):
+        ctx.save_for_backward(x_Mk, w_Gkn, ends_G)
+        ctx.method = method
+        if method == "loop":
+            ctx.ends = ends_G.tolist()  # the loop's one host read, reused by the backward
+            return _mm_loop(x_Mk, w_Gkn, ctx.ends)
+        in_group = rows_in_groups(ends_G, x_Mk.shape[0])
+        return torch.where(in_group, _mm_grouped(x_Mk, w_Gkn, ends_G), 0)
 
     @staticmethod
-    def forward(ctx, x_Md: Tensor, slot_M: Tensor, num_rows: int):
-        ctx.save_for_backward(slot_M)
-        return x_Md.new_zeros(num_rows, x_Md.shape[-1]).index_copy_(0, slot_M, x_Md)
-
-    @staticmethod
-    def backward(ctx, grad_nd):
-        (slot_M,) = ctx.saved_tensors
-        return grad_nd.index_select(0, slot_M), None, None
-
-
-class _GatherRows(torch.autograd.Function):
-    """out = x[slot] with distinct slots: the backward writes rows back without accumulation."""
-
-    @staticmethod
-    def forward(ctx, x_nd: Tensor, slot_M: Tensor):
-        ctx.save_for_backward(slot_M)
-        ctx.num_rows = x_nd.shape[0]
-        return x_nd.index_select(0, slot_M)
-
-    @staticmethod
-    def backward(ctx, grad_Md):
-        (slot_M,) = ctx.saved_tensors
-        return grad_Md.new_zeros(ctx.num_rows, grad_Md.shape[-1]).index_copy_(0, slot_M, grad_Md), None
+    def backward(ctx, g_Mn: Tensor):
+        x_Mk, w_Gkn, ends_G = ctx.saved_tensors
+        grad_x = grad_w = None
+        if ctx.method == "loop":
+            if ctx.needs_input_grad[0]:
+                grad_x = _mm_loop(g_Mn, w_Gkn.transpose(-2, -1), ctx.ends)
+            if ctx.needs_input_grad[1]:
+                grad_w = _wgrad_loop(x_Mk, g_Mn, ctx.ends)
+            return grad_x, grad_w, None, None
+        g_Mn = g_Mn.contiguous()
+        if ctx.needs_input_grad[0]:
+            in_group = rows_in_groups(ends_G, x_Mk.shape[0])
+            grad_x = torch.where(in_group, _mm_grouped(g_Mn, w_Gkn.transpose(-2, -1), ends_G), 0)
+        if ctx.needs_input_grad[1]:
+            counts_G = torch.diff(ends_G, prepend=ends_G.new_zeros(1))
+            grad_w = torch.where((counts_G > 0)[:, None, None], _wgrad_grouped(x_Mk, g_Mn, ends_G), 0)
+        return grad_x, grad_w, None, None
 
 
-class PaddedLayout:
-    """Maps rows sorted by group to slots of a zero-padded `[G, C, ...]` block and back."""
+def grouped_linear(x_Mk: Tensor, w_Gkn: Tensor, ends_G: Tensor, method: str = "auto") -> Tensor:
+    """`[M, k]` rows sorted by group times per-group `[k, n]` weights -> `[M, n]`.
 
-    def __init__(self, counts: list[int], device: torch.device):
-        self.groups = len(counts)
-        self.capacity = max(max(counts, default=0), 1)
-        counts_G = torch.tensor(counts, device=device)
-        starts_G = torch.cumsum(counts_G, 0) - counts_G
-        group_M = torch.repeat_interleave(torch.arange(self.groups, device=device), counts_G)
-        rank_M = torch.arange(group_M.numel(), device=device) - starts_G[group_M]
-        self.slot_M = group_M * self.capacity + rank_M
-
-    def pad_(self, x_Mk: Tensor) -> Tensor:
-        """`pad` outside autograd."""
-        padded = x_Mk.new_zeros(self.groups * self.capacity, x_Mk.shape[-1])
-        return padded.index_copy_(0, self.slot_M, x_Mk).view(self.groups, self.capacity, -1)
-
-    def unpad_(self, x_GCn: Tensor) -> Tensor:
-        """`unpad` outside autograd."""
-        return x_GCn.reshape(-1, x_GCn.shape[-1]).index_select(0, self.slot_M)
-
-    def pad(self, x_Mk: Tensor) -> Tensor:
-        """`[M, k]` -> `[G, C, k]`, zeros in unused slots."""
-        padded = _ScatterRows.apply(x_Mk, self.slot_M, self.groups * self.capacity)
-        return padded.view(self.groups, self.capacity, -1)
-
-    def unpad(self, x_GCn: Tensor) -> Tensor:
-        """`[G, C, n]` -> `[M, n]`."""
-        return _GatherRows.apply(x_GCn.reshape(-1, x_GCn.shape[-1]), self.slot_M)
-
-
-def _loop(x_Mk: Tensor, w_Gkn: Tensor, counts: list[int]) -> Tensor:
-    # unbind, not w_Gkn[g]: each select's backward would allocate and add a full [G, k, n] grad.
-    w_g = w_Gkn.unbind(0)
-    pieces = [x @ w_g[g] for g, x in enumerate(torch.split(x_Mk, counts)) if counts[g]]
-    if not pieces:  # no rows at all: an empty product keeps the autograd graph connected
-        return x_Mk @ w_Gkn[0]
-    return torch.cat(pieces)
-
-
-def grouped_linear(x_Mk: Tensor, w_Gkn: Tensor, counts: list[int], method: str = "auto") -> Tensor:
-    """`[M, k]` rows sorted by group times per-group `[k, n]` weights -> `[M, n]`."""
-    if sum(counts) != x_Mk.shape[0] or len(counts) != w_Gkn.shape[0]:
-        raise ValueError(
-            f"counts must have one entry per group ({w_Gkn.shape[0]}) summing to the rows ({x_Mk.shape[0]})"
-        )
-    method = choose_method(counts, x_Mk.device, x_Mk.dtype, method)
-    if method == "loop":
-        return _loop(x_Mk, w_Gkn, counts)
-    if method == "grouped_mm":
-        offs = torch.cumsum(torch.tensor(counts, device=x_Mk.device), 0).to(torch.int32)
-        return torch._grouped_mm(x_Mk, w_Gkn, offs=offs)
-    layout = PaddedLayout(counts, x_Mk.device)
-    return layout.unpad(torch.bmm(layout.pad(x_Mk), w_Gkn))
+    ends_G: int32 cumulative row counts on x's device (`group_ends`); rows past `ends_G[-1]`
+    give zero rows. `x_Mk` and `w_Gkn` must have the same dtype.
+    """
+    if ends_G.shape != (w_Gkn.shape[0],):
+        raise ValueError(f"ends_G must have one entry per group ({w_Gkn.shape[0]}), got {tuple(ends_G.shape)}")
+    if x_Mk.shape[-1] != w_Gkn.shape[1]:
+        raise ValueError(f"rows have {x_Mk.shape[-1]} columns, the weights expect {w_Gkn.shape[1]}")
+    method = choose_method(x_Mk.device, x_Mk.dtype, tuple(w_Gkn.shape[1:]), method)
+    return _GroupedMM.apply(x_Mk.contiguous(), w_Gkn, ends_G, method)

@@ -1,40 +1,26 @@
-"""`MoELayer`: router -> dispatch plan -> (comm) -> grouped experts -> (comm) -> combine."""
+"""`MoELayer`: router -> dispatch plan -> (comm) -> grouped experts -> (comm) -> combine.
+
+One path for every device. Under autocast the tokens are cast to the experts' compute dtype
+before dispatch and the combine sums in float32. Counts and offsets stay on the device; in one
+process the layer reads no tensor on the host (it runs on `meta` and compiles with
+`fullgraph=True`); under expert parallelism the comm reads the split sizes once per exchange.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from functools import cached_property, partial
+from functools import cached_property
 
 import torch
 from torch import Tensor, nn
 
-from moe_scale.distributed.comm import LocalComm
+from moe_scale.moe.autocast import compute_dtype
+from moe_scale.moe.comm import LocalComm
 from moe_scale.moe.config import MoEConfig
-from moe_scale.moe.dispatch import permute, plan_dispatch, served_tokens, unpermute
-from moe_scale.moe.experts import GroupedExperts
-from moe_scale.moe.losses import _NEEDS, aux_losses, check_supported, weighted_names, weighted_total
-from moe_scale.moe.routing import (
-    ExpertChoiceRouter,
-    HashRouter,
-    HierarchicalRouter,
-    MinLossRouter,
-    NoisyTopKRouter,
-    RouterStats,
-    TopKSoftmaxRouter,
-    capacity_for,
-)
-
-# The RouterStats fields each policy fills, so unsupported loss weights fail at construction.
-_ROUTER_STATS = {
-    "noisy_topk": set(_NEEDS.values()),
-    "switch": {"importance_E", "prob_mean_E", "z_loss"},
-    "topk": {"importance_E", "prob_mean_E", "z_loss"},
-    "expert_choice": {"z_loss"},
-    "hash": set(),
-    "hierarchical": {"importance_E", "load_E", "z_loss"},
-    "min_loss": set(),
-}
+from moe_scale.moe.dispatch import DispatchPlan, combine, permute, plan_dispatch, served_tokens
+from moe_scale.moe.experts import FusedExpertMLP, GroupedExperts
+from moe_scale.moe.losses import aux_losses, weighted_names, weighted_total
+from moe_scale.moe.routing import ROUTERS, FusedSoftmaxTopK, RouterStats, capacity_for
 
 
 @dataclass
@@ -44,16 +30,12 @@ class MoEStats:
     tokens_per_expert_E   assignments computed by each expert (after capacity drops)
     routed_per_expert_E   assignments routed to each expert (before drops)
     num_dropped           assignments dropped for capacity (0-dim)
-    num_unrouted          tokens with no computed assignment: their layer output is zero (0-dim)
-    num_assignments       assignments before drops (0-dim)
     num_tokens            tokens in the call
     capacity              per-expert capacity used, None when dropless
-    aux_losses            every balancing loss the router supports, unweighted
-    aux_loss              weighted sum: add it to the training loss
-
-    `num_unrouted`, `num_assignments` and the unweighted losses are computed on first read
-    (the weighted ones are part of `aux_loss` already): a step that does not read them does
-    not pay for their small ops.
+    aux_loss              weighted sum of the balancing losses: add it to the training loss
+    aux_losses            every balancing loss the router supports, unweighted (on first read)
+    num_unrouted          tokens with no computed assignment: their output is zero (on first read)
+    num_assignments       assignments before drops (0-dim, on first read)
     """
 
     tokens_per_expert_E: Tensor
@@ -62,19 +44,19 @@ class MoEStats:
     num_tokens: int
     capacity: int | None
     aux_loss: Tensor
-    _router_stats: RouterStats = field(repr=False)
-    _weighted_losses: dict[str, Tensor] = field(repr=False)
-    _num_experts: int = field(repr=False)
-    _served: Callable[[], Tensor] = field(repr=False)
+    router_stats: RouterStats = field(repr=False)
+    plan: DispatchPlan = field(repr=False)
+    weighted_losses: dict[str, Tensor] = field(repr=False)
 
     @cached_property
     def aux_losses(self) -> dict[str, Tensor]:
-        unweighted = set(_NEEDS) - set(self._weighted_losses)
-        return {**self._weighted_losses, **aux_losses(self._router_stats, self._num_experts, only=unweighted)}
+        num_experts = self.tokens_per_expert_E.shape[0]
+        rest = aux_losses(self.router_stats, num_experts, only=None)
+        return {**rest, **self.weighted_losses}
 
     @cached_property
     def num_unrouted(self) -> Tensor:
-        return self.num_tokens - self._served()
+        return self.num_tokens - served_tokens(self.plan, self.num_tokens)
 
     @cached_property
     def num_assignments(self) -> Tensor:
@@ -85,22 +67,28 @@ class MoEStats:
         return self.num_dropped.float() / self.num_assignments.clamp(min=1).float()
 
 
-def build_router(cfg: MoEConfig) -> nn.Module:
-    d, E = cfg.d_model, cfg.num_experts
-    if cfg.router == "noisy_topk":
-        return NoisyTopKRouter(d, E, cfg.k)
-    if cfg.router == "switch":
-        return TopKSoftmaxRouter(d, E, k=1, renormalize=False, jitter=cfg.jitter)
-    if cfg.router == "topk":
-        return TopKSoftmaxRouter(d, E, k=cfg.k, jitter=cfg.jitter, random_second=cfg.random_second)
-    if cfg.router == "expert_choice":
-        return ExpertChoiceRouter(d, E)
-    if cfg.router == "hash":
-        return HashRouter(E)
-    if cfg.router == "hierarchical":
-        a = cfg.hierarchical_groups
-        return HierarchicalRouter(d, a, E // a, k_groups=cfg.hierarchical_k_groups, k_experts=cfg.k)
-    return MinLossRouter(E)
+@dataclass(frozen=True)
+class ComputeBackend:
+    """Fused implementations of two steps of the layer, chosen once when the layer is built.
+
+    softmax_topk   the softmax top-k router (switch, topk), or None for the core's plain ops
+    expert_mlp     the expert MLP, or None for the core's grouped GEMMs
+    """
+
+    name: str
+    softmax_topk: FusedSoftmaxTopK | None = None
+    expert_mlp: FusedExpertMLP | None = None
+
+
+def resolve_backend(name: str) -> ComputeBackend:
+    """"core", "cpu" (moe/cpu/: the CPU kernels) or "auto" (cpu where it is available)."""
+    if name == "core":
+        return ComputeBackend("core")
+    from moe_scale.moe import cpu
+
+    if name == "auto" and not cpu.available():
+        return ComputeBackend("core")
+    return ComputeBackend("cpu", softmax_topk=cpu.softmax_topk, expert_mlp=cpu.expert_mlp)
 
 
 class MoELayer(nn.Module):
@@ -118,10 +106,12 @@ class MoELayer(nn.Module):
         if unknown:
             raise TypeError(f"unknown MoELayer option(s) {sorted(unknown)}; see MoEConfig for the options")
         self.cfg = cfg = MoEConfig(d_model=d_model, num_experts=num_experts, **options)
-        check_supported(cfg.aux_loss, _ROUTER_STATS[cfg.router], cfg.router)
-        self.router = build_router(cfg)
+        self.backend = resolve_backend(cfg.backend)
+        self.router_spec = ROUTERS[cfg.router]
+        self.router = self.router_spec.build(cfg, self.backend.softmax_topk)
         self.experts = GroupedExperts(
-            num_experts, d_model, cfg.d_hidden, cfg.activation, bias=cfg.expert_bias, method=cfg.grouped_gemm
+            num_experts, d_model, cfg.d_hidden, cfg.activation, bias=cfg.expert_bias, method=cfg.grouped_gemm,
+            fused=self.backend.expert_mlp,
         )
         self.comm = LocalComm()
 
@@ -134,29 +124,34 @@ class MoELayer(nn.Module):
         cf = self.cfg.capacity_factor if self.training else self.cfg.eval_capacity_factor
         return capacity_for(num_tokens, self.cfg.num_experts, self.cfg.experts_per_token, cf, self.cfg.min_capacity)
 
+    def _router_inputs(self, x: Tensor, capacity: int, token_ids: Tensor | None,
+                       expert_losses: Tensor | None) -> dict:
+        available = {"token_ids": token_ids, "expert_losses": expert_losses, "capacity": capacity}
+        if "positions" in self.router_spec.inputs:
+            positions = None
+            if x.dim() >= 3 and token_ids is None:
+                positions = torch.arange(x.shape[-2], device=x.device).expand(x.shape[:-1]).reshape(-1)
+            available["positions"] = positions
+        return {name: available[name] for name in self.router_spec.inputs}
+
     def forward(
         self, x: Tensor, *, token_ids: Tensor | None = None, expert_losses: Tensor | None = None
     ) -> tuple[Tensor, MoEStats]:
         d = self.cfg.d_model
         if x.shape[-1] != d:
             raise ValueError(f"MoELayer(d_model={d}) expects inputs [..., {d}], got {tuple(x.shape)}")
-        x_Sd = x if x.dim() == 2 else x.reshape(-1, d)  # (a reshape to the same shape is an autograd view)
+        x_Sd = x if x.dim() == 2 else x.reshape(-1, d)
         S = x_Sd.shape[0]
         capacity = self.capacity(S)
-        positions = None
-        if x.dim() >= 3 and token_ids is None:
-            positions = torch.arange(x.shape[-2], device=x.device).expand(x.shape[:-1]).reshape(-1)
-        routing = self.router(
-            x_Sd, token_ids=token_ids, positions=positions, expert_losses=expert_losses, capacity=capacity
-        )
+        routing = self.router(x_Sd, **self._router_inputs(x, capacity, token_ids, expert_losses))
         uncapped = self.cfg.dropless or routing.capacity_bound
         plan = plan_dispatch(routing, None if uncapped else capacity, self.cfg.drop_policy)
 
-        x_Md = permute(x_Sd, plan)
-        x_local, local_counts, handle = self.comm.dispatch(x_Md, plan.counts_E)
-        y_local = self.experts(x_local, local_counts)
-        y_Md = self.comm.combine(y_local, handle)
-        y_Sd = unpermute(y_Md, plan, S)
+        x_Nd = permute(x_Sd.to(compute_dtype(x_Sd)), plan)
+        x_local, counts_local, handle = self.comm.dispatch(x_Nd, plan.counts_E)
+        y_local = self.experts(x_local, counts_local)
+        y_Nd = self.comm.combine(y_local, handle)
+        y_Sd = combine(y_Nd, plan, S).to(x.dtype)
 
         weighted = aux_losses(routing.stats, self.cfg.num_experts, only=weighted_names(self.cfg.aux_loss))
         stats = MoEStats(
@@ -166,9 +161,8 @@ class MoELayer(nn.Module):
             num_tokens=S,
             capacity=None if uncapped else capacity,
             aux_loss=weighted_total(weighted, self.cfg.aux_loss, y_Sd),
-            _router_stats=routing.stats,
-            _weighted_losses=weighted,
-            _num_experts=self.cfg.num_experts,
-            _served=partial(served_tokens, plan, S),
+            router_stats=routing.stats,
+            plan=plan,
+            weighted_losses=weighted,
         )
         return (y_Sd if x.dim() == 2 else y_Sd.reshape(x.shape)), stats

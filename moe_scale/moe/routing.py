@@ -1,37 +1,45 @@
-"""Routing policies. Every router maps tokens `x_Sd` to the same `Routing` structure.
+"""Routing policies and their registry. Every router maps tokens `x_Sd` to one `Routing`.
 
-A `Routing` is a flat list of N (token, expert, weight) assignments. Token-choice routers
-emit them slot-major (all first choices, then all second choices, ...), so a stable sort by
-expert gives first choices priority when capacity is short, as GShard does. Routers never
-build a dense `[S, E, C]` dispatch mask; the flat-gated ones need the `[S, E]` logits and
-nothing else of that size.
+A `Routing` is a flat list of N (token, expert, weight) assignments. Token-choice routers emit
+them slot-major (all first choices, then all second choices, ...), so a stable sort by expert
+gives first choices priority when capacity is short, as GShard does. Every tensor has a shape
+fixed by S, k and E: no router reads tensor data on the host, so routing runs on `meta`, under
+`torch.compile(fullgraph=True)`, and on a GPU without a sync. Routers never build a dense
+`[S, E, C]` mask; the flat-gated ones need the `[S, E]` logits and nothing else of that size.
 
-Policies:
-    NoisyTopKRouter        Shazeer et al. 2017, eqs. 3-5, smooth load estimator (appendix A)
-    TopKSoftmaxRouter      switch top-1 (input jitter), GShard top-2 (random 2nd expert), top-k
-    ExpertChoiceRouter     each expert takes its top-C tokens (Zhou et al. 2022)
-    HashRouter             fixed hash of token id or position (Roller et al. 2021)
-    HierarchicalRouter     primary gate over groups, secondary gate per group (Shazeer app. B)
-    MinLossRouter          hard EM: the expert with the lowest caller-supplied loss
+Policies (`ROUTERS`: name -> `RouterSpec`):
+    noisy_topk      Shazeer et al. 2017, eqs. 3-5, smooth load estimator (appendix A)
+    switch          top-1 with the full softmax gate and input jitter (Fedus et al. 2021)
+    topk            softmax top-k, renormalised over the k kept (GShard top-2, random 2nd expert)
+    expert_choice   each expert takes its top-C tokens (Zhou et al. 2022)
+    hash            fixed hash of token id or position (Roller et al. 2021)
+    hierarchical    primary gate over groups, secondary gate per group (Shazeer app. B)
+    min_loss        hard EM: the expert with the lowest caller-supplied loss
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moe_scale.moe.deferred import DeferredFields
-from moe_scale.moe.grouped_gemm import grouped_linear
-from moe_scale.moe.topk_softmax import router_dtype, topk_softmax_router
+from moe_scale.moe.grouped_gemm import group_ends, grouped_linear
+
+if TYPE_CHECKING:
+    from moe_scale.moe.config import MoEConfig
+
+# (x_Sd, w_dE, k, renormalize) -> (weight_N, index_Sk, prob_sum_E, lse_sq_sum, top1_count_E | None),
+# or None where it does not apply: a backend's fused softmax top-k (moe/cpu/router.py).
+FusedSoftmaxTopK = Callable[[Tensor, Tensor, int, bool], tuple | None]
 
 
 @dataclass
-class RouterStats(DeferredFields):
+class RouterStats:
     """O(E) summaries the balancing losses are computed from (None where a policy has none).
 
     importance_E   sum over tokens of each expert's gate value (differentiable)
@@ -39,28 +47,20 @@ class RouterStats(DeferredFields):
     prob_mean_E    mean over tokens of the full softmax router probability (differentiable)
     top1_frac_E    fraction of tokens whose first choice is each expert (constant)
     z_loss         mean over tokens of logsumexp(logits)^2 (differentiable)
-
-    A router may give any field as a function of no arguments, run on its first read
-    (moe/deferred.py): statistics that only a loss of weight zero or the logging reads then
-    cost nothing in a step that does not read them.
     """
 
-    importance_E: Tensor | Callable[[], Tensor] | None = None
-    load_E: Tensor | Callable[[], Tensor] | None = None
-    prob_mean_E: Tensor | Callable[[], Tensor] | None = None
-    top1_frac_E: Tensor | Callable[[], Tensor] | None = None
-    z_loss: Tensor | Callable[[], Tensor] | None = None
-
-
-RouterStats._deferred = frozenset(f.name for f in fields(RouterStats))
+    importance_E: Tensor | None = None
+    load_E: Tensor | None = None
+    prob_mean_E: Tensor | None = None
+    top1_frac_E: Tensor | None = None
+    z_loss: Tensor | None = None
 
 
 @dataclass
-class Routing(DeferredFields):
+class Routing:
     """Assignments of tokens to experts.
 
-    token_idx_N    token of each assignment, in [0, num_tokens) (token-choice routers give it
-                   as a function, run on first read: the compiled dispatch plan does not need it)
+    token_idx_N    token of each assignment, in [0, num_tokens)
     expert_idx_N   global expert of each assignment, in [0, num_experts)
     weight_N       combine weight of each assignment (differentiable where the gate is learned)
     num_slots      k when the assignments are token-choice and slot-major (N = k * S, assignment
@@ -70,7 +70,7 @@ class Routing(DeferredFields):
     capacity_bound True when the policy already respects capacity (expert choice)
     """
 
-    token_idx_N: Tensor | Callable[[], Tensor]
+    token_idx_N: Tensor
     expert_idx_N: Tensor
     weight_N: Tensor
     num_tokens: int
@@ -80,22 +80,27 @@ class Routing(DeferredFields):
     valid_N: Tensor | None = None
     capacity_bound: bool = False
 
-    _deferred = frozenset({"token_idx_N"})
+
+def router_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Routers work in float32 at least: bf16 / fp16 logits are upcast, float64 is kept."""
+    return torch.promote_types(dtype, torch.float32)
 
 
-def _slot_major_tokens(num_tokens: int, k: int, device) -> Tensor:
-    """Token index of each assignment when `[S, k]` choices are flattened slot-major."""
-    return torch.arange(num_tokens, device=device).repeat(k)
+def expert_counts(index: Tensor, num_experts: int) -> Tensor:
+    """Occurrences of each expert in `index` (int64 `[E]`): a scatter-add, static in shape
+    (`torch.bincount` sizes its output from the data, a host read on a GPU)."""
+    flat = index.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.long, device=index.device).scatter_add_(
+        0, flat, torch.ones_like(flat))
 
 
-def _flatten_choices(index_Sk: Tensor, weight_Sk: Tensor | None, num_experts: int, stats,
-                     weight_N: Tensor | None = None) -> Routing:
-    """The `[S, k]` choices as a slot-major routing (`weight_N` given: the weights already flat)."""
+def _slot_major(index_Sk: Tensor, weight_Sk: Tensor, num_experts: int, stats: RouterStats) -> Routing:
+    """The `[S, k]` choices as a slot-major routing."""
     S, k = index_Sk.shape
     return Routing(
-        token_idx_N=lambda: _slot_major_tokens(S, k, index_Sk.device),
+        token_idx_N=torch.arange(S, device=index_Sk.device).repeat(k),
         expert_idx_N=index_Sk.t().reshape(-1),
-        weight_N=weight_Sk.t().reshape(-1) if weight_N is None else weight_N,
+        weight_N=weight_Sk.t().reshape(-1),
         num_tokens=S,
         num_experts=num_experts,
         stats=stats,
@@ -110,8 +115,12 @@ def _importance(index_Sk: Tensor, weight_Sk: Tensor, num_experts: int) -> Tensor
 
 
 def _top1_fraction(index_Sk: Tensor, num_experts: int) -> Tensor:
-    counts = torch.bincount(index_Sk[:, 0], minlength=num_experts)
-    return counts.float() / max(index_Sk.shape[0], 1)
+    return expert_counts(index_Sk[:, 0], num_experts).float() / max(index_Sk.shape[0], 1)
+
+
+def _z_loss(lse_S: Tensor) -> Tensor:
+    """mean of logsumexp^2 over tokens (zero for no tokens)."""
+    return (lse_S * lse_S).sum() / max(lse_S.shape[0], 1)
 
 
 def _check_k(k: int, num_experts: int) -> None:
@@ -124,7 +133,7 @@ def _check_k(k: int, num_experts: int) -> None:
 NOISE_EPSILON = 1e-2
 
 
-def noisy_topk(clean_SE: Tensor, noise_raw_SE: Tensor, k: int, training: bool):
+def noisy_topk(clean_SE: Tensor, noise_raw_SE: Tensor | None, k: int, training: bool):
     """Noisy top-k gating (Shazeer et al. eqs. 3-5) and its smooth load (appendix A).
 
     H = clean + N(0,1) * (softplus(noise_raw) + NOISE_EPSILON) in training, H = clean in eval; keep the top-k of H
@@ -152,7 +161,13 @@ def noisy_topk(clean_SE: Tensor, noise_raw_SE: Tensor, k: int, training: bool):
 def _load(index_Sk: Tensor, in_topk_prob_SE: Tensor | None, num_experts: int) -> Tensor:
     if in_topk_prob_SE is not None:
         return in_topk_prob_SE.sum(0)
-    return torch.bincount(index_Sk.reshape(-1), minlength=num_experts).float()
+    return expert_counts(index_Sk, num_experts).float()
+
+
+def _gate_logits(x_Sd: Tensor, w_dE: Tensor) -> Tensor:
+    """`x @ W` in the router's dtype (float32 at least)."""
+    logits = x_Sd @ w_dE.to(x_Sd.dtype)
+    return logits.to(router_dtype(logits.dtype))
 
 
 class NoisyTopKRouter(nn.Module):
@@ -165,21 +180,35 @@ class NoisyTopKRouter(nn.Module):
         self.w_gate = nn.Parameter(torch.zeros(d_model, num_experts))
         self.w_noise = nn.Parameter(torch.zeros(d_model, num_experts))
 
-    def forward(self, x_Sd: Tensor, **_) -> Routing:
-        clean_SE = x_Sd @ self.w_gate
-        noise_raw_SE = x_Sd @ self.w_noise if self.training else None
+    def forward(self, x_Sd: Tensor) -> Routing:
+        clean_SE = _gate_logits(x_Sd, self.w_gate)
+        noise_raw_SE = _gate_logits(x_Sd, self.w_noise) if self.training else None
         index_Sk, gates_Sk, prob_SE = noisy_topk(clean_SE, noise_raw_SE, self.k, self.training)
-        load_E = _load(index_Sk, prob_SE, self.num_experts)
-        logits_SE = clean_SE.to(router_dtype(clean_SE.dtype))
-        lse_S = torch.logsumexp(logits_SE, dim=-1)
+        S = x_Sd.shape[0]
         stats = RouterStats(
             importance_E=_importance(index_Sk, gates_Sk, self.num_experts),
-            load_E=load_E,
-            prob_mean_E=torch.softmax(logits_SE, dim=-1).mean(0),
+            load_E=_load(index_Sk, prob_SE, self.num_experts),
+            prob_mean_E=torch.softmax(clean_SE, dim=-1).sum(0) / max(S, 1),
             top1_frac_E=_top1_fraction(index_Sk, self.num_experts),
-            z_loss=(lse_S * lse_S).mean(),
+            z_loss=_z_loss(torch.logsumexp(clean_SE, dim=-1)),
         )
-        return _flatten_choices(index_Sk, gates_Sk, self.num_experts, stats)
+        return _slot_major(index_Sk, gates_Sk, self.num_experts, stats)
+
+
+def softmax_topk(x_Sd: Tensor, w_dE: Tensor, k: int, renormalize: bool):
+    """Softmax top-k gating in plain ops: one GEMM and one softmax over the whole batch.
+
+    Returns weight_Sk (router dtype), index_Sk, prob_sum_E (sum over tokens of the softmax),
+    lse_S (log-sum-exp of each token's logits). The log-sum-exp comes from the top logit and
+    its probability, lse = l_max - log p_max, so autograd keeps one `[S, E]` tensor (the
+    probabilities) and no logits.
+    """
+    logits_SE = _gate_logits(x_Sd, w_dE)
+    prob_SE = torch.softmax(logits_SE, dim=-1)
+    top_p_Sk, index_Sk = torch.topk(prob_SE, k, dim=-1)
+    weight_Sk = top_p_Sk / top_p_Sk.sum(-1, keepdim=True) if renormalize else top_p_Sk
+    lse_S = logits_SE.gather(1, index_Sk[:, :1]).squeeze(1) - top_p_Sk[:, 0].log()
+    return weight_Sk, index_Sk, prob_SE.sum(0), lse_S
 
 
 class TopKSoftmaxRouter(nn.Module):
@@ -189,6 +218,7 @@ class TopKSoftmaxRouter(nn.Module):
                       otherwise the full softmax probability (Switch top-1)
     jitter            multiply the router input by U(1-eps, 1+eps) in training (Switch)
     random_second     keep the 2nd expert with probability min(1, 2*g2) in training (GShard)
+    fused             a backend's fused softmax top-k (same function), or None for plain ops
     """
 
     def __init__(
@@ -199,6 +229,7 @@ class TopKSoftmaxRouter(nn.Module):
         renormalize: bool | None = None,
         jitter: float = 0.0,
         random_second: bool = False,
+        fused: FusedSoftmaxTopK | None = None,
     ):
         super().__init__()
         _check_k(k, num_experts)
@@ -207,25 +238,32 @@ class TopKSoftmaxRouter(nn.Module):
         self.num_experts, self.k = num_experts, k
         self.renormalize = (k > 1) if renormalize is None else renormalize
         self.jitter, self.random_second = jitter, random_second
+        self.fused = fused
         self.w_gate = nn.Parameter(torch.empty(d_model, num_experts))
         nn.init.normal_(self.w_gate, std=d_model**-0.5)
 
-    def forward(self, x_Sd: Tensor, **_) -> Routing:
+    def forward(self, x_Sd: Tensor) -> Routing:
         if self.training and self.jitter > 0:
             x_Sd = x_Sd * torch.empty_like(x_Sd).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        weight_N, index_Sk, prob_sum_E, lse_sq_sum, top1_count_E = topk_softmax_router(
-            x_Sd, self.w_gate.to(x_Sd.dtype), self.k, self.renormalize, flat=True
-        )
         S, E = x_Sd.shape[0], self.num_experts
-        stats = RouterStats(  # computed where a weighted loss or the caller reads them
-            importance_E=lambda: _importance(index_Sk, weight_N.view(self.k, S).t(), E),
-            prob_mean_E=lambda: prob_sum_E / max(S, 1),
-            top1_frac_E=lambda: _top1_fraction(index_Sk, E) if top1_count_E is None else top1_count_E / max(S, 1),
-            z_loss=lambda: lse_sq_sum / max(S, 1),
+        fused = None if self.fused is None else self.fused(x_Sd, self.w_gate, self.k, self.renormalize)
+        if fused is not None:
+            weight_N, index_Sk, prob_sum_E, lse_sq_sum, top1_count_E = fused
+            weight_Sk = weight_N.view(self.k, S).t()
+            z_loss = lse_sq_sum / max(S, 1)
+            top1_E = _top1_fraction(index_Sk, E) if top1_count_E is None else top1_count_E / max(S, 1)
+        else:
+            weight_Sk, index_Sk, prob_sum_E, lse_S = softmax_topk(x_Sd, self.w_gate, self.k, self.renormalize)
+            z_loss, top1_E = _z_loss(lse_S), _top1_fraction(index_Sk, E)
+        stats = RouterStats(
+            importance_E=_importance(index_Sk, weight_Sk, E),
+            prob_mean_E=prob_sum_E / max(S, 1),
+            top1_frac_E=top1_E,
+            z_loss=z_loss,
         )
-        routing = _flatten_choices(index_Sk, None, self.num_experts, stats, weight_N=weight_N)
+        routing = _slot_major(index_Sk, weight_Sk, E, stats)
         if self.training and self.random_second:
-            keep_second = torch.rand(S, device=x_Sd.device) < 2.0 * weight_N[S:].detach()
+            keep_second = torch.rand(S, device=x_Sd.device) < 2.0 * routing.weight_N[S:].detach()
             routing.valid_N = torch.cat([torch.ones(S, dtype=torch.bool, device=x_Sd.device), keep_second])
         return routing
 
@@ -233,8 +271,7 @@ class TopKSoftmaxRouter(nn.Module):
 class ExpertChoiceRouter(nn.Module):
     """Each expert picks its top-C tokens by softmax score; C = capacity of the layer.
 
-    `capacity` is passed by the layer (ceil(k S / E * cf)); tokens no expert picks get no
-    expert (their layer output is zero, carried by the residual).
+    Tokens no expert picks get no expert (their layer output is zero, carried by the residual).
     """
 
     def __init__(self, d_model: int, num_experts: int):
@@ -243,15 +280,14 @@ class ExpertChoiceRouter(nn.Module):
         self.w_gate = nn.Parameter(torch.empty(d_model, num_experts))
         nn.init.normal_(self.w_gate, std=d_model**-0.5)
 
-    def forward(self, x_Sd: Tensor, *, capacity: int, **_) -> Routing:
+    def forward(self, x_Sd: Tensor, *, capacity: int) -> Routing:
         S, E = x_Sd.shape[0], self.num_experts
-        logits_SE = x_Sd @ self.w_gate.to(x_Sd.dtype)
-        logits_SE = logits_SE.to(router_dtype(logits_SE.dtype))
+        logits_SE = _gate_logits(x_Sd, self.w_gate)
         scores_SE = torch.softmax(logits_SE, dim=-1)
         C = min(capacity, S)
         weight_CE, token_CE = torch.topk(scores_SE, C, dim=0)
-        lse_S = torch.logsumexp(logits_SE, dim=-1)
-        stats = RouterStats(prob_mean_E=scores_SE.mean(0), z_loss=(lse_S * lse_S).mean())
+        stats = RouterStats(prob_mean_E=scores_SE.sum(0) / max(S, 1),
+                            z_loss=_z_loss(torch.logsumexp(logits_SE, dim=-1)))
         return Routing(
             token_idx_N=token_CE.t().reshape(-1),
             expert_idx_N=torch.arange(E, device=x_Sd.device).repeat_interleave(C),
@@ -275,7 +311,7 @@ class HashRouter(nn.Module):
         super().__init__()
         self.num_experts = num_experts
 
-    def forward(self, x_Sd: Tensor, *, token_ids: Tensor | None = None, positions: Tensor | None = None, **_) -> Routing:
+    def forward(self, x_Sd: Tensor, *, token_ids: Tensor | None = None, positions: Tensor | None = None) -> Routing:
         ids = token_ids if token_ids is not None else positions
         if ids is None:
             ids = torch.arange(x_Sd.shape[0], device=x_Sd.device)
@@ -285,14 +321,15 @@ class HashRouter(nn.Module):
                 f"hash routing needs one id per token: got {ids.numel()} token_ids for {x_Sd.shape[0]} tokens"
             )
         index_S1 = hash_experts(ids, self.num_experts)[:, None]
-        return _flatten_choices(index_S1, x_Sd.new_ones(index_S1.shape), self.num_experts, RouterStats())
+        return _slot_major(index_S1, x_Sd.new_ones(index_S1.shape), self.num_experts, RouterStats())
 
 
 class HierarchicalRouter(nn.Module):
     """Two-level noisy top-k gating (Shazeer appendix B): `groups` x `experts_per_group`.
 
     Expert id = group * experts_per_group + j. The router costs S*d*(a + k_a*b) instead of
-    S*d*a*b. Importance and load follow eqs. 13-14 and are reported over the a*b experts.
+    S*d*a*b: the secondary gates run as one grouped GEMM over the (token, group) pairs sorted
+    by group. Importance and load follow eqs. 13-14 and are reported over the a*b experts.
     """
 
     def __init__(self, d_model: int, groups: int, experts_per_group: int, k_groups: int = 1, k_experts: int = 2):
@@ -307,21 +344,30 @@ class HierarchicalRouter(nn.Module):
         self.w_gate_inner = nn.Parameter(torch.zeros(groups, d_model, experts_per_group))
         self.w_noise_inner = nn.Parameter(torch.zeros(groups, d_model, experts_per_group))
 
-    def forward(self, x_Sd: Tensor, **_) -> Routing:
+    def _inner_logits(self, x_sorted: Tensor, w_adb: Tensor, ends_a: Tensor, order_P: Tensor) -> Tensor:
+        b = w_adb.shape[-1]
+        # Zero columns up to a 16-byte row stride keep the secondary gates on the grouped GEMM
+        # without a host read (see grouped_gemm.py); the gate weights are small to copy.
+        columns = 16 // x_sorted.element_size()
+        w_adb = F.pad(w_adb.to(x_sorted.dtype), (0, -b % columns))
+        logits = grouped_linear(x_sorted, w_adb, ends_a)[:, :b]
+        return _unsort(logits.to(router_dtype(logits.dtype)), order_P)
+
+    def forward(self, x_Sd: Tensor) -> Routing:
         S, a, b = x_Sd.shape[0], self.groups, self.experts_per_group
-        clean_Sa = x_Sd @ self.w_gate
-        noise_Sa = x_Sd @ self.w_noise if self.training else None
+        clean_Sa = _gate_logits(x_Sd, self.w_gate)
+        noise_Sa = _gate_logits(x_Sd, self.w_noise) if self.training else None
         group_Sk, group_gate_Sk, group_prob_Sa = noisy_topk(clean_Sa, noise_Sa, self.k_groups, self.training)
         group_load_a = _load(group_Sk, group_prob_Sa, a)
         # (token, group) pairs, slot-major, sorted by group for the grouped secondary gate.
         pair_group_P = group_Sk.t().reshape(-1)
-        pair_token_P = _slot_major_tokens(S, self.k_groups, x_Sd.device)
+        pair_token_P = torch.arange(S, device=x_Sd.device).repeat(self.k_groups)
         order_P = torch.argsort(pair_group_P, stable=True)
-        counts_a = torch.bincount(pair_group_P, minlength=a)
-        x_sorted = x_Sd[pair_token_P[order_P]]
-        counts = counts_a.tolist()
-        clean_Pb = _unsort(grouped_linear(x_sorted, self.w_gate_inner, counts), order_P)
-        noise_Pb = _unsort(grouped_linear(x_sorted, self.w_noise_inner, counts), order_P) if self.training else None
+        counts_a = expert_counts(pair_group_P, a)
+        ends_a = group_ends(counts_a)
+        x_sorted = x_Sd.index_select(0, pair_token_P.index_select(0, order_P))
+        clean_Pb = self._inner_logits(x_sorted, self.w_gate_inner, ends_a, order_P)
+        noise_Pb = self._inner_logits(x_sorted, self.w_noise_inner, ends_a, order_P) if self.training else None
         inner_Pk, inner_gate_Pk, inner_prob_Pb = noisy_topk(clean_Pb, noise_Pb, self.k_experts, self.training)
         if inner_prob_Pb is None:
             inner_prob_Pb = torch.zeros_like(clean_Pb).scatter_(1, inner_Pk, 1.0)
@@ -343,13 +389,11 @@ class HierarchicalRouter(nn.Module):
         )
         tokens_per_group = counts_a.clamp(min=1).to(inner_load_ab.dtype)
         load_E = (group_load_a[:, None] * inner_load_ab / tokens_per_group[:, None]).reshape(-1)
-        lse_S = torch.logsumexp(clean_Sa.to(router_dtype(clean_Sa.dtype)), dim=-1)
-        top1_E = torch.bincount(expert_N[:S], minlength=self.num_experts).float() / max(S, 1)
         stats = RouterStats(
             importance_E=importance_E,
             load_E=load_E,
-            top1_frac_E=top1_E,
-            z_loss=(lse_S * lse_S).mean(),
+            top1_frac_E=expert_counts(expert_N[:S], self.num_experts).float() / max(S, 1),
+            z_loss=_z_loss(torch.logsumexp(clean_Sa, dim=-1)),
         )
         return Routing(token_N, expert_N, weight_N, S, self.num_experts, stats, num_slots=self.k_groups * kb)
 
@@ -370,7 +414,7 @@ class MinLossRouter(nn.Module):
         super().__init__()
         self.num_experts = num_experts
 
-    def forward(self, x_Sd: Tensor, *, expert_losses: Tensor | None = None, **_) -> Routing:
+    def forward(self, x_Sd: Tensor, *, expert_losses: Tensor | None) -> Routing:
         if expert_losses is None:
             raise ValueError("min-loss routing needs expert_losses of shape [tokens, num_experts]")
         losses_SE = expert_losses.reshape(-1, expert_losses.shape[-1])
@@ -380,9 +424,76 @@ class MinLossRouter(nn.Module):
             )
         index_S1 = losses_SE.detach().argmin(dim=-1, keepdim=True)
         stats = RouterStats(top1_frac_E=_top1_fraction(index_S1, self.num_experts))
-        return _flatten_choices(index_S1, x_Sd.new_ones(index_S1.shape), self.num_experts, stats)
+        return _slot_major(index_S1, x_Sd.new_ones(index_S1.shape), self.num_experts, stats)
 
 
 def capacity_for(num_tokens: int, num_experts: int, k: float, capacity_factor: float, min_capacity: int) -> int:
     """ceil(k * S / E * capacity_factor), at least `min_capacity`."""
     return max(int(math.ceil(k * num_tokens / num_experts * capacity_factor)), min_capacity)
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """What the layer and the config need to know of one routing policy.
+
+    build      MoEConfig (and a backend's fused softmax top-k, or None) -> the router module
+    stats      the RouterStats fields it fills (a loss that needs another is refused)
+    inputs     the keyword inputs its forward takes beyond x_Sd (token_ids, positions,
+               expert_losses, capacity)
+    options    the MoEConfig options it reads beyond the common ones (others must keep their
+               defaults)
+    fixed_k    the only k it supports, or None
+    """
+
+    build: Callable[[MoEConfig, FusedSoftmaxTopK | None], nn.Module]
+    stats: frozenset[str]
+    inputs: tuple[str, ...] = ()
+    options: frozenset[str] = frozenset()
+    fixed_k: int | None = None
+
+
+_ALL_STATS = frozenset({"importance_E", "load_E", "prob_mean_E", "top1_frac_E", "z_loss"})
+
+ROUTERS: dict[str, RouterSpec] = {
+    "noisy_topk": RouterSpec(
+        build=lambda cfg, fused: NoisyTopKRouter(cfg.d_model, cfg.num_experts, cfg.k),
+        stats=_ALL_STATS,
+    ),
+    "switch": RouterSpec(
+        build=lambda cfg, fused: TopKSoftmaxRouter(cfg.d_model, cfg.num_experts, k=1, renormalize=False,
+                                                   jitter=cfg.jitter, fused=fused),
+        stats=frozenset({"importance_E", "prob_mean_E", "top1_frac_E", "z_loss"}),
+        options=frozenset({"jitter"}),
+        fixed_k=1,
+    ),
+    "topk": RouterSpec(
+        build=lambda cfg, fused: TopKSoftmaxRouter(cfg.d_model, cfg.num_experts, k=cfg.k, jitter=cfg.jitter,
+                                                   random_second=cfg.random_second, fused=fused),
+        stats=frozenset({"importance_E", "prob_mean_E", "top1_frac_E", "z_loss"}),
+        options=frozenset({"jitter", "random_second"}),
+    ),
+    "expert_choice": RouterSpec(
+        build=lambda cfg, fused: ExpertChoiceRouter(cfg.d_model, cfg.num_experts),
+        stats=frozenset({"prob_mean_E", "z_loss"}),
+        inputs=("capacity",),
+    ),
+    "hash": RouterSpec(
+        build=lambda cfg, fused: HashRouter(cfg.num_experts),
+        stats=frozenset(),
+        inputs=("token_ids", "positions"),
+        fixed_k=1,
+    ),
+    "hierarchical": RouterSpec(
+        build=lambda cfg, fused: HierarchicalRouter(
+            cfg.d_model, cfg.hierarchical_groups, cfg.num_experts // cfg.hierarchical_groups,
+            k_groups=cfg.hierarchical_k_groups, k_experts=cfg.k),
+        stats=frozenset({"importance_E", "load_E", "top1_frac_E", "z_loss"}),
+        options=frozenset({"hierarchical_groups", "hierarchical_k_groups"}),
+    ),
+    "min_loss": RouterSpec(
+        build=lambda cfg, fused: MinLossRouter(cfg.num_experts),
+        stats=frozenset({"top1_frac_E"}),
+        inputs=("expert_losses",),
+        fixed_k=1,
+    ),
+}

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moe_scale.moe.cpu_kernels import kernels_for, native_bf16_gemm
-from moe_scale.moe.grouped_gemm import PaddedLayout
+from moe_scale.moe.cpu.kernels import kernels_for, native_bf16_gemm
+from moe_scale.moe.cpu.layouts import PaddedLayout
 
 
 # Row bucket of the GEMM shapes in bf16 / fp16 on CPU (see `_Blocks`).

@@ -1,4 +1,4 @@
-// The Python module of the fused CPU kernels (see moe_scale/moe/cpu_kernels.py).
+// The Python module of the fused CPU kernels (see moe_scale/moe/cpu/kernels.py).
 
 #include <optional>
 #include <vector>
@@ -18,12 +18,6 @@ std::vector<torch::Tensor> router_backward_gemm(const torch::Tensor& x, const to
                                                 const torch::Tensor& weight,
                                                 const std::optional<torch::Tensor>& g_weight, bool renormalize,
                                                 bool need_x, bool need_w);
-torch::Tensor gather_sum(torch::Tensor rows, torch::Tensor pos, std::optional<torch::Tensor> weight);
-std::vector<torch::Tensor> unpermute_backward(torch::Tensor rows, torch::Tensor grad, torch::Tensor token,
-                                              torch::Tensor assignment, torch::Tensor weight, bool need_rows);
-std::vector<torch::Tensor> sort_by_key(torch::Tensor key, int64_t num_keys);
-std::vector<torch::Tensor> plan_by_position(torch::Tensor key, int64_t num_experts, int64_t capacity,
-                                            int64_t num_tokens);
 void relu_(torch::Tensor x);
 void relu_backward_(torch::Tensor grad, torch::Tensor out);
 std::vector<torch::Tensor> mlp_forward(const torch::Tensor& x, const torch::Tensor& w1, const torch::Tensor& w2,
@@ -47,10 +41,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("router_backward", &router_backward, "fused softmax top-k router backward");
   m.def("router_forward_gemm", &router_forward_gemm, "fused router with its GEMM, few experts");
   m.def("router_backward_gemm", &router_backward_gemm, "fused router backward with its GEMMs, few experts");
-  m.def("gather_sum", &gather_sum, "out[s] = sum_j w[j, s] rows[pos[j, s]]");
-  m.def("unpermute_backward", &unpermute_backward, "combine backward: row and weight gradients");
-  m.def("sort_by_key", &sort_by_key, "stable counting sort of small integer keys -> (order, counts)");
-  m.def("plan_by_position", &plan_by_position, "dispatch plan of a slot-major routing, position drop policy");
   m.def("relu_", &relu_, "in-place ReLU");
   m.def("relu_backward_", &relu_backward_, "in-place ReLU backward");
   // The span loop runs ATen ops on several threads; a Python dispatch mode (propagated to them

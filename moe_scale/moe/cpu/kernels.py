@@ -1,0 +1,127 @@
+"""Building and loading the CPU kernels (csrc/), compiled with the host's compiler on first use.
+
+    csrc/router_kernels.cpp      softmax top-k router: per logit row held in L1, top-k, softmax,
+                                 log-sum-exp and column sums (forward), the logit gradient
+                                 (backward); with up to 16 experts the router's GEMMs too
+    csrc/activation_kernels.cpp  in-place ReLU and its backward on the raw bit patterns
+    csrc/mlp_kernels.cpp         the expert MLP's span loop, one group of experts per thread
+    csrc/bf16_gemm.cpp           the span loop's bfloat16 GEMMs on CPUs with AVX512-BF16,
+                                 compiled ahead of time (oneDNN JIT-compiles and keeps a kernel
+                                 per GEMM shape), ReLU and its backward fused in
+
+The build is keyed by the sources, the CPU's flags and the torch version, so checkouts of
+different code and machines of different CPUs never load each other's build. A build left
+locked by a killed process is taken over once its lock is older than `STALE_LOCK_SECONDS`; a
+lock held by a live build is waited on for at most `LOCK_WAIT_SECONDS`, after which the layer
+warns and runs the core path.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import platform
+import time
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = ["module.cpp", "router_kernels.cpp", "activation_kernels.cpp", "mlp_kernels.cpp", "bf16_gemm.cpp"]
+GEMM_ENV = "MOE_SCALE_BF16_GEMM"
+_GEMM_MODES = ("native", "aten")
+LOCK_WAIT_SECONDS = 600.0
+STALE_LOCK_SECONDS = 900.0
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return set()
+    return set(line.split(":", 1)[-1].split())
+
+
+def has_avx512() -> bool:
+    """The kernels' vector paths are written for AVX-512; other CPUs run the core path."""
+    return "avx512f" in cpu_flags() and platform.machine() in ("x86_64", "AMD64")
+
+
+def build_name() -> str:
+    digest = hashlib.sha1()
+    for name in sorted(p.name for p in CSRC.iterdir()):
+        digest.update(name.encode())
+        digest.update((CSRC / name).read_bytes())
+    digest.update(" ".join(sorted(cpu_flags())).encode())
+    digest.update(torch.__version__.encode())
+    return f"moe_scale_cpu_{digest.hexdigest()[:12]}"
+
+
+def _wait_for_lock(build_dir: Path) -> bool:
+    """False when another live build holds the lock past `LOCK_WAIT_SECONDS`."""
+    lock = build_dir / "lock"
+    deadline = time.monotonic() + LOCK_WAIT_SECONDS
+    while lock.exists():
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            break
+        if age > STALE_LOCK_SECONDS:  # its builder died mid-build: nobody will release it
+            lock.unlink(missing_ok=True)
+            break
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(1.0)
+    return True
+
+
+@functools.cache
+def load_kernels() -> ModuleType | None:
+    """The compiled extension, or None (with one warning) when it cannot be built or loaded."""
+    from torch.utils import cpp_extension
+
+    name = build_name()
+    build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+    if not _wait_for_lock(build_dir):
+        warnings.warn(f"moe_scale: the CPU kernel build in {build_dir} stays locked by another process; "
+                      "using the core path")
+        return None
+    try:
+        return cpp_extension.load(
+            name=name,
+            sources=[str(CSRC / source) for source in SOURCES],
+            extra_include_paths=[str(CSRC)],
+            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as err:  # no compiler, no ninja, unsupported platform: the core path serves
+        warnings.warn(f"moe_scale: CPU kernels unavailable, using the core path ({err})")
+        return None
+
+
+def available() -> bool:
+    """Whether this machine can run the CPU kernel backend (AVX-512 x86, no CUDA, kernels build)."""
+    return has_avx512() and not torch.cuda.is_available() and load_kernels() is not None
+
+
+def kernels_for(*tensors: torch.Tensor) -> ModuleType | None:
+    """The kernels if they apply to these tensors (float32 / bfloat16 on the CPU), else None."""
+    if any(t.device.type != "cpu" or t.dtype not in (torch.float32, torch.bfloat16) for t in tensors):
+        return None
+    if torch.compiler.is_compiling():  # an opaque extension call: let torch.compile trace ATen
+        return None
+    return load_kernels()
+
+
+def native_bf16_gemm(kernels: ModuleType | None, x: torch.Tensor, w1: torch.Tensor) -> bool:
+    """Whether the span loop runs its bf16 GEMMs with csrc/bf16_gemm.cpp (AVX512-BF16, even
+    d and h, not switched off by MOE_SCALE_BF16_GEMM=aten)."""
+    mode = os.environ.get(GEMM_ENV, "native")
+    if mode not in _GEMM_MODES:
+        raise ValueError(f"{GEMM_ENV} must be one of {_GEMM_MODES}, got {mode!r}")
+    return kernels is not None and mode == "native" and kernels.native_bf16_gemm(x, w1)
