@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from moe_scale.moe import MoELayer
-from moe_scale.moe.grouped_gemm import has_grouped_mm
+from moe_scale.moe.grouped_gemm import grouped_mm_supported
 from tests.reference import reference_moe
 from tests.test_routing_reference import CASES, TIGHT, call_inputs, grads, make_layer
 
@@ -69,8 +69,8 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("activation", ["relu", "swiglu"])
 def test_bf16_layer_with_grouped_mm_matches_float64_reference(activation, monkeypatch):
-    if not has_grouped_mm(torch.device("cuda"), torch.bfloat16):
-        pytest.skip("this torch has no torch._grouped_mm")
+    if not grouped_mm_supported(torch.device("cuda"), torch.bfloat16, 64, 128):
+        pytest.skip("torch._grouped_mm does not serve this GPU / torch without a host sync")
     d, E, k = 64, 8, 2
     torch.manual_seed(0)
     layer = MoELayer(d, E, k=k, router="topk", d_hidden=128, activation=activation, dropless=True,
@@ -127,8 +127,29 @@ def test_bf16_layer_trains_a_regression_on_cuda():
     assert int(stats.num_dropped) >= 0 and stats.tokens_per_expert_E.sum() > 0
 
 
+@pytest.mark.parametrize("dropless", [True, False])
+def test_bf16_layer_step_makes_no_host_sync(dropless):
+    """Forward and backward of one layer at EP=1 under `torch.cuda.set_sync_debug_mode("error")`:
+    any op that waits for the GPU (item, tolist, nonzero, bincount, ...) raises."""
+    if not grouped_mm_supported(torch.device("cuda"), torch.bfloat16, 64, 128):
+        pytest.skip("torch._grouped_mm does not serve this GPU / torch without a host sync")
+    torch.manual_seed(0)
+    layer = MoELayer(64, 8, k=2, router="topk", d_hidden=128, activation="swiglu", dropless=dropless,
+                     aux_loss=dict(switch=0.01, z=0.001)).to("cuda", torch.bfloat16)
+    x = torch.randn(512, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    layer(x)[0].sum().backward()  # warm-up outside the check (allocator, kernel loading)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y, stats = layer(x)
+        (y.float().square().mean() + stats.aux_loss).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert stats.tokens_per_expert_E.sum().item() > 0
+
+
 def test_layer_at_thousands_of_experts_on_cuda_matches_the_cpu():
-    """E=4096, float64: on the GPU the chunked router and the padded (bmm) expert GEMMs give
+    """E=4096, float64: on the GPU the router and the expert GEMMs (the loop in float64) give
     the CPU's outputs, counts, aux loss and gradients."""
     d, E, S_big = 32, 4096, 8192
     torch.manual_seed(0)

@@ -9,7 +9,7 @@ import torch
 
 from moe_scale.moe import GroupedExperts, MoELayer
 from moe_scale.moe.dispatch import plan_dispatch
-from moe_scale.moe.grouped_gemm import grouped_linear
+from moe_scale.moe.grouped_gemm import group_ends, grouped_linear
 from moe_scale.moe.routing import Routing
 
 D, E = 8, 4
@@ -85,20 +85,20 @@ def test_hash_needs_one_token_id_per_token():
         layer(torch.randn(6, D), token_ids=torch.arange(5))
 
 
-def test_grouped_linear_checks_counts():
+def test_grouped_linear_checks_its_arguments():
     w = torch.randn(3, 4, 5)
-    with pytest.raises(ValueError, match="counts"):
-        grouped_linear(torch.randn(6, 4), w, [2, 2, 1])
-    with pytest.raises(ValueError, match="counts"):
-        grouped_linear(torch.randn(6, 4), w, [3, 3])
+    with pytest.raises(ValueError, match="one entry per group"):
+        grouped_linear(torch.randn(6, 4), w, group_ends(torch.tensor([3, 3])))
+    with pytest.raises(ValueError, match="columns"):
+        grouped_linear(torch.randn(6, 5), w, group_ends(torch.tensor([2, 2, 2])))
     with pytest.raises(ValueError, match="method"):
-        grouped_linear(torch.randn(6, 4), w, [2, 2, 2], method="fast")
+        grouped_linear(torch.randn(6, 4), w, group_ends(torch.tensor([2, 2, 2])), method="fast")
 
 
 def test_experts_check_model_dim():
     experts = GroupedExperts(E, D, 16)
     with pytest.raises(ValueError, match="d_model=8"):
-        experts(torch.randn(3, 7), [3, 0, 0, 0])
+        experts(torch.randn(3, 7), torch.tensor([3, 0, 0, 0]))
 
 
 def test_plan_dispatch_checks_drop_policy():

@@ -1,4 +1,4 @@
-"""Finite-difference gradient checks (float64) of the fused router and of whole MoE layers."""
+"""Finite-difference gradient checks (float64) of the softmax top-k router and of whole MoE layers."""
 
 from __future__ import annotations
 
@@ -8,9 +8,7 @@ from torch.autograd import gradcheck
 from torch.func import functional_call
 
 from moe_scale.moe import MoELayer
-from moe_scale.moe import topk_softmax as tks
-from moe_scale.moe.routing import HierarchicalRouter, NoisyTopKRouter
-from moe_scale.moe.topk_softmax import topk_softmax_router
+from moe_scale.moe.routing import HierarchicalRouter, NoisyTopKRouter, softmax_topk
 
 S, D, E, H = 10, 4, 5, 6
 
@@ -20,52 +18,42 @@ def _inputs(*shapes, seed=0):
     return [torch.randn(*s, dtype=torch.float64, generator=g, requires_grad=True) for s in shapes]
 
 
-FUSED_CASES = [(k, renorm, False) for k in (1, 2, 3) for renorm in (True, False)] + [(2, True, True), (2, False, True)]
-
-
-@pytest.mark.parametrize("k,renormalize,chunked", FUSED_CASES)
-def test_fused_router_gradcheck(k, renormalize, chunked, monkeypatch):
-    """All three differentiable outputs: gates, prob_sum (P_i * S) and the sum of lse^2."""
-    if chunked:
-        # 3 tokens per chunk: 4 chunks for 10 tokens, the last one ragged.
-        monkeypatch.setattr(tks, "_CHUNK_ELEMENTS", 3 * E)
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_softmax_topk_gradcheck(k, renormalize):
+    """Gates, the probability sums (P_i * S) and the log-sum-exp (from the top logit and its
+    probability, not a logsumexp) are differentiable in x and W."""
     x, w = _inputs((S, D), (D, E))
 
     def f(x, w):
-        weight, _, prob_sum, lse_sq, _ = topk_softmax_router(x, w, k, renormalize)
-        return weight, prob_sum, lse_sq
+        weight, _, prob_sum, lse = softmax_topk(x, w, k, renormalize)
+        return weight, prob_sum, lse
 
     assert gradcheck(f, (x, w))
 
 
 @pytest.mark.parametrize("renormalize", [True, False])
-def test_fused_router_matches_autograd_softmax_topk(renormalize, monkeypatch):
-    """Values and gradients against plain softmax + topk autograd, chunked and in float64."""
-    monkeypatch.setattr(tks, "_CHUNK_ELEMENTS", 4 * E)
+def test_softmax_topk_matches_the_textbook_formulas(renormalize):
+    """Values and gradients against softmax over the top logits / the full softmax, and
+    logsumexp, in float64."""
     x, w = _inputs((S, D), (D, E), seed=1)
     g_w, g_p, g_z = torch.randn(S, 2, dtype=torch.float64), torch.randn(E, dtype=torch.float64), 0.7
 
-    weight, index, prob_sum, lse_sq, _ = topk_softmax_router(x, w, 2, renormalize)
+    weight, index, prob_sum, lse = softmax_topk(x, w, 2, renormalize)
     logits = x @ w
     top_val, top_idx = torch.topk(logits, 2, dim=-1)
     want_weight = torch.softmax(top_val, -1) if renormalize else torch.softmax(logits, -1).gather(1, top_idx)
     want_prob_sum = torch.softmax(logits, -1).sum(0)
-    want_lse_sq = (torch.logsumexp(logits, -1) ** 2).sum()
+    want_lse = torch.logsumexp(logits, -1)
     assert torch.equal(index, top_idx)
-    for got, want in ((weight, want_weight), (prob_sum, want_prob_sum), (lse_sq, want_lse_sq)):
+    for got, want in ((weight, want_weight), (prob_sum, want_prob_sum), (lse, want_lse)):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
-    got = torch.autograd.grad((weight * g_w).sum() + (prob_sum * g_p).sum() + g_z * lse_sq, (x, w))
-    want = torch.autograd.grad((want_weight * g_w).sum() + (want_prob_sum * g_p).sum() + g_z * want_lse_sq, (x, w))
+    got = torch.autograd.grad((weight * g_w).sum() + (prob_sum * g_p).sum() + g_z * (lse**2).sum(), (x, w))
+    want = torch.autograd.grad((want_weight * g_w).sum() + (want_prob_sum * g_p).sum() + g_z * (want_lse**2).sum(),
+                               (x, w))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-
-
-def test_fused_router_gradient_of_one_input_only():
-    x, w = _inputs((S, D), (D, E), seed=2)
-    x_only, w_fixed = x.detach().clone().requires_grad_(), w.detach()
-    assert gradcheck(lambda x: topk_softmax_router(x, w_fixed, 2, True)[0], (x_only,))
-    assert gradcheck(lambda w: topk_softmax_router(x.detach(), w, 2, False)[2], (w,))
 
 
 LAYER_CASES = {

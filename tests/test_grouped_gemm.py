@@ -1,5 +1,6 @@
-"""Grouped GEMM methods agree (forward and backward, empty groups included), and
-GroupedExperts equals a per-expert nn.Linear MLP with nn.Linear's initialisation."""
+"""Grouped GEMM (moe/grouped_gemm.py) with device-side offsets, both methods, against a float64
+per-row reference: empty groups, odd group sizes, rows past the last group; and GroupedExperts
+equals a per-expert nn.Linear MLP with nn.Linear's initialisation."""
 
 from __future__ import annotations
 
@@ -8,11 +9,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-import torch.utils._python_dispatch
 from torch import nn
 
-from moe_scale.moe import GroupedExperts, grouped_mlp
-from moe_scale.moe.grouped_gemm import choose_method, grouped_linear
+from moe_scale.moe import GroupedExperts
+from moe_scale.moe.grouped_gemm import choose_method, group_ends, grouped_linear, grouped_mm_supported
 
 COUNTS = {
     "empty-groups": [3, 0, 5, 0, 1],
@@ -23,70 +23,91 @@ COUNTS = {
 
 
 def _per_group(x_Mk, w_Gkn, counts):
-    """Row by row: row m of group g is x[m] @ w[g]."""
+    """Row by row: row m of group g is x[m] @ w[g]; rows past the groups are zero."""
     group_M = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
-    rows = [x_Mk[m] @ w_Gkn[int(group_M[m])] for m in range(x_Mk.shape[0])]
-    return torch.stack(rows) if rows else None
+    rows = [x_Mk[m] @ w_Gkn[int(group_M[m])] for m in range(sum(counts))]
+    rows += [x_Mk.new_zeros(w_Gkn.shape[-1])] * (x_Mk.shape[0] - sum(counts))
+    connected = 0 * (x_Mk.sum() + w_Gkn.sum())  # all-zero gradients rather than none
+    return (torch.stack(rows) if rows else x_Mk.new_zeros(0, w_Gkn.shape[-1])) + connected
 
 
-@pytest.mark.parametrize("method", ["loop", "bmm", "auto"])
+@pytest.mark.parametrize("parked", [0, 3], ids=["exact", "rows-past-the-end"])
 @pytest.mark.parametrize("counts", list(COUNTS.values()), ids=list(COUNTS))
-def test_grouped_linear_matches_per_row_reference(method, counts):
+def test_loop_matches_per_row_reference_in_float64(counts, parked):
     g = torch.Generator().manual_seed(0)
-    M, K, N = sum(counts), 5, 3
+    M, K, N = sum(counts) + parked, 5, 3
     x = torch.randn(M, K, dtype=torch.float64, generator=g, requires_grad=True)
     w = torch.randn(len(counts), K, N, dtype=torch.float64, generator=g, requires_grad=True)
     up = torch.randn(M, N, dtype=torch.float64, generator=g)
 
-    y = grouped_linear(x, w, counts, method)
-    assert y.shape == (M, N)
-    # The graph stays connected even with no rows: all-zero gradients, not None.
-    gx, gw = torch.autograd.grad((y * up).sum(), (x, w))
+    y = grouped_linear(x, w, group_ends(torch.tensor(counts)), "auto")  # float64: the loop
     ref = _per_group(x, w, counts)
-    if ref is None:
-        assert torch.count_nonzero(gw) == 0
-        return
     torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    gx, gw = torch.autograd.grad((y * up).sum(), (x, w))
     rx, rw = torch.autograd.grad((ref * up).sum(), (x, w), allow_unused=True)
     torch.testing.assert_close(gx, rx, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(gw, rw if rw is not None else torch.zeros_like(w), rtol=1e-12, atol=1e-12)
+    assert torch.count_nonzero(gx[sum(counts):]) == 0
     for e, c in enumerate(counts):
         if c == 0:
             assert torch.count_nonzero(gw[e]) == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_grouped_mm_matches_loop_where_available(dtype):
-    counts = [3, 0, 5, 0, 1]
+@pytest.mark.parametrize("counts", [[3, 0, 5, 0, 1], [0, 0, 7, 0], [0, 0, 0], [1, 6, 2, 9], [17, 0, 0, 33]],
+                         ids=["empty", "one", "all-empty", "odd", "wide"])
+def test_grouped_mm_matches_a_float64_loop(dtype, counts):
+    """`torch._grouped_mm` on CPU (aligned shapes) with empty and odd groups and rows parked
+    past the last group: output and input gradient zero there, empty groups' weight gradients
+    exactly zero, the rest within the rounding of `dtype` products of length K (K eps)."""
+    assert grouped_mm_supported(torch.device("cpu"), dtype, 16, 8)
     g = torch.Generator().manual_seed(1)
-    # 16-element rows: _grouped_mm needs 16-byte aligned strides.
-    x = torch.randn(sum(counts), 16, generator=g).to(dtype)
-    w = torch.randn(len(counts), 16, 8, generator=g).to(dtype)
-    up = torch.randn(sum(counts), 8, generator=g).to(dtype)
+    parked, K, N = 4, 16, 8
+    M = sum(counts) + parked
+    x = torch.randn(M, K, generator=g).to(dtype)
+    w = torch.randn(len(counts), K, N, generator=g).to(dtype)
+    up = torch.randn(M, N, generator=g).to(dtype)
+    ends = group_ends(torch.tensor(counts))
     xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
-    try:
-        y = grouped_linear(xg, wg, counts, "grouped_mm")
-        (y * up).sum().backward()
-    except RuntimeError as err:
-        pytest.skip(f"torch._grouped_mm unavailable for {dtype} here: {err}")
-    xl, wl = x.float().requires_grad_(), w.float().requires_grad_()
-    ref = grouped_linear(xl, wl, counts, "loop")
-    (ref * up.float()).sum().backward()
-    tol = dict(rtol=2e-2, atol=5e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(y.float(), ref, **tol)
-    torch.testing.assert_close(xg.grad.float(), xl.grad, **tol)
-    torch.testing.assert_close(wg.grad.float(), wl.grad, **tol)
-    assert torch.count_nonzero(wg.grad[1]) == 0 and torch.count_nonzero(wg.grad[3]) == 0
+    y = grouped_linear(xg, wg, ends, "grouped_mm")
+    (y.float() * up.float()).sum().backward()
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    ref = _per_group(x64, w64, counts)
+    (ref * up.double()).sum().backward()
+    eps = torch.finfo(dtype).eps
+    # Each output is a length-K dot product of O(1) terms: error <= K * eps * sum|terms|,
+    # plus the rounding of the output itself (gradients: length K or N, or M for dW).
+    for got, want, length in ((y, ref, K), (xg.grad, x64.grad, N), (wg.grad, w64.grad, M)):
+        bound = length * eps * (want.abs().max().item() + 1) * 4
+        assert (got.double() - want).abs().max().item() <= bound
+    assert torch.count_nonzero(y[sum(counts):]) == 0 and torch.count_nonzero(xg.grad[sum(counts):]) == 0
+    for e, c in enumerate(counts):
+        if c == 0:
+            assert torch.count_nonzero(wg.grad[e]) == 0
 
 
 def test_choose_method_follows_the_documented_rules():
-    cpu = torch.device("cpu")
-    assert choose_method([200] * 4, cpu, torch.float32) == "loop"  # big groups amortise the loop
-    assert choose_method([5] * 100, cpu, torch.float32) == "bmm"  # many small, little padding
-    assert choose_method([1000] + [1] * 99, cpu, torch.float32) == "loop"  # padding would explode
-    assert choose_method([0, 0], cpu, torch.float32) == "loop"
-    assert choose_method([5] * 100, cpu, torch.bfloat16) == "bmm"  # _grouped_mm only auto on CUDA
-    assert choose_method([5] * 100, cpu, torch.float32, "loop") == "loop"
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    assert choose_method(cpu, torch.float32, (16, 8)) == "grouped_mm"
+    assert choose_method(cpu, torch.bfloat16, (16, 8)) == "grouped_mm"
+    assert choose_method(cpu, torch.bfloat16, (12, 8)) == "loop"  # 24-byte rows
+    assert choose_method(cpu, torch.float32, (12, 8)) == "grouped_mm"  # 48-byte rows
+    assert choose_method(cpu, torch.float64, (16, 8)) == "loop"
+    assert choose_method(meta, torch.bfloat16, (16, 8)) == "grouped_mm"
+    assert choose_method(meta, torch.float32, (16, 8)) == "loop"
+    assert choose_method(cpu, torch.float32, (16, 8), "loop") == "loop"
+    with pytest.raises(ValueError, match="grouped GEMM method"):
+        choose_method(cpu, torch.float32, (16, 8), "bmm")
+
+
+def test_cuda_rules_need_bf16_and_a_hopper_class_device(monkeypatch):
+    from moe_scale.moe import grouped_gemm
+
+    cuda = torch.device("cuda", 0)
+    for capability, expected in (((9, 0), True), ((10, 0), True), ((8, 0), False), ((12, 0), False)):
+        monkeypatch.setattr(grouped_gemm, "_cuda_capability", lambda index, c=capability: c)
+        assert grouped_mm_supported(cuda, torch.bfloat16, 16, 8) is expected
+        assert grouped_mm_supported(cuda, torch.float32, 16, 8) is False
 
 
 def _linear_reference(experts: GroupedExperts):
@@ -111,7 +132,7 @@ def _linear_reference(experts: GroupedExperts):
 
 def _run_reference(mods, activation, x_Md, counts):
     outs = []
-    for (lin1, lin2, lin3), x in zip(mods, torch.split(x_Md, counts)):
+    for (lin1, lin2, lin3), x in zip(mods, torch.split(x_Md[: sum(counts)], counts)):
         h = lin1(x)
         if activation == "relu":
             h = F.relu(h)
@@ -120,34 +141,23 @@ def _run_reference(mods, activation, x_Md, counts):
         else:
             h = F.silu(h) * lin3(x)
         outs.append(lin2(h))
+    outs.append(x_Md.new_zeros(x_Md.shape[0] - sum(counts), lin2.out_features))
     return torch.cat(outs)
 
 
 @pytest.mark.parametrize("counts", [[4, 0, 7, 1, 3], [2, 5, 0, 4]])
-@pytest.mark.parametrize("method", ["loop", "bmm", "loop-bucketed", "loop-fused", "loop-bucketed-fused"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu"])
-def test_grouped_experts_equal_per_expert_linear(activation, bias, method, counts, monkeypatch):
-    """loop-fused: the single-node MLP. loop-bucketed: the bf16-on-CPU shape bucketing forced on in float64 with a bucket of 3
-    rows: blocks that reach back into lower experts, a first block that reaches forward,
-    experts with a head and a tail, or a tail only (first counts); a first expert with a tail
-    only, whose weight gradient looks ahead (second counts)."""
+def test_grouped_experts_equal_per_expert_linear(activation, bias, counts):
+    """The core path in float64 (the loop), with two rows parked past the experts' rows."""
     torch.manual_seed(0)
-    if method.endswith("fused"):  # one node, backward expert by expert (many rows per expert)
-        monkeypatch.setattr(grouped_mlp, "fused_backward", lambda rows, experts, d: True)
-        method = method.removesuffix("-fused")
-    else:
-        monkeypatch.setattr(grouped_mlp, "fused_backward", lambda rows, experts, d: False)
-    if method == "loop-bucketed":
-        monkeypatch.setattr(grouped_mlp, "bucketed_shapes", lambda device, dtype: True)
-        monkeypatch.setattr(grouped_mlp, "_SHAPE_BUCKET", 3)
-        method = "loop"
-    experts = GroupedExperts(len(counts), 6, 10, activation=activation, bias=bias, method=method).double()
+    experts = GroupedExperts(len(counts), 6, 10, activation=activation, bias=bias).double()
     mods = _linear_reference(experts)
-    x = torch.randn(sum(counts), 6, dtype=torch.float64, requires_grad=True)
-    up = torch.randn(sum(counts), 6, dtype=torch.float64)
+    M = sum(counts) + 2
+    x = torch.randn(M, 6, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(M, 6, dtype=torch.float64)
 
-    y = experts(x, counts)
+    y = experts(x, torch.tensor(counts))
     ref = _run_reference(mods, activation, x, counts)
     torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
     (y * up).sum().backward()
@@ -163,71 +173,9 @@ def test_grouped_experts_equal_per_expert_linear(activation, bias, method, count
         for e, m in enumerate(mods):
             want = getattr(m[which], attr).grad
             want = want.t() if attr == "weight" else want
+            if counts[e] == 0:
+                want = torch.zeros_like(got[e]) if want is None else want
             torch.testing.assert_close(got[e], want, rtol=1e-12, atol=1e-12, msg=lambda s, n=name, e=e: f"{n}[{e}]: {s}")
-
-
-class _CountGEMMs(torch.utils._python_dispatch.TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        gemms = (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_, torch.ops.aten.bmm, torch.ops.aten.baddbmm)
-        if func.overloadpacket in gemms:
-            self.calls += 1
-        return func(*args, **(kwargs or {}))
-
-
-@pytest.mark.parametrize("method", ["loop", "bmm", "loop-fused"])
-@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
-def test_backward_skips_the_input_gradient_gemms_when_the_input_needs_none(activation, method, monkeypatch):
-    """Only the weight gradients are computed for an input without requires_grad (as nn.Linear)."""
-    if method == "loop-fused":
-        monkeypatch.setattr(grouped_mlp, "fused_backward", lambda rows, experts, d: True)
-        method = "loop"
-    counts = [4, 0, 7, 1]
-    experts = GroupedExperts(len(counts), 6, 10, activation=activation, method=method)
-    calls = {}
-    for needs_grad in (True, False):
-        x = torch.randn(sum(counts), 6, requires_grad=needs_grad)
-        y = experts(x, counts)
-        with _CountGEMMs() as counter:
-            y.sum().backward()
-        calls[needs_grad] = counter.calls
-    per_expert_input_gemms = 2 if activation == "swiglu" else 1
-    groups = 1 if method == "bmm" else sum(c > 0 for c in counts)
-    assert calls[True] - calls[False] == per_expert_input_gemms * groups
-
-
-def test_bucketed_blocks_use_few_row_counts_and_cover_every_row_once():
-    counts = (130, 0, 64, 1, 200, 63, 129)
-    blocks = grouped_mlp._Blocks(counts, bucket=64)
-    # Row-wise products: every block computes a multiple of 64 rows that holds its expert's
-    # rows; they end where those rows end and run from the last expert to the first, except
-    # the first block, which cannot reach back and reaches forward instead.
-    ends = torch.cumsum(torch.tensor(counts), 0).tolist()
-    assert [e for e, *_ in blocks.spans] == [6, 5, 4, 3, 2, 0]
-    for e, lo, hi, s, end in blocks.spans:
-        assert (s, end) == (ends[e] - counts[e], ends[e])
-        assert (hi - lo) % 64 == 0 and lo <= s < end <= hi <= sum(counts)
-        assert hi == end or (e, lo, hi) == (0, 0, 192)
-    assert grouped_mlp._Blocks((5, 0, 7), bucket=64).spans == [(2, 5, 12, 5, 12), (0, 0, 5, 0, 5)]
-    # Sums over rows (weight gradients) count each expert's own rows: each row exactly once.
-    covered = sorted(row for _, _, _, s, end in blocks.spans for row in range(s, end))
-    assert covered == list(range(sum(counts)))
-
-
-def test_own_rows_zeroes_the_rows_of_other_experts_and_restores_them():
-    g = torch.arange(1.0, 9.0)[:, None]
-    with grouped_mlp._Ops.own_rows(g, 1, 7, 3, 5) as rows:
-        assert rows.flatten().tolist() == [0.0, 0.0, 4.0, 5.0, 0.0, 0.0]
-        assert rows.data_ptr() == g[1:7].data_ptr()
-    assert g.flatten().tolist() == list(range(1, 9))
-    with grouped_mlp._Ops.own_rows(g, 2, 4, 2, 4) as rows:
-        assert rows.data_ptr() == g[2:4].data_ptr()
-    with pytest.raises(KeyError), grouped_mlp._Ops.own_rows(g, 0, 4, 2, 4):
-        raise KeyError  # restored on the way out of an error too
-    assert g.flatten().tolist() == list(range(1, 9))
 
 
 def test_grouped_experts_init_matches_nn_linear_bounds():
@@ -245,148 +193,3 @@ def test_grouped_experts_init_matches_nn_linear_bounds():
         assert not torch.equal(t[0], t[1]), f"{name}: experts must be initialised independently"
     linear = nn.Linear(d, h)
     assert linear.weight.abs().max() <= 1 / math.sqrt(d) < 1.05 * linear.weight.abs().max()
-
-
-class _SpyKernels:
-    """The compiled kernels, counting the calls of the expert-parallel span loop."""
-
-    def __init__(self, kernels):
-        self.kernels, self.calls = kernels, 0
-
-    def __getattr__(self, name):
-        if name.startswith("mlp_"):
-            self.calls += 1
-        return getattr(self.kernels, name)
-
-
-@pytest.mark.parametrize("counts", [(4, 0, 7, 1, 3, 9, 2), (2, 5, 0, 4)])
-@pytest.mark.parametrize("groups", [1, 2, 3, "2-split", "3-split"])
-@pytest.mark.parametrize("bucket", [0, 3])
-@pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu"])
-def test_expert_parallel_span_loop_equals_per_expert_linear(activation, bias, bucket, groups, counts, monkeypatch):
-    """csrc/mlp_kernels.cpp runs groups of experts on threads of their own. In float32 against
-    the float64 per-expert reference, with groups that start with a block reaching forward
-    (bucket 3), one group (the calling thread alone), more groups than threads, and ("-split")
-    exact spans evened out by splitting experts across groups (their weight gradients summed
-    from partials); the spy checks the compiled loop ran."""
-    kernels = grouped_mlp.kernels_for(torch.zeros(1))
-    if kernels is None:
-        pytest.skip("the fused CPU kernels are not built here")
-    if isinstance(groups, str):
-        if bucket:
-            pytest.skip("bucketed spans are never split")
-        groups = int(groups[0])
-        monkeypatch.setattr(grouped_mlp, "_SPLIT_MIN_ROWS", 0)
-        counts = (sum(counts), *counts[1:])  # one expert too large for any partition to even out
-        assert grouped_mlp._Blocks(counts, 0, groups, split=True).num_parts >= 2
-    spy = _SpyKernels(kernels)
-    real = grouped_mlp._mlp_kernels
-    monkeypatch.setattr(grouped_mlp, "_mlp_kernels", lambda *t: spy if real(*t) is not None else None)
-    monkeypatch.setattr(grouped_mlp, "fused_backward", lambda rows, experts, d: True)
-    monkeypatch.setattr(grouped_mlp, "_expert_groups", lambda nonempty: groups)
-    monkeypatch.setattr(grouped_mlp, "bucketed_shapes", lambda device, dtype: bucket > 0)
-    monkeypatch.setattr(grouped_mlp, "_SHAPE_BUCKET", bucket)
-    torch.manual_seed(0)
-    counts = list(counts)
-    experts = GroupedExperts(len(counts), 6, 10, activation=activation, bias=bias, method="loop")
-    ref_experts = GroupedExperts(len(counts), 6, 10, activation=activation, bias=bias, method="loop").double()
-    ref_experts.load_state_dict(experts.state_dict())
-    mods = _linear_reference(ref_experts)
-    x = torch.randn(sum(counts), 6, requires_grad=True)
-    x64 = x.detach().double().requires_grad_()
-    up = torch.randn(sum(counts), 6)
-
-    y = experts(x, counts)
-    ref = _run_reference(mods, activation, x64, counts)
-    (y * up).sum().backward()
-    (ref * up.double()).sum().backward()
-    assert spy.calls == 2  # forward and backward
-    tol = dict(rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(y.double(), ref, **tol)
-    torch.testing.assert_close(x.grad.double(), x64.grad, **tol)
-    pairs = [("w1", 0, "weight"), ("w2", 1, "weight")]
-    pairs += [("b1", 0, "bias"), ("b2", 1, "bias")] if bias else []
-    pairs += [("w3", 2, "weight")] if activation == "swiglu" else []
-    for name, which, attr in pairs:
-        got = getattr(experts, name).grad.double()
-        for e, m in enumerate(mods):
-            want = getattr(m[which], attr).grad
-            want = want.t() if attr == "weight" else want
-            torch.testing.assert_close(got[e], want, **tol, msg=lambda s, n=name, e=e: f"{n}[{e}]: {s}")
-
-
-def test_expert_groups_follow_the_threads_unless_experts_are_fewer(monkeypatch):
-    monkeypatch.setattr(grouped_mlp.torch, "get_num_threads", lambda: 8)
-    assert grouped_mlp._expert_groups(64) == 8
-    assert grouped_mlp._expert_groups(8) == 8
-    assert grouped_mlp._expert_groups(7) == 1  # 7 experts on 8 threads: one group, GEMMs on every thread
-
-
-def test_grouped_blocks_keep_every_span_inside_its_group():
-    counts = (130, 0, 64, 1, 200, 63, 129, 5)
-    blocks = grouped_mlp._Blocks(counts, bucket=64, groups=3)
-    ends = torch.cumsum(torch.tensor(counts), 0).tolist()
-    assert blocks.group_ptr[0] == 0 and blocks.group_ptr[-1] == len(blocks.spans) == 7
-    rows_seen = []
-    for g in range(len(blocks.group_ptr) - 1):
-        spans = blocks.spans[blocks.group_ptr[g] : blocks.group_ptr[g + 1]]
-        first, last = min(s for *_, s, _ in spans), max(end for *_, end in spans)
-        assert [e for e, *_ in spans] == sorted((e for e, *_ in spans), reverse=True)  # last expert first
-        for e, lo, hi, s, end in spans:
-            assert (s, end) == (ends[e] - counts[e], ends[e])
-            assert first <= lo <= s < end <= hi <= last  # groups share no rows
-            assert (hi - lo) % 64 == 0 or (lo, hi) == (first, last)
-        rows_seen += [(first, last)]
-    assert rows_seen == sorted(rows_seen) and rows_seen[0][0] == 0 and rows_seen[-1][1] == sum(counts)
-    assert all(a[1] == b[0] for a, b in zip(rows_seen, rows_seen[1:]))  # contiguous, no gaps
-    # about a third of the rows each: no group holds more than a third plus its largest block
-    sizes = [last - first for first, last in rows_seen]
-    assert len(sizes) == 3 and max(sizes) <= sum(counts) / 3 + max(counts)
-
-
-@pytest.mark.parametrize("groups", [2, 3])
-def test_exact_spans_go_to_groups_of_balanced_rows(groups):
-    """Without buckets a few dozen experts are split into groups of nearly equal rows (the
-    groups run one per thread): with two groups the best split there is, found by brute force."""
-    import itertools
-
-    counts = (1081, 797, 1034, 0, 1085, 1058, 1063, 1053, 1021)
-    blocks = grouped_mlp._Blocks(counts, groups=groups)
-    ends = torch.cumsum(torch.tensor(counts), 0).tolist()
-    spans = blocks.spans
-    assert sorted(e for e, *_ in spans) == [e for e, c in enumerate(counts) if c]
-    assert all((lo, hi, s, end) == (ends[e] - counts[e], ends[e], ends[e] - counts[e], ends[e])
-               for e, lo, hi, s, end in spans)  # exact
-    loads = [sum(hi - lo for _, lo, hi, _, _ in spans[a:b]) for a, b in zip(blocks.group_ptr, blocks.group_ptr[1:])]
-    assert len(loads) == groups and sum(loads) == sum(counts)
-    rows = [c for c in counts if c]
-    if groups == 2:
-        best = min(max(sum(x), sum(rows) - sum(x)) for r in range(len(rows) + 1)
-                   for x in itertools.combinations(rows, r))
-        assert max(loads) == best
-    else:  # 8 blocks of ~1000 rows in 3 groups: the heaviest holds 3 of them
-        assert max(loads) <= 3 * max(rows)
-        assert min(loads) >= 2 * min(rows)
-
-
-def test_split_moves_the_excess_rows_and_never_leaves_an_empty_piece(monkeypatch):
-    monkeypatch.setattr(grouped_mlp, "_SPLIT_MIN_ROWS", 0)
-    groups, parts = grouped_mlp._split_to_balance([[(0, 0, 900)], [(1, 900, 1000)]])
-    assert groups == [[(0, 0, 500)], [(0, 500, 900), (1, 900, 1000)]] and parts == {(0, 0): 0, (0, 500): 1}
-    # one-row blocks cannot give anything away: no split, no empty piece
-    one_row = [[(0, 0, 1), (1, 1, 2), (2, 2, 3)], [(3, 3, 4)]]
-    assert grouped_mlp._split_to_balance(one_row) == (one_row, {})
-
-
-def test_span_loop_errors_in_threads_reach_python():
-    kernels = grouped_mlp.kernels_for(torch.zeros(1))
-    if kernels is None:
-        pytest.skip("the fused CPU kernels are not built here")
-    blocks = grouped_mlp._Blocks((4, 4, 4, 4), groups=2)
-    x, w1 = torch.randn(16, 6), torch.randn(4, 6, 10)
-    w2_wrong = torch.randn(4, 9, 6)  # inner dimension 9, not 10: every thread's GEMM fails
-    with pytest.raises(RuntimeError, match="mat1 and mat2 shapes cannot be multiplied|size mismatch|shape"):
-        kernels.mlp_forward(x, w1, w2_wrong, None, None, None, blocks.spans_tensor, blocks.group_ptr, 0, False)
-    with pytest.raises(RuntimeError, match="group_ptr"):
-        kernels.mlp_forward(x, w1, torch.randn(4, 10, 6), None, None, None, blocks.spans_tensor, [0, 1], 0, False)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moe_scale.moe import MoELayer
-from moe_scale.moe.routing import TopKSoftmaxRouter
+from moe_scale.moe.routing import TopKRouter
 from tests.reference import reference_moe
 
 B, T, D, E, H = 2, 12, 6, 6, 10
@@ -59,7 +59,7 @@ def make_layer(policy: str, drops: str, activation: str = "gelu", seed: int = 0)
     torch.manual_seed(seed)
     layer = MoELayer(D, E, d_hidden=H, activation=activation, expert_bias=True, **options, **DROPS[drops])
     if policy == "topk2-no-renormalize":
-        layer.router = TopKSoftmaxRouter(D, E, k=2, renormalize=False)
+        layer.router = TopKRouter(D, E, k=2, renormalize=False)
     layer.double().train(training)
     with torch.no_grad():
         # Noisy routers start at zero (the paper's init); random weights make every choice distinct.

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from moe_scale.moe.dispatch import DROP_POLICIES
 from moe_scale.moe.experts import ACTIVATIONS
 from moe_scale.moe.grouped_gemm import METHODS
 from moe_scale.moe.losses import AuxLossWeights, check_supported
-from moe_scale.moe.routing import ROUTERS
+from moe_scale.moe.routing import ROUTERS, SCORE_FUNCS
 
 BACKENDS = ("auto", "core", "cpu")
 
@@ -32,6 +33,17 @@ class MoEConfig:
     aux_loss                weights of the balancing losses (importance, load, switch, z)
     grouped_gemm            expert GEMMs: auto (`torch._grouped_mm` where its rules hold, else a
                             loop), grouped_mm, loop (see moe/grouped_gemm.py)
+    score_func              topk router: "softmax" or "sigmoid" (DeepSeek-V3) scores
+    renormalize             topk router: divide the kept scores by their sum (None: yes for k > 1
+                            with softmax and for sigmoid; OLMoE / Qwen3-MoE set False)
+    route_scale             topk router: factor on the combine weights (DeepSeek-V3)
+    num_groups, topk_groups topk router: group-limited routing, each token picks among the
+                            experts of its topk_groups best of num_groups groups (one group per
+                            EP rank or node bounds the ranks a token reaches)
+    bias_update_rate        topk router: > 0 turns on auxiliary-loss-free balancing, a per-expert
+                            selection bias moved by this much per step against the load
+    num_shared_experts      always-on experts of width d_hidden beside the routed ones (a dense
+                            SwiGLU / activation MLP of width num_shared_experts * d_hidden)
     backend                 core (plain PyTorch, every device), cpu (the CPU kernels of moe/cpu/
                             for CPU tensors), auto (cpu where `moe.cpu.kernels.available()`:
                             an AVX-512 CPU with a compiler and no CUDA; else core)
@@ -56,6 +68,13 @@ class MoEConfig:
     aux_loss: AuxLossWeights = field(default_factory=AuxLossWeights)
     grouped_gemm: str = "auto"
     backend: str = "auto"
+    score_func: str = "softmax"
+    renormalize: bool | None = None
+    route_scale: float = 1.0
+    num_groups: int = 0
+    topk_groups: int = 0
+    bias_update_rate: float = 0.0
+    num_shared_experts: int = 0
 
     def __post_init__(self):
         if isinstance(self.aux_loss, dict):
@@ -73,13 +92,33 @@ class MoEConfig:
             raise ValueError(f"k={self.k} exceeds num_experts={self.num_experts}; lower k or add experts")
         if spec.fixed_k is not None and self.k != spec.fixed_k:
             raise ValueError(f"the {self.router} router sends each token to {spec.fixed_k} expert(s): set k={spec.fixed_k}")
-        defaults = {"jitter": 0.0, "random_second": False, "hierarchical_groups": 0, "hierarchical_k_groups": 1}
+        defaults = {"jitter": 0.0, "random_second": False, "hierarchical_groups": 0, "hierarchical_k_groups": 1,
+                    "renormalize": None, "score_func": "softmax", "route_scale": 1.0, "num_groups": 0,
+                    "topk_groups": 0, "bias_update_rate": 0.0}
         for option, default in defaults.items():
             if getattr(self, option) != default and option not in spec.options:
                 users = sorted(name for name, s in ROUTERS.items() if option in s.options)
                 raise ValueError(f"{option} applies to the {users} router(s), not {self.router!r}; "
                                  f"leave it at {default!r}")
         check_supported(self.aux_loss, spec.stats, self.router)
+        _choice("score_func", self.score_func, SCORE_FUNCS)
+        if not (self.route_scale > 0 and math.isfinite(self.route_scale)):
+            raise ValueError(f"route_scale must be a positive number, got {self.route_scale}")
+        if not (self.bias_update_rate >= 0 and math.isfinite(self.bias_update_rate)):
+            raise ValueError(f"bias_update_rate must be >= 0, got {self.bias_update_rate}")
+        if self.num_shared_experts < 0:
+            raise ValueError(f"num_shared_experts must be >= 0, got {self.num_shared_experts}")
+        if self.num_groups > 1:
+            G, M = self.num_groups, self.topk_groups
+            if self.num_experts % G:
+                raise ValueError(f"num_groups={G} must divide num_experts={self.num_experts}")
+            if not 1 <= M <= G:
+                raise ValueError(f"topk_groups must be in [1, num_groups={G}], got {M}")
+            if self.k > M * (self.num_experts // G):
+                raise ValueError(f"k={self.k} exceeds the experts of topk_groups={M} groups "
+                                 f"({M * (self.num_experts // G)}); raise topk_groups or lower k")
+        elif self.topk_groups:
+            raise ValueError("topk_groups needs num_groups > 1 (group-limited routing)")
         for name in ("capacity_factor", "eval_capacity_factor"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)} (use dropless=True for no capacity)")

@@ -142,8 +142,13 @@ def permute(x_Sd: Tensor, plan: DispatchPlan) -> Tensor:
     return _Permute.apply(x_Sd, plan.row_token_N, row_kS)
 
 
+def combine_dtype(y_dtype: torch.dtype, weight_dtype: torch.dtype) -> torch.dtype:
+    """The combine sums in float32 at least (float64 stays float64)."""
+    return torch.promote_types(torch.promote_types(y_dtype, weight_dtype), torch.float32)
+
+
 class _Combine(torch.autograd.Function):
-    """y_Sd[s] = sum_j w[j, s] * y_Nd[row[j, s]] in float32, with w = 0 where not kept.
+    """y_Sd[s] = sum_j w[j, s] * y_Nd[row[j, s]] in `combine_dtype`, with w = 0 where not kept.
 
     Backward, both gathers: the row gradient is w * grad[token of row], the weight gradient of
     a kept assignment is <y[row], grad[token]>.
@@ -152,34 +157,37 @@ class _Combine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_Nd: Tensor, weight_kS: Tensor, row_kS: Tensor, kept_kS: Tensor, row_token_N: Tensor,
                 assignment_of_row_N: Tensor):
-        w_kS = torch.where(kept_kS, weight_kS, 0).float()
+        acc = combine_dtype(y_Nd.dtype, weight_kS.dtype)
+        w_kS = torch.where(kept_kS, weight_kS, 0).to(acc)
         ctx.save_for_backward(y_Nd, w_kS, row_kS, kept_kS, row_token_N, assignment_of_row_N)
         ctx.weight_dtype = weight_kS.dtype
-        out_Sd = y_Nd.index_select(0, row_kS[0]).float() * w_kS[0, :, None]
+        out_Sd = y_Nd.index_select(0, row_kS[0]).to(acc) * w_kS[0, :, None]
         for j in range(1, row_kS.shape[0]):
-            out_Sd = out_Sd.addcmul_(y_Nd.index_select(0, row_kS[j]).float(), w_kS[j, :, None])
+            out_Sd = out_Sd.addcmul_(y_Nd.index_select(0, row_kS[j]).to(acc), w_kS[j, :, None])
         return out_Sd
 
     @staticmethod
     def backward(ctx, grad_Sd: Tensor):
         y_Nd, w_kS, row_kS, kept_kS, row_token_N, assignment_of_row_N = ctx.saved_tensors
         grad_y = grad_w = None
-        grad_rows_Nd = grad_Sd.float().index_select(0, row_token_N)
+        grad_rows_Nd = grad_Sd.to(w_kS.dtype).index_select(0, row_token_N)
         if ctx.needs_input_grad[0]:
             w_row_N = w_kS.reshape(-1).index_select(0, assignment_of_row_N)
             grad_y = (grad_rows_Nd * w_row_N[:, None]).to(y_Nd.dtype)
         if ctx.needs_input_grad[1]:
-            dots_N = (y_Nd.float() * grad_rows_Nd).sum(-1)
+            dots_N = (y_Nd.to(w_kS.dtype) * grad_rows_Nd).sum(-1)
             dots_kS = dots_N.index_select(0, row_kS.reshape(-1)).view_as(row_kS)
             grad_w = torch.where(kept_kS, dots_kS, 0).to(ctx.weight_dtype)
         return grad_y, grad_w, None, None, None, None
 
 
 def combine(y_Nd: Tensor, plan: DispatchPlan, num_tokens: int) -> Tensor:
-    """Weighted sum of each token's expert outputs, in float32: `[N, d]` -> `[S, d]` (zero if none kept)."""
+    """Weighted sum of each token's expert outputs, in float32 at least: `[N, d]` -> `[S, d]`
+    (zero if none kept)."""
     if plan.num_slots is None:
-        w_N = torch.where(plan.kept_N, plan.weight_N, 0).float().index_select(0, plan.assignment_of_row_N)
-        weighted = y_Nd.float() * w_N[:, None]
+        acc = combine_dtype(y_Nd.dtype, plan.weight_N.dtype)
+        w_N = torch.where(plan.kept_N, plan.weight_N, 0).to(acc).index_select(0, plan.assignment_of_row_N)
+        weighted = y_Nd.to(acc) * w_N[:, None]
         return weighted.new_zeros(num_tokens, y_Nd.shape[-1]).index_add(0, plan.row_token_N, weighted)
     k = plan.num_slots
     return _Combine.apply(y_Nd, plan.weight_N.view(k, -1), plan.row_of_assignment_N.view(k, -1),

@@ -103,3 +103,35 @@ class GroupedExperts(nn.Module):
             f"num_experts={self.num_experts}, d_model={self.d_model}, d_hidden={self.d_hidden}, "
             f"activation={self.activation}, bias={self.b1 is not None}, method={self.method}"
         )
+
+
+class SharedExperts(nn.Module):
+    """Always-on experts beside the routed ones (DeepSeekMoE, Qwen2-MoE): `n` experts of width
+    h as one dense MLP `d -> n*h -> d` applied to every token. Dense parameters: replicated and
+    averaged over the whole data-parallel world like any other.
+
+    w1 `[d, n*h]`, w2 `[n*h, d]` (and w3 `[d, n*h]` for SwiGLU), nn.Linear's init.
+    """
+
+    def __init__(self, d_model: int, d_hidden: int, activation: str = "swiglu"):
+        super().__init__()
+        self.activation = activation
+        self.w1 = nn.Parameter(torch.empty(d_model, d_hidden))
+        self.w2 = nn.Parameter(torch.empty(d_hidden, d_model))
+        self.w3 = nn.Parameter(torch.empty(d_model, d_hidden)) if activation == "swiglu" else None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for w in (self.w1, self.w2, self.w3):
+            if w is not None:
+                bound = 1.0 / math.sqrt(w.shape[0])
+                w.uniform_(-bound, bound)
+
+    def forward(self, x_Sd: Tensor) -> Tensor:
+        h = x_Sd @ self.w1
+        if self.activation == "swiglu":
+            h = F.silu(h) * (x_Sd @ self.w3)
+        else:
+            h = F.relu(h) if self.activation == "relu" else F.gelu(h)
+        return h @ self.w2

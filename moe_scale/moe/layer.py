@@ -8,6 +8,7 @@ process the layer reads no tensor on the host (it runs on `meta` and compiles wi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from functools import cached_property
 
@@ -18,7 +19,7 @@ from moe_scale.moe.autocast import compute_dtype
 from moe_scale.moe.comm import LocalComm
 from moe_scale.moe.config import MoEConfig
 from moe_scale.moe.dispatch import DispatchPlan, combine, permute, plan_dispatch, served_tokens
-from moe_scale.moe.experts import FusedExpertMLP, GroupedExperts
+from moe_scale.moe.experts import FusedExpertMLP, GroupedExperts, SharedExperts
 from moe_scale.moe.losses import aux_losses, weighted_names, weighted_total
 from moe_scale.moe.routing import ROUTERS, FusedSoftmaxTopK, RouterStats, capacity_for
 
@@ -97,7 +98,12 @@ class MoELayer(nn.Module):
     `MoELayer(d_model, num_experts, **options)` with the options of `MoEConfig`.
     forward(x `[..., d]`, token_ids `[...]` (hash routing), expert_losses `[..., E]`
     (min-loss routing)) -> (y `[..., d]`, MoEStats). A token whose assignments are all
-    dropped gets zero output: keep a residual connection around the layer.
+    dropped gets zero routed output (plus the shared experts'): keep a residual connection
+    around the layer. For `[B, T, d]` inputs the B rows are the sequences of the
+    sequence-wise balance loss.
+
+    `update_expert_bias(load_E)` applies auxiliary-loss-free balancing after an optimizer
+    step, with the step's assignments per expert summed over micro-batches and ranks.
     """
 
     def __init__(self, d_model: int, num_experts: int, **options):
@@ -113,6 +119,9 @@ class MoELayer(nn.Module):
             num_experts, d_model, cfg.d_hidden, cfg.activation, bias=cfg.expert_bias, method=cfg.grouped_gemm,
             fused=self.backend.expert_mlp,
         )
+        self.shared_experts = None
+        if cfg.num_shared_experts:
+            self.shared_experts = SharedExperts(d_model, cfg.num_shared_experts * cfg.d_hidden, cfg.activation)
         self.comm = LocalComm()
 
     @classmethod
@@ -120,13 +129,21 @@ class MoELayer(nn.Module):
         options = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in ("d_model", "num_experts")}
         return cls(cfg.d_model, cfg.num_experts, **options)
 
+    def update_expert_bias(self, load_E: Tensor) -> None:
+        """Move the selection bias against `load_E` (see `TopKRouter.update_bias`); no-op for a
+        layer without bias balancing."""
+        if self.cfg.bias_update_rate > 0:
+            self.router.update_bias(load_E, self.cfg.bias_update_rate)
+
     def capacity(self, num_tokens: int) -> int:
         cf = self.cfg.capacity_factor if self.training else self.cfg.eval_capacity_factor
         return capacity_for(num_tokens, self.cfg.num_experts, self.cfg.experts_per_token, cf, self.cfg.min_capacity)
 
     def _router_inputs(self, x: Tensor, capacity: int, token_ids: Tensor | None,
                        expert_losses: Tensor | None) -> dict:
-        available = {"token_ids": token_ids, "expert_losses": expert_losses, "capacity": capacity}
+        num_sequences = math.prod(x.shape[:-2]) if x.dim() >= 3 else 1
+        available = {"token_ids": token_ids, "expert_losses": expert_losses, "capacity": capacity,
+                     "num_sequences": num_sequences}
         if "positions" in self.router_spec.inputs:
             positions = None
             if x.dim() >= 3 and token_ids is None:
@@ -152,6 +169,8 @@ class MoELayer(nn.Module):
         y_local = self.experts(x_local, counts_local)
         y_Nd = self.comm.combine(y_local, handle)
         y_Sd = combine(y_Nd, plan, S).to(x.dtype)
+        if self.shared_experts is not None:
+            y_Sd = y_Sd + self.shared_experts(x_Sd).to(x.dtype)
 
         weighted = aux_losses(routing.stats, self.cfg.num_experts, only=weighted_names(self.cfg.aux_loss))
         stats = MoEStats(

@@ -5,6 +5,8 @@
     switch       E * sum_i f_i * P_i, f_i = fraction of first choices, P_i = mean router
                  probability (Switch Transformer eq. 4; GShard's l_aux with first choices)
     z            mean_x logsumexp(logits)^2 (ST-MoE router z-loss)
+    seq          DeepSeek-V3's sequence-wise balance loss: per sequence sum_i f_i P_i with
+                 f_i = E / (k T) * tokens choosing i and P_i the mean normalised score, averaged
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class AuxLossWeights:
     load: float = 0.0
     switch: float = 0.0
     z: float = 0.0
+    seq: float = 0.0
 
     def __post_init__(self):
         for f in fields(self):
@@ -40,13 +43,15 @@ class AuxLossWeights:
                 raise ValueError(f"aux loss weight {f.name} must be >= 0, got {getattr(self, f.name)}")
 
 
-_NEEDS = {"importance": "importance_E", "load": "load_E", "switch": "prob_mean_E", "z": "z_loss"}
+# The RouterStats fields each loss is computed from.
+_NEEDS = {"importance": {"importance_E"}, "load": {"load_E"}, "switch": {"prob_mean_E", "top1_frac_E"},
+          "z": {"z_loss"}, "seq": {"seq_balance"}}
 
 
-def check_supported(weights: AuxLossWeights, available: set[str], router_name: str) -> None:
+def check_supported(weights: AuxLossWeights, available: set[str] | frozenset[str], router_name: str) -> None:
     """Raise if a loss with a positive weight cannot be computed for this router."""
     for name, needed in _NEEDS.items():
-        if getattr(weights, name) > 0 and needed not in available:
+        if getattr(weights, name) > 0 and not needed <= available:
             raise ValueError(
                 f"the {name!r} aux loss is not defined for the {router_name!r} router; set its weight to 0"
             )
@@ -56,18 +61,20 @@ def aux_losses(stats: RouterStats, num_experts: int, only: set[str] | None = Non
     """Every loss the router's stats allow (or those of them named in `only`), unweighted."""
     out: dict[str, Tensor] = {}
 
-    def wanted(name: str, field: str) -> bool:
-        return (only is None or name in only) and getattr(stats, field) is not None
+    def wanted(name: str) -> bool:
+        return (only is None or name in only) and all(getattr(stats, f) is not None for f in _NEEDS[name])
 
-    if wanted("importance", "importance_E"):
+    if wanted("importance"):
         out["importance"] = cv_squared(stats.importance_E)
-    if wanted("load", "load_E"):
+    if wanted("load"):
         out["load"] = cv_squared(stats.load_E)
-    if wanted("switch", "prob_mean_E") and stats.top1_frac_E is not None:
+    if wanted("switch"):
         prob_mean_E = stats.prob_mean_E  # a constant first-choice share times it: one node in backward
         out["switch"] = torch.dot(stats.top1_frac_E.to(prob_mean_E.dtype) * num_experts, prob_mean_E)
-    if wanted("z", "z_loss"):
+    if wanted("z"):
         out["z"] = stats.z_loss
+    if wanted("seq"):
+        out["seq"] = stats.seq_balance
     return out
 
 

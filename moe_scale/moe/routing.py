@@ -10,7 +10,8 @@ fixed by S, k and E: no router reads tensor data on the host, so routing runs on
 Policies (`ROUTERS`: name -> `RouterSpec`):
     noisy_topk      Shazeer et al. 2017, eqs. 3-5, smooth load estimator (appendix A)
     switch          top-1 with the full softmax gate and input jitter (Fedus et al. 2021)
-    topk            softmax top-k, renormalised over the k kept (GShard top-2, random 2nd expert)
+    topk            softmax or sigmoid top-k, renormalised or not, group-limited, with
+                    auxiliary-loss-free bias balancing (GShard, Mixtral, OLMoE, DeepSeek-V3)
     expert_choice   each expert takes its top-C tokens (Zhou et al. 2022)
     hash            fixed hash of token id or position (Roller et al. 2021)
     hierarchical    primary gate over groups, secondary gate per group (Shazeer app. B)
@@ -47,6 +48,7 @@ class RouterStats:
     prob_mean_E    mean over tokens of the full softmax router probability (differentiable)
     top1_frac_E    fraction of tokens whose first choice is each expert (constant)
     z_loss         mean over tokens of logsumexp(logits)^2 (differentiable)
+    seq_balance    DeepSeek-V3's sequence-wise balance loss (differentiable; `sequence_balance_loss`)
     """
 
     importance_E: Tensor | None = None
@@ -54,6 +56,7 @@ class RouterStats:
     prob_mean_E: Tensor | None = None
     top1_frac_E: Tensor | None = None
     z_loss: Tensor | None = None
+    seq_balance: Tensor | None = None
 
 
 @dataclass
@@ -127,6 +130,8 @@ def _check_k(k: int, num_experts: int) -> None:
     if not 1 <= k <= num_experts:
         raise ValueError(f"top-k must satisfy 1 <= k <= num_experts, got k={k}, num_experts={num_experts}")
 
+
+SCORE_FUNCS = ("softmax", "sigmoid")
 
 # Floor of the noise std, as in the paper's code (tensor2tensor `noise_epsilon`): without it a
 # softplus that underflows to 0 divides the smooth load by zero and training turns NaN.
@@ -211,14 +216,54 @@ def softmax_topk(x_Sd: Tensor, w_dE: Tensor, k: int, renormalize: bool):
     return weight_Sk, index_Sk, prob_SE.sum(0), lse_S
 
 
-class TopKSoftmaxRouter(nn.Module):
-    """Softmax top-k gating: switch (k=1), GShard top-2 (k=2), or any k.
+def limit_to_groups(select_SE: Tensor, num_groups: int, topk_groups: int) -> Tensor:
+    """Group-limited routing (DeepSeek-V2/V3): experts in `num_groups` equal groups; each token
+    keeps the `topk_groups` groups with the largest sum of their two best scores (the best one
+    where a group has a single expert) and masks the others to -inf. `[S, E]` -> `[S, E]`."""
+    S, E = select_SE.shape
+    grouped = select_SE.view(S, num_groups, E // num_groups)
+    group_score_SG = grouped.topk(min(2, E // num_groups), dim=-1).values.sum(-1)
+    keep_SG = torch.zeros_like(group_score_SG, dtype=torch.bool).scatter_(
+        1, group_score_SG.topk(topk_groups, dim=-1).indices, True)
+    return grouped.masked_fill(~keep_SG[:, :, None], float("-inf")).view(S, E)
 
-    renormalize       gates are the softmax over the k kept logits (GShard, DeepSpeed top-2);
-                      otherwise the full softmax probability (Switch top-1)
+
+def sequence_balance_loss(index_Sk: Tensor, share_SE: Tensor, num_sequences: int) -> Tensor:
+    """DeepSeek-V3's sequence-wise balance loss (eqs. 17-20), averaged over sequences.
+
+    For each sequence of T tokens: f_i = E / (k T) * (tokens choosing expert i), P_i = mean over
+    its tokens of share_SE[:, i] (each token's scores normalised to sum 1); loss = sum_i f_i P_i.
+    Tokens are in sequence-major order (token s belongs to sequence s // T).
+    """
+    S, E = share_SE.shape
+    k = index_Sk.shape[1]
+    T = S // max(num_sequences, 1)
+    seq_Sk = (torch.arange(S, device=index_Sk.device) // max(T, 1))[:, None].expand(S, k)
+    counts_BE = torch.zeros(num_sequences * E, dtype=share_SE.dtype, device=share_SE.device).scatter_add_(
+        0, (seq_Sk * E + index_Sk).reshape(-1), torch.ones(S * k, dtype=share_SE.dtype, device=share_SE.device))
+    f_BE = counts_BE.view(num_sequences, E) * (E / (k * max(T, 1)))
+    P_BE = share_SE.view(num_sequences, T, E).mean(1)
+    return (f_BE * P_BE).sum(-1).mean()
+
+
+class TopKRouter(nn.Module):
+    """Top-k gating over softmax or sigmoid scores: switch (k=1), GShard top-2, Mixtral, OLMoE /
+    Qwen3-MoE, DeepSeek-V3.
+
+    score_func        "softmax" (Switch, GShard, Mixtral, OLMoE) or "sigmoid" (DeepSeek-V3)
+    renormalize       weights are the kept scores divided by their sum (GShard, Mixtral,
+                      DeepSeek-V3); otherwise the scores themselves (Switch, OLMoE, Qwen3-MoE).
+                      Default: True for k > 1 with softmax, and for sigmoid
+    route_scale       multiplies the combine weights (DeepSeek-V3's routed scaling factor)
+    num_groups        group-limited routing: experts in this many groups, each token picks
+                      among the experts of its `topk_groups` best groups (0 or 1: no groups)
+    bias_balancing    a per-expert bias (buffer `expert_bias_E`) added to the scores for the
+                      choice only, updated by `update_bias` (auxiliary-loss-free balancing)
+    sequence_balance  compute DeepSeek-V3's sequence-wise balance loss (`RouterStats.seq_balance`)
     jitter            multiply the router input by U(1-eps, 1+eps) in training (Switch)
     random_second     keep the 2nd expert with probability min(1, 2*g2) in training (GShard)
-    fused             a backend's fused softmax top-k (same function), or None for plain ops
+    fused             a backend's fused softmax top-k (same function), or None for plain ops;
+                      used for plain softmax routing only
     """
 
     def __init__(
@@ -229,37 +274,80 @@ class TopKSoftmaxRouter(nn.Module):
         renormalize: bool | None = None,
         jitter: float = 0.0,
         random_second: bool = False,
+        score_func: str = "softmax",
+        route_scale: float = 1.0,
+        num_groups: int = 0,
+        topk_groups: int = 0,
+        bias_balancing: bool = False,
+        sequence_balance: bool = False,
         fused: FusedSoftmaxTopK | None = None,
     ):
         super().__init__()
         _check_k(k, num_experts)
         if random_second and k != 2:
             raise ValueError("random_second applies to top-2 routing only; set k=2 or random_second=False")
+        if score_func not in SCORE_FUNCS:
+            raise ValueError(f"score_func must be one of {SCORE_FUNCS}, got {score_func!r}")
         self.num_experts, self.k = num_experts, k
-        self.renormalize = (k > 1) if renormalize is None else renormalize
-        self.jitter, self.random_second = jitter, random_second
-        self.fused = fused
+        self.score_func = score_func
+        self.renormalize = (k > 1 or score_func == "sigmoid") if renormalize is None else renormalize
+        self.jitter, self.random_second, self.route_scale = jitter, random_second, route_scale
+        self.num_groups, self.topk_groups = (num_groups, topk_groups) if num_groups > 1 else (0, 0)
+        self.fused, self.sequence_balance = fused, sequence_balance
         self.w_gate = nn.Parameter(torch.empty(d_model, num_experts))
         nn.init.normal_(self.w_gate, std=d_model**-0.5)
+        self.register_buffer("expert_bias_E", torch.zeros(num_experts) if bias_balancing else None)
 
-    def forward(self, x_Sd: Tensor) -> Routing:
+    @property
+    def plain_softmax(self) -> bool:
+        return (self.score_func == "softmax" and not self.num_groups and self.expert_bias_E is None
+                and not self.sequence_balance)
+
+    @torch.no_grad()
+    def update_bias(self, load_E: Tensor, rate: float) -> None:
+        """Auxiliary-loss-free balancing (DeepSeek-V3): bias += rate * sign(mean load - load),
+        with `load_E` the assignments per expert of the whole step (all micro-batches and ranks)."""
+        load = load_E.to(self.expert_bias_E.dtype)
+        self.expert_bias_E += rate * torch.sign(load.mean() - load)
+
+    def forward(self, x_Sd: Tensor, *, num_sequences: int = 1) -> Routing:
         if self.training and self.jitter > 0:
             x_Sd = x_Sd * torch.empty_like(x_Sd).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         S, E = x_Sd.shape[0], self.num_experts
-        fused = None if self.fused is None else self.fused(x_Sd, self.w_gate, self.k, self.renormalize)
+        fused = None
+        if self.fused is not None and self.plain_softmax:
+            fused = self.fused(x_Sd, self.w_gate, self.k, self.renormalize)
+        share_SE = None
         if fused is not None:
             weight_N, index_Sk, prob_sum_E, lse_sq_sum, top1_count_E = fused
             weight_Sk = weight_N.view(self.k, S).t()
             z_loss = lse_sq_sum / max(S, 1)
             top1_E = _top1_fraction(index_Sk, E) if top1_count_E is None else top1_count_E / max(S, 1)
-        else:
+        elif self.plain_softmax:
             weight_Sk, index_Sk, prob_sum_E, lse_S = softmax_topk(x_Sd, self.w_gate, self.k, self.renormalize)
             z_loss, top1_E = _z_loss(lse_S), _top1_fraction(index_Sk, E)
+        else:
+            logits_SE = _gate_logits(x_Sd, self.w_gate)
+            scores_SE = torch.softmax(logits_SE, -1) if self.score_func == "softmax" else torch.sigmoid(logits_SE)
+            select_SE = scores_SE.detach()
+            if self.expert_bias_E is not None:
+                select_SE = select_SE + self.expert_bias_E
+            if self.num_groups:
+                select_SE = limit_to_groups(select_SE, self.num_groups, self.topk_groups)
+            index_Sk = select_SE.topk(self.k, dim=-1).indices
+            top_Sk = scores_SE.gather(1, index_Sk)
+            weight_Sk = top_Sk / top_Sk.sum(-1, keepdim=True) if self.renormalize else top_Sk
+            share_SE = scores_SE if self.score_func == "softmax" else scores_SE / scores_SE.sum(-1, keepdim=True)
+            prob_sum_E = share_SE.sum(0)
+            z_loss, top1_E = _z_loss(torch.logsumexp(logits_SE, dim=-1)), _top1_fraction(index_Sk, E)
+        if self.route_scale != 1.0:
+            weight_Sk = weight_Sk * self.route_scale
         stats = RouterStats(
             importance_E=_importance(index_Sk, weight_Sk, E),
             prob_mean_E=prob_sum_E / max(S, 1),
             top1_frac_E=top1_E,
             z_loss=z_loss,
+            seq_balance=sequence_balance_loss(index_Sk, share_SE, num_sequences) if self.sequence_balance else None,
         )
         routing = _slot_major(index_Sk, weight_Sk, E, stats)
         if self.training and self.random_second:
@@ -460,17 +548,22 @@ ROUTERS: dict[str, RouterSpec] = {
         stats=_ALL_STATS,
     ),
     "switch": RouterSpec(
-        build=lambda cfg, fused: TopKSoftmaxRouter(cfg.d_model, cfg.num_experts, k=1, renormalize=False,
-                                                   jitter=cfg.jitter, fused=fused),
+        build=lambda cfg, fused: TopKRouter(cfg.d_model, cfg.num_experts, k=1, renormalize=False,
+                                            jitter=cfg.jitter, fused=fused),
         stats=frozenset({"importance_E", "prob_mean_E", "top1_frac_E", "z_loss"}),
         options=frozenset({"jitter"}),
         fixed_k=1,
     ),
     "topk": RouterSpec(
-        build=lambda cfg, fused: TopKSoftmaxRouter(cfg.d_model, cfg.num_experts, k=cfg.k, jitter=cfg.jitter,
-                                                   random_second=cfg.random_second, fused=fused),
-        stats=frozenset({"importance_E", "prob_mean_E", "top1_frac_E", "z_loss"}),
-        options=frozenset({"jitter", "random_second"}),
+        build=lambda cfg, fused: TopKRouter(
+            cfg.d_model, cfg.num_experts, k=cfg.k, renormalize=cfg.renormalize, jitter=cfg.jitter,
+            random_second=cfg.random_second, score_func=cfg.score_func, route_scale=cfg.route_scale,
+            num_groups=cfg.num_groups, topk_groups=cfg.topk_groups, bias_balancing=cfg.bias_update_rate > 0,
+            sequence_balance=cfg.aux_loss.seq > 0, fused=fused),
+        stats=frozenset({"importance_E", "prob_mean_E", "top1_frac_E", "z_loss", "seq_balance"}),
+        inputs=("num_sequences",),
+        options=frozenset({"jitter", "random_second", "renormalize", "score_func", "route_scale", "num_groups",
+                           "topk_groups", "bias_update_rate"}),
     ),
     "expert_choice": RouterSpec(
         build=lambda cfg, fused: ExpertChoiceRouter(cfg.d_model, cfg.num_experts),

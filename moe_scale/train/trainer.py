@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moe_scale.moe import MoELayer, MoEStats
+from moe_scale.train.balancing import ExpertBiasBalancer
 from moe_scale.train.backends import DeepSpeedBackend, ExpertLayout, TorchBackend, deepspeed_config
 from moe_scale.train.checkpoint import Checkpointer, ExpertSharding, latest_checkpoint, list_checkpoints
 from moe_scale.train.config import Config, ConfigError, save_config
@@ -186,6 +187,7 @@ class Trainer:
         elem = 2 if self.bf16 else 4
         self.moe_acc = MoEAccumulator(len(moe_layers), E, self.layout.ep_size, self.layout.ep_rank,
                                       d_model * elem, rt.device)
+        self.balancer = ExpertBiasBalancer(self.model, rt.device)
         self.step = 0
         self.skipped_steps = 0
         self.consecutive_skips = 0
@@ -264,6 +266,7 @@ class Trainer:
                     total = sum(p.sum() for p in self.model.parameters()) * 0.0
                 self.backend.backward(total, last=last)
             self.moe_acc.add(stats)
+            self.balancer.add(stats)
             loss_sum += loss.detach()
             tokens += out.tokens
             for k, v in out.extras.items():
@@ -279,6 +282,7 @@ class Trainer:
         lr = lr_at(self.step, lr=self.cfg.optim.lr, min_lr=self.cfg.optim.min_lr,
                    warmup_steps=self.cfg.optim.warmup_steps, max_steps=self.cfg.train.max_steps)
         stepped, norm = self.backend.step(lr, skip=bad)
+        self.balancer.step(applied=stepped)
         self.step += 1
         tokens *= self.rt.world_size
         self.tokens_seen += tokens

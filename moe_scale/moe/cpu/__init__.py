@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from moe_scale.moe.cpu.grouped_mlp import grouped_mlp
+from moe_scale.moe.cpu import grouped_mlp
 from moe_scale.moe.cpu.kernels import available, kernels_for
 from moe_scale.moe.cpu.layouts import choose_layout
 from moe_scale.moe.cpu.router import fused_softmax_topk
@@ -35,5 +35,5 @@ def expert_mlp(experts, x_Md: Tensor, counts_E: Tensor) -> Tensor | None:
     counts = counts_E.tolist()
     kept = sum(counts)
     w1, w2, w3, b1, b2 = experts.weights(x_Md.dtype)
-    y = grouped_mlp(x_Md[:kept], w1, w2, w3, b1, b2, counts, choose_layout(counts), experts.activation)
+    y = grouped_mlp.grouped_mlp(x_Md[:kept], w1, w2, w3, b1, b2, counts, choose_layout(counts), experts.activation)
     return y if kept == x_Md.shape[0] else F.pad(y, (0, 0, 0, x_Md.shape[0] - kept))

@@ -11,9 +11,10 @@
 
 The build is keyed by the sources, the CPU's flags and the torch version, so checkouts of
 different code and machines of different CPUs never load each other's build. A build left
-locked by a killed process is taken over once its lock is older than `STALE_LOCK_SECONDS`; a
-lock held by a live build is waited on for at most `LOCK_WAIT_SECONDS`, after which the layer
-warns and runs the core path.
+locked by a killed process is taken over once nothing in its build folder has changed for
+`STALE_LOCK_SECONDS` (a live build writes an object file every few seconds to minutes); a lock
+held by a live build is waited on for at most `LOCK_WAIT_SECONDS`, after which the layer warns
+and runs the core path.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ SOURCES = ["module.cpp", "router_kernels.cpp", "activation_kernels.cpp", "mlp_ke
 GEMM_ENV = "MOE_SCALE_BF16_GEMM"
 _GEMM_MODES = ("native", "aten")
 LOCK_WAIT_SECONDS = 600.0
-STALE_LOCK_SECONDS = 900.0
+STALE_LOCK_SECONDS = 180.0
 
 
 def cpu_flags() -> set[str]:
@@ -67,8 +68,8 @@ def _wait_for_lock(build_dir: Path) -> bool:
     deadline = time.monotonic() + LOCK_WAIT_SECONDS
     while lock.exists():
         try:
-            age = time.time() - lock.stat().st_mtime
-        except FileNotFoundError:
+            age = time.time() - max(p.stat().st_mtime for p in build_dir.iterdir())
+        except (FileNotFoundError, ValueError):
             break
         if age > STALE_LOCK_SECONDS:  # its builder died mid-build: nobody will release it
             lock.unlink(missing_ok=True)

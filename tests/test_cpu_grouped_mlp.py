@@ -1,0 +1,303 @@
+"""The CPU backend's expert MLP (moe/cpu/grouped_mlp.py): its layouts, span blocks and the
+compiled span loop equal a per-expert nn.Linear MLP in float64 / float32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torch.utils._python_dispatch
+from torch import nn
+
+from moe_scale.moe import GroupedExperts
+from moe_scale.moe.cpu import grouped_mlp
+
+
+def _span_mlp(experts: GroupedExperts, x, counts, method):
+    return grouped_mlp.grouped_mlp(x, *experts.weights(x.dtype), list(counts), method, experts.activation)
+
+
+def _linear_reference(experts: GroupedExperts):
+    """The same experts as nn.Linear modules: lin1 (+ gate lin3 for SwiGLU), lin2."""
+    bias = experts.b1 is not None
+    mods = []
+    for e in range(experts.num_experts):
+        lin1 = nn.Linear(experts.d_model, experts.d_hidden, bias=bias).double()
+        lin2 = nn.Linear(experts.d_hidden, experts.d_model, bias=bias).double()
+        lin3 = nn.Linear(experts.d_model, experts.d_hidden, bias=False).double() if experts.w3 is not None else None
+        with torch.no_grad():
+            lin1.weight.copy_(experts.w1[e].t())
+            lin2.weight.copy_(experts.w2[e].t())
+            if bias:
+                lin1.bias.copy_(experts.b1[e])
+                lin2.bias.copy_(experts.b2[e])
+            if lin3 is not None:
+                lin3.weight.copy_(experts.w3[e].t())
+        mods.append((lin1, lin2, lin3))
+    return mods
+
+
+def _run_reference(mods, activation, x_Md, counts):
+    outs = []
+    for (lin1, lin2, lin3), x in zip(mods, torch.split(x_Md, counts)):
+        h = lin1(x)
+        if activation == "relu":
+            h = F.relu(h)
+        elif activation == "gelu":
+            h = F.gelu(h)
+        else:
+            h = F.silu(h) * lin3(x)
+        outs.append(lin2(h))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("counts", [[4, 0, 7, 1, 3], [2, 5, 0, 4]])
+@pytest.mark.parametrize("method", ["loop", "bmm", "loop-bucketed", "loop-fused", "loop-bucketed-fused"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu"])
+def test_grouped_experts_equal_per_expert_linear(activation, bias, method, counts, monkeypatch):
+    """loop-fused: the single-node MLP. loop-bucketed: the bf16-on-CPU shape bucketing forced on in float64 with a bucket of 3
+    rows: blocks that reach back into lower experts, a first block that reaches forward,
+    experts with a head and a tail, or a tail only (first counts); a first expert with a tail
+    only, whose weight gradient looks ahead (second counts)."""
+    torch.manual_seed(0)
+    if method.endswith("fused"):  # one node, backward expert by expert (many rows per expert)
+        monkeypatch.setattr(grouped_mlp, "fused_backward", lambda rows, experts, d: True)
+        method = method.removesuffix("-fused")
+    else:
+        monkeypatch.setattr(grouped_mlp, "fused_backward", lambda rows, experts, d: False)
+    if method == "loop-bucketed":
+        monkeypatch.setattr(grouped_mlp, "bucketed_shapes", lambda device, dtype: True)
+        monkeypatch.setattr(grouped_mlp, "_SHAPE_BUCKET", 3)
+        method = "loop"
+    experts = GroupedExperts(len(counts), 6, 10, activation=activation, bias=bias).double()
+    mods = _linear_reference(experts)
+    x = torch.randn(sum(counts), 6, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(sum(counts), 6, dtype=torch.float64)
+
+    y = _span_mlp(experts, x, counts, method)
+    ref = _run_reference(mods, activation, x, counts)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    (y * up).sum().backward()
+    x_grad = x.grad.clone()
+    x.grad = None
+    (ref * up).sum().backward()
+    torch.testing.assert_close(x_grad, x.grad, rtol=1e-12, atol=1e-12)
+    pairs = [("w1", 0, "weight"), ("w2", 1, "weight")]
+    pairs += [("b1", 0, "bias"), ("b2", 1, "bias")] if bias else []
+    pairs += [("w3", 2, "weight")] if activation == "swiglu" else []
+    for name, which, attr in pairs:
+        got = getattr(experts, name).grad
+        for e, m in enumerate(mods):
+            want = getattr(m[which], attr).grad
+            want = want.t() if attr == "weight" else want
+            torch.testing.assert_close(got[e], want, rtol=1e-12, atol=1e-12, msg=lambda s, n=name, e=e: f"{n}[{e}]: {s}")
+
+
+class _CountGEMMs(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        gemms = (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_, torch.ops.aten.bmm, torch.ops.aten.baddbmm)
+        if func.overloadpacket in gemms:
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("method", ["loop", "bmm", "loop-fused"])
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_backward_skips_the_input_gradient_gemms_when_the_input_needs_none(activation, method, monkeypatch):
+    """Only the weight gradients are computed for an input without requires_grad (as nn.Linear)."""
+    if method == "loop-fused":
+        monkeypatch.setattr(grouped_mlp, "fused_backward", lambda rows, experts, d: True)
+        method = "loop"
+    counts = [4, 0, 7, 1]
+    experts = GroupedExperts(len(counts), 6, 10, activation=activation)
+    calls = {}
+    for needs_grad in (True, False):
+        x = torch.randn(sum(counts), 6, requires_grad=needs_grad)
+        y = _span_mlp(experts, x, counts, method)
+        with _CountGEMMs() as counter:
+            y.sum().backward()
+        calls[needs_grad] = counter.calls
+    per_expert_input_gemms = 2 if activation == "swiglu" else 1
+    groups = 1 if method == "bmm" else sum(c > 0 for c in counts)
+    assert calls[True] - calls[False] == per_expert_input_gemms * groups
+
+
+def test_bucketed_blocks_use_few_row_counts_and_cover_every_row_once():
+    counts = (130, 0, 64, 1, 200, 63, 129)
+    blocks = grouped_mlp._Blocks(counts, bucket=64)
+    # Row-wise products: every block computes a multiple of 64 rows that holds its expert's
+    # rows; they end where those rows end and run from the last expert to the first, except
+    # the first block, which cannot reach back and reaches forward instead.
+    ends = torch.cumsum(torch.tensor(counts), 0).tolist()
+    assert [e for e, *_ in blocks.spans] == [6, 5, 4, 3, 2, 0]
+    for e, lo, hi, s, end in blocks.spans:
+        assert (s, end) == (ends[e] - counts[e], ends[e])
+        assert (hi - lo) % 64 == 0 and lo <= s < end <= hi <= sum(counts)
+        assert hi == end or (e, lo, hi) == (0, 0, 192)
+    assert grouped_mlp._Blocks((5, 0, 7), bucket=64).spans == [(2, 5, 12, 5, 12), (0, 0, 5, 0, 5)]
+    # Sums over rows (weight gradients) count each expert's own rows: each row exactly once.
+    covered = sorted(row for _, _, _, s, end in blocks.spans for row in range(s, end))
+    assert covered == list(range(sum(counts)))
+
+
+def test_own_rows_zeroes_the_rows_of_other_experts_and_restores_them():
+    g = torch.arange(1.0, 9.0)[:, None]
+    with grouped_mlp._Ops.own_rows(g, 1, 7, 3, 5) as rows:
+        assert rows.flatten().tolist() == [0.0, 0.0, 4.0, 5.0, 0.0, 0.0]
+        assert rows.data_ptr() == g[1:7].data_ptr()
+    assert g.flatten().tolist() == list(range(1, 9))
+    with grouped_mlp._Ops.own_rows(g, 2, 4, 2, 4) as rows:
+        assert rows.data_ptr() == g[2:4].data_ptr()
+    with pytest.raises(KeyError), grouped_mlp._Ops.own_rows(g, 0, 4, 2, 4):
+        raise KeyError  # restored on the way out of an error too
+    assert g.flatten().tolist() == list(range(1, 9))
+
+
+class _SpyKernels:
+    """The compiled kernels, counting the calls of the expert-parallel span loop."""
+
+    def __init__(self, kernels):
+        self.kernels, self.calls = kernels, 0
+
+    def __getattr__(self, name):
+        if name.startswith("mlp_"):
+            self.calls += 1
+        return getattr(self.kernels, name)
+
+
+@pytest.mark.parametrize("counts", [(4, 0, 7, 1, 3, 9, 2), (2, 5, 0, 4)])
+@pytest.mark.parametrize("groups", [1, 2, 3, "2-split", "3-split"])
+@pytest.mark.parametrize("bucket", [0, 3])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu"])
+def test_expert_parallel_span_loop_equals_per_expert_linear(activation, bias, bucket, groups, counts, monkeypatch):
+    """csrc/mlp_kernels.cpp runs groups of experts on threads of their own. In float32 against
+    the float64 per-expert reference, with groups that start with a block reaching forward
+    (bucket 3), one group (the calling thread alone), more groups than threads, and ("-split")
+    exact spans evened out by splitting experts across groups (their weight gradients summed
+    from partials); the spy checks the compiled loop ran."""
+    kernels = grouped_mlp.kernels_for(torch.zeros(1))
+    if kernels is None:
+        pytest.skip("the fused CPU kernels are not built here")
+    if isinstance(groups, str):
+        if bucket:
+            pytest.skip("bucketed spans are never split")
+        groups = int(groups[0])
+        monkeypatch.setattr(grouped_mlp, "_SPLIT_MIN_ROWS", 0)
+        counts = (sum(counts), *counts[1:])  # one expert too large for any partition to even out
+        assert grouped_mlp._Blocks(counts, 0, groups, split=True).num_parts >= 2
+    spy = _SpyKernels(kernels)
+    real = grouped_mlp._mlp_kernels
+    monkeypatch.setattr(grouped_mlp, "_mlp_kernels", lambda *t: spy if real(*t) is not None else None)
+    monkeypatch.setattr(grouped_mlp, "fused_backward", lambda rows, experts, d: True)
+    monkeypatch.setattr(grouped_mlp, "_expert_groups", lambda nonempty: groups)
+    monkeypatch.setattr(grouped_mlp, "bucketed_shapes", lambda device, dtype: bucket > 0)
+    monkeypatch.setattr(grouped_mlp, "_SHAPE_BUCKET", bucket)
+    torch.manual_seed(0)
+    counts = list(counts)
+    experts = GroupedExperts(len(counts), 6, 10, activation=activation, bias=bias)
+    ref_experts = GroupedExperts(len(counts), 6, 10, activation=activation, bias=bias).double()
+    ref_experts.load_state_dict(experts.state_dict())
+    mods = _linear_reference(ref_experts)
+    x = torch.randn(sum(counts), 6, requires_grad=True)
+    x64 = x.detach().double().requires_grad_()
+    up = torch.randn(sum(counts), 6)
+
+    y = _span_mlp(experts, x, counts, "loop")
+    ref = _run_reference(mods, activation, x64, counts)
+    (y * up).sum().backward()
+    (ref * up.double()).sum().backward()
+    assert spy.calls == 2  # forward and backward
+    tol = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y.double(), ref, **tol)
+    torch.testing.assert_close(x.grad.double(), x64.grad, **tol)
+    pairs = [("w1", 0, "weight"), ("w2", 1, "weight")]
+    pairs += [("b1", 0, "bias"), ("b2", 1, "bias")] if bias else []
+    pairs += [("w3", 2, "weight")] if activation == "swiglu" else []
+    for name, which, attr in pairs:
+        got = getattr(experts, name).grad.double()
+        for e, m in enumerate(mods):
+            want = getattr(m[which], attr).grad
+            want = want.t() if attr == "weight" else want
+            torch.testing.assert_close(got[e], want, **tol, msg=lambda s, n=name, e=e: f"{n}[{e}]: {s}")
+
+
+def test_expert_groups_follow_the_threads_unless_experts_are_fewer(monkeypatch):
+    monkeypatch.setattr(grouped_mlp.torch, "get_num_threads", lambda: 8)
+    assert grouped_mlp._expert_groups(64) == 8
+    assert grouped_mlp._expert_groups(8) == 8
+    assert grouped_mlp._expert_groups(7) == 1  # 7 experts on 8 threads: one group, GEMMs on every thread
+
+
+def test_grouped_blocks_keep_every_span_inside_its_group():
+    counts = (130, 0, 64, 1, 200, 63, 129, 5)
+    blocks = grouped_mlp._Blocks(counts, bucket=64, groups=3)
+    ends = torch.cumsum(torch.tensor(counts), 0).tolist()
+    assert blocks.group_ptr[0] == 0 and blocks.group_ptr[-1] == len(blocks.spans) == 7
+    rows_seen = []
+    for g in range(len(blocks.group_ptr) - 1):
+        spans = blocks.spans[blocks.group_ptr[g] : blocks.group_ptr[g + 1]]
+        first, last = min(s for *_, s, _ in spans), max(end for *_, end in spans)
+        assert [e for e, *_ in spans] == sorted((e for e, *_ in spans), reverse=True)  # last expert first
+        for e, lo, hi, s, end in spans:
+            assert (s, end) == (ends[e] - counts[e], ends[e])
+            assert first <= lo <= s < end <= hi <= last  # groups share no rows
+            assert (hi - lo) % 64 == 0 or (lo, hi) == (first, last)
+        rows_seen += [(first, last)]
+    assert rows_seen == sorted(rows_seen) and rows_seen[0][0] == 0 and rows_seen[-1][1] == sum(counts)
+    assert all(a[1] == b[0] for a, b in zip(rows_seen, rows_seen[1:]))  # contiguous, no gaps
+    # about a third of the rows each: no group holds more than a third plus its largest block
+    sizes = [last - first for first, last in rows_seen]
+    assert len(sizes) == 3 and max(sizes) <= sum(counts) / 3 + max(counts)
+
+
+@pytest.mark.parametrize("groups", [2, 3])
+def test_exact_spans_go_to_groups_of_balanced_rows(groups):
+    """Without buckets a few dozen experts are split into groups of nearly equal rows (the
+    groups run one per thread): with two groups the best split there is, found by brute force."""
+    import itertools
+
+    counts = (1081, 797, 1034, 0, 1085, 1058, 1063, 1053, 1021)
+    blocks = grouped_mlp._Blocks(counts, groups=groups)
+    ends = torch.cumsum(torch.tensor(counts), 0).tolist()
+    spans = blocks.spans
+    assert sorted(e for e, *_ in spans) == [e for e, c in enumerate(counts) if c]
+    assert all((lo, hi, s, end) == (ends[e] - counts[e], ends[e], ends[e] - counts[e], ends[e])
+               for e, lo, hi, s, end in spans)  # exact
+    loads = [sum(hi - lo for _, lo, hi, _, _ in spans[a:b]) for a, b in zip(blocks.group_ptr, blocks.group_ptr[1:])]
+    assert len(loads) == groups and sum(loads) == sum(counts)
+    rows = [c for c in counts if c]
+    if groups == 2:
+        best = min(max(sum(x), sum(rows) - sum(x)) for r in range(len(rows) + 1)
+                   for x in itertools.combinations(rows, r))
+        assert max(loads) == best
+    else:  # 8 blocks of ~1000 rows in 3 groups: the heaviest holds 3 of them
+        assert max(loads) <= 3 * max(rows)
+        assert min(loads) >= 2 * min(rows)
+
+
+def test_split_moves_the_excess_rows_and_never_leaves_an_empty_piece(monkeypatch):
+    monkeypatch.setattr(grouped_mlp, "_SPLIT_MIN_ROWS", 0)
+    groups, parts = grouped_mlp._split_to_balance([[(0, 0, 900)], [(1, 900, 1000)]])
+    assert groups == [[(0, 0, 500)], [(0, 500, 900), (1, 900, 1000)]] and parts == {(0, 0): 0, (0, 500): 1}
+    # one-row blocks cannot give anything away: no split, no empty piece
+    one_row = [[(0, 0, 1), (1, 1, 2), (2, 2, 3)], [(3, 3, 4)]]
+    assert grouped_mlp._split_to_balance(one_row) == (one_row, {})
+
+
+def test_span_loop_errors_in_threads_reach_python():
+    kernels = grouped_mlp.kernels_for(torch.zeros(1))
+    if kernels is None:
+        pytest.skip("the fused CPU kernels are not built here")
+    blocks = grouped_mlp._Blocks((4, 4, 4, 4), groups=2)
+    x, w1 = torch.randn(16, 6), torch.randn(4, 6, 10)
+    w2_wrong = torch.randn(4, 9, 6)  # inner dimension 9, not 10: every thread's GEMM fails
+    with pytest.raises(RuntimeError, match="mat1 and mat2 shapes cannot be multiplied|size mismatch|shape"):
+        kernels.mlp_forward(x, w1, w2_wrong, None, None, None, blocks.spans_tensor, blocks.group_ptr, 0, False)
+    with pytest.raises(RuntimeError, match="group_ptr"):
+        kernels.mlp_forward(x, w1, torch.randn(4, 10, 6), None, None, None, blocks.spans_tensor, [0, 1], 0, False)
