@@ -58,7 +58,7 @@ def _exchange_main(rank: int, world: int) -> dict:
         x = _rows(rank).requires_grad_()
         x_local, local_counts, handle = comm.dispatch(x, _counts(rank))
         assert torch.equal(x_local, _expected_local(rank)), f"{a2a}: wrong rows received"
-        assert local_counts == [int(sum(_counts(s)[e] for s in range(WORLD))) for e in mesh.local_experts(WORLD * E_LOCAL)]
+        assert local_counts.tolist() == [int(sum(_counts(s)[e] for s in range(WORLD))) for e in mesh.local_experts(WORLD * E_LOCAL)]
         assert torch.equal(comm.combine(x_local.detach(), handle), x.detach()), f"{a2a}: combine is not the inverse"
         scale = torch.arange(1, x_local.shape[0] + 1, dtype=torch.float32)[:, None]
         y = comm.combine(x_local * scale, handle)

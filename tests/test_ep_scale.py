@@ -24,8 +24,7 @@ def _scale_main(rank: int, world: int) -> dict:
     before = _rss_mb()  # process groups hold buffers of their own: not expert memory
     # Built on the meta device: the full [4096, d, h] weights are never allocated anywhere.
     with torch.device("meta"):
-        layer = MoELayer(D, E, d_hidden=H, router="topk", k=2, capacity_factor=2.0, aux_loss=dict(switch=0.01),
-                         grouped_gemm="bmm")  # ~0.1 rows per expert: one padded batched GEMM
+        layer = MoELayer(D, E, d_hidden=H, router="topk", k=2, capacity_factor=2.0, aux_loss=dict(switch=0.01))
     layer.router.to_empty(device="cpu")
     torch.manual_seed(0)
     torch.nn.init.normal_(layer.router.w_gate, std=D**-0.5)

@@ -91,7 +91,7 @@ class MoEConfig:
         if self.k > self.num_experts:
             raise ValueError(f"k={self.k} exceeds num_experts={self.num_experts}; lower k or add experts")
         if spec.fixed_k is not None and self.k != spec.fixed_k:
-            raise ValueError(f"the {self.router} router sends each token to {spec.fixed_k} expert(s): set k={spec.fixed_k}")
+            raise ValueError(f"the {self.router} router is top-{spec.fixed_k}: set k={spec.fixed_k}")
         defaults = {"jitter": 0.0, "random_second": False, "hierarchical_groups": 0, "hierarchical_k_groups": 1,
                     "renormalize": None, "score_func": "softmax", "route_scale": 1.0, "num_groups": 0,
                     "topk_groups": 0, "bias_update_rate": 0.0}
