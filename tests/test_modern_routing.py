@@ -182,3 +182,36 @@ def test_bad_routing_options_name_the_key(bad, match):
     options.update({k: v for k, v in bad.items() if k in ("router", "k")})
     with pytest.raises(ValueError, match=match):
         MoELayer(D, E, **options)
+
+
+def _balanced_bias(rank: int, world: int) -> list[float]:
+    from moe_scale.distributed.mesh import build_mesh
+    from moe_scale.distributed.parallelize import parallelize
+    from moe_scale.train.balancing import ExpertBiasBalancer
+
+    torch.manual_seed(0)
+    layer = MoELayer(D, E, k=2, score_func="sigmoid", bias_update_rate=0.01, dropless=True, d_hidden=8,
+                     backend="core")
+    if world > 1:
+        layer = parallelize(layer, build_mesh(ep_size=world))
+    balancer = ExpertBiasBalancer(layer, torch.device("cpu"))
+    shards = [torch.randn(16, D, generator=torch.Generator().manual_seed(s)) for s in range(4)]
+    mine = shards if world == 1 else shards[rank::world]
+    for step in range(3):
+        for x in mine:  # micro-batches of this rank
+            _, stats = layer(x)
+            balancer.add([stats])
+        balancer.step(applied=True)
+    return layer.router.expert_bias_E.tolist()
+
+
+@pytest.mark.timeout(120)
+def test_bias_updates_agree_at_ep1_and_ep2():
+    """The step's load is summed over micro-batches and ranks before the update: two EP ranks
+    with two micro-batches each end with the bias of one process that saw all four."""
+    from moe_scale.distributed.launch import run_local
+
+    want = _balanced_bias(0, 1)
+    got = run_local(_balanced_bias, 2, timeout=100)
+    assert got[0] == got[1] == want
+    assert any(b != 0 for b in want)
