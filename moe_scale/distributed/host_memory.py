@@ -3,8 +3,7 @@
 An expert-parallel step on CPU allocates several fresh `[rows, d]` buffers (all-to-all
 outputs, reorderings, their gradients) of a few MiB each and frees them at the end of the
 step. glibc returns such blocks to the kernel (mmap / heap trimming), so the next step
-page-faults them in again: measured on the 2-core CI box at 64 experts of h=256 per rank,
-about 10 ms of a 60 ms step at 2 ranks (benchmarks/expert_parallel.py). PyTorch's CPU tuning
+page-faults them in again (benchmarks/expert_parallel.py measures the cost). PyTorch's CPU tuning
 guide recommends jemalloc or tcmalloc for the same reason; `keep_freed_host_memory` gets the
 effect from glibc itself, with no preload:
 

@@ -36,9 +36,9 @@ _SHAPE_BUCKET = 64
 
 def bucketed_shapes(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether GEMM row counts are bucketed when oneDNN runs them (bf16 / fp16 GEMMs on CPU):
-    it JIT-compiles a kernel for every new shape, which costs about 0.3 ms; with expert loads
-    that change every step a 64-expert layer spent half its bf16 step compiling (152 vs 74
-    ms). The compiled span loop's own bf16 GEMM (csrc/bf16_gemm.cpp) needs no buckets."""
+    it JIT-compiles a kernel for every new shape, and expert loads change every step, so
+    without buckets a layer would spend much of its step compiling. The compiled span loop's
+    own bf16 GEMM (csrc/bf16_gemm.cpp) needs no buckets."""
     return device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
 
 
@@ -174,9 +174,8 @@ def _balanced_partition(blocks: list[tuple[int, int, int]], groups: int) -> list
 
 # A group more than this many rows above its share is evened out by splitting a block. A split
 # costs about what a hundred or more rows of work do (the piece packs its expert's weights
-# again, its weight gradients go through float32 partials): in benchmarks/span_balance.py a
-# split of 70 rows made the bf16 MLP 8.66 instead of 8.58 ms, one of 1904 rows (an expert with
-# 6000 of 8192 rows) 8.94 instead of 12.54 ms (results/span_balance.json).
+# again, its weight gradients go through float32 partials), so small excesses are left alone
+# (benchmarks/span_balance.py measures both sides).
 _SPLIT_MIN_ROWS = 256
 
 
@@ -438,7 +437,7 @@ class _MLP(torch.autograd.Function):
     (`_Ops.own_rows`): their weight-gradient terms vanish and their input-gradient rows come
     out zero, to be rewritten by their own expert later (or, for a span reaching forward, not
     written at all). The hidden activations are saved per span (`[span, h]` each; the rows a
-    bucketed span borrows from its neighbour are kept twice, 2% more at 64 experts).
+    bucketed span borrows from its neighbour are kept twice).
 
     On CPU in float32 / bfloat16 the same spans run in csrc/mlp_kernels.cpp, each group of
     experts on its own thread with single-threaded GEMMs (an expert split across groups sums
@@ -457,8 +456,7 @@ class _MLP(torch.autograd.Function):
             return y
         # The hidden activations are kept per span, each a fresh `[span, h]` block, not as one
         # `[M, h]` tensor: blocks under glibc's mmap threshold (32 MiB at most) are reused from
-        # the heap, where one `[M, h]` of 32 MiB or more is page-faulted in again every step
-        # (16K faults, ~30 ms of a 120 ms bf16 step at 64 experts x 32768 tokens).
+        # the heap, where one `[M, h]` of 32 MiB or more is page-faulted in again every step.
         y = x_Md.new_empty(x_Md.shape[0], w2.shape[-1])
         saved = []
         for e, lo, hi, s, end in ops.blocks.spans:

@@ -33,11 +33,9 @@ _CHUNK_ELEMENTS = 1 << 21
 # The fused path recomputes the probabilities in backward (one more `[chunk, d] x [d, E]` GEMM
 # and exp per chunk) instead of keeping them when they would take at least this many bytes.
 # Blocks that large come from mmap (glibc caps its threshold at 32 MiB, also under
-# `keep_freed_host_memory`) and are page-faulted in again every step: the faults alone took 61
-# of 98 ms of the forward kernel at E=8192, S=16384 in bf16, and recomputing took the layer
-# from 1.21x to 1.03x of the floor's time at E=4096 and halved its peak memory at E=8192.
-# Where nothing faults (`keep_freed_host_memory(never_mmap=True)`), keeping them is ~6% faster
-# at E=4096 bf16 (one in-process measurement); the memory saving stays.
+# `keep_freed_host_memory`) and are page-faulted in again every step, which costs more than
+# the recomputation; not keeping them also halves the router's peak memory
+# (docs/performance.md has the measurements).
 _RECOMPUTE_MIN_BYTES = 32 << 20
 
 
@@ -120,7 +118,7 @@ class _TopKSoftmaxRouter(torch.autograd.Function):
             return grad_x, grad_w, None, None, None
         grad_x = torch.empty_like(x_Sd) if need_x else None
         chunks = _token_chunks(S, E)
-        grad_w_Ed = None  # [E, d]: (g^T x) rather than x^T g, which oneDNN ran 2x slower in bf16 at E = 8
+        grad_w_Ed = None  # [E, d]: (g^T x) rather than x^T g, the layout oneDNN runs well in bf16
         for s, e in chunks:
             # from the saved probabilities, or (prob_SE None) from the recomputed logits, in place
             source = x_Sd[s:e] @ w_dE if prob_SE is None else prob_SE[s:e]
