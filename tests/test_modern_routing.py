@@ -215,3 +215,62 @@ def test_bias_updates_agree_at_ep1_and_ep2():
     got = run_local(_balanced_bias, 2, timeout=100)
     assert got[0] == got[1] == want
     assert any(b != 0 for b in want)
+
+
+def _global_layer(scope: str) -> MoELayer:
+    torch.manual_seed(0)
+    layer = MoELayer(D, E, k=2, router="topk", dropless=True, d_hidden=8, backend="core", balance_scope=scope,
+                     aux_loss=dict(importance=1.0, switch=0.5)).double()
+    return layer
+
+
+def _batches(n: int):
+    return [torch.randn(6, D, dtype=torch.float64, generator=torch.Generator().manual_seed(s)) for s in range(n)]
+
+
+def test_global_scope_sums_the_step_micro_batches():
+    """The second micro-batch's importance CV^2 and first-choice fractions are those of both
+    micro-batches' tokens together; a new step starts from zero."""
+    layer, whole = _global_layer("global"), _global_layer("micro_batch")
+    a, b = _batches(2)
+    layer.balance_window.begin_step()
+    layer(a)
+    _, stats = layer(b)
+    _, want = whole(torch.cat([a, b]))
+    assert stats.aux_losses["importance"].item() == pytest.approx(want.aux_losses["importance"].item(), rel=1e-12)
+    torch.testing.assert_close(stats.router_stats.top1_frac_E, want.router_stats.top1_frac_E)
+    layer.balance_window.begin_step()
+    _, fresh = layer(b)
+    _, alone = whole(b)
+    assert fresh.aux_losses["importance"].item() == pytest.approx(alone.aux_losses["importance"].item(), rel=1e-12)
+
+
+def _global_rank(rank: int, world: int) -> dict:
+    import torch.distributed as dist
+
+    from moe_scale.train.balancing import ExpertBiasBalancer
+
+    layer = _global_layer("global")
+    balancer = ExpertBiasBalancer(layer, torch.device("cpu"))
+    balancer.begin_step()
+    x = _batches(world)[rank]
+    _, stats = layer(x)
+    stats.aux_losses["importance"].backward()
+    grad = layer.router.w_gate.grad.clone()
+    dist.all_reduce(grad)
+    return {"loss": stats.aux_losses["importance"].item(), "grad": (grad / world).tolist()}
+
+
+@pytest.mark.timeout(120)
+def test_global_scope_over_ranks_is_the_full_batch_loss_and_gradient():
+    """On 2 ranks the importance CV^2 is that of both ranks' tokens, and the ranks' gradients
+    averaged (as data parallelism does) equal the gradient of the full-batch loss."""
+    from moe_scale.distributed.launch import run_local
+
+    whole = _global_layer("micro_batch")
+    _, want = whole(torch.cat(_batches(2)))
+    want.aux_losses["importance"].backward()
+    results = run_local(_global_rank, 2, timeout=100)
+    for r in results:
+        assert r["loss"] == pytest.approx(want.aux_losses["importance"].item(), rel=1e-10)
+        torch.testing.assert_close(torch.tensor(r["grad"], dtype=torch.float64), whole.router.w_gate.grad)

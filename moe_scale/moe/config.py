@@ -12,6 +12,7 @@ from moe_scale.moe.losses import AuxLossWeights, check_supported
 from moe_scale.moe.routing import ROUTERS, SCORE_FUNCS
 
 BACKENDS = ("auto", "core", "cpu")
+BALANCE_SCOPES = ("micro_batch", "global")
 
 
 @dataclass
@@ -44,6 +45,9 @@ class MoEConfig:
                             selection bias moved by this much per step against the load
     num_shared_experts      always-on experts of width d_hidden beside the routed ones (a dense
                             SwiGLU / activation MLP of width num_shared_experts * d_hidden)
+    balance_scope           "micro_batch": balancing losses from this call's tokens; "global":
+                            from statistics summed over data-parallel ranks and the step's
+                            micro-batches (`losses.BalanceWindow`; the trainer connects it)
     backend                 core (plain PyTorch, every device), cpu (the CPU kernels of moe/cpu/
                             for CPU tensors), auto (cpu where `moe.cpu.kernels.available()`:
                             an AVX-512 CPU with a compiler and no CUDA; else core)
@@ -75,6 +79,7 @@ class MoEConfig:
     topk_groups: int = 0
     bias_update_rate: float = 0.0
     num_shared_experts: int = 0
+    balance_scope: str = "micro_batch"
 
     def __post_init__(self):
         if isinstance(self.aux_loss, dict):
@@ -102,6 +107,7 @@ class MoEConfig:
                                  f"leave it at {default!r}")
         check_supported(self.aux_loss, spec.stats, self.router)
         _choice("score_func", self.score_func, SCORE_FUNCS)
+        _choice("balance_scope", self.balance_scope, BALANCE_SCOPES)
         if not (self.route_scale > 0 and math.isfinite(self.route_scale)):
             raise ValueError(f"route_scale must be a positive number, got {self.route_scale}")
         if not (self.bias_update_rate >= 0 and math.isfinite(self.bias_update_rate)):

@@ -20,7 +20,7 @@ from moe_scale.moe.comm import LocalComm
 from moe_scale.moe.config import MoEConfig
 from moe_scale.moe.dispatch import DispatchPlan, combine, permute, plan_dispatch, served_tokens
 from moe_scale.moe.experts import FusedExpertMLP, GroupedExperts, SharedExperts
-from moe_scale.moe.losses import aux_losses, weighted_names, weighted_total
+from moe_scale.moe.losses import BalanceWindow, aux_losses, weighted_names, weighted_total
 from moe_scale.moe.routing import ROUTERS, FusedSoftmaxTopK, RouterStats, capacity_for
 
 
@@ -123,6 +123,8 @@ class MoELayer(nn.Module):
         if cfg.num_shared_experts:
             self.shared_experts = SharedExperts(d_model, cfg.num_shared_experts * cfg.d_hidden, cfg.activation)
         self.comm = LocalComm()
+        # Global-batch statistics: without a data-parallel group the window sums micro-batches only.
+        self.balance_window = BalanceWindow() if cfg.balance_scope == "global" else None
 
     @classmethod
     def from_config(cls, cfg: MoEConfig) -> "MoELayer":
@@ -172,6 +174,8 @@ class MoELayer(nn.Module):
         if self.shared_experts is not None:
             y_Sd = y_Sd + self.shared_experts(x_Sd).to(x.dtype)
 
+        if self.training and self.balance_window is not None:
+            routing.stats = self.balance_window.globalize(routing.stats, S)
         weighted = aux_losses(routing.stats, self.cfg.num_experts, only=weighted_names(self.cfg.aux_loss))
         stats = MoEStats(
             tokens_per_expert_E=plan.counts_E,

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, fields
 
 import torch
@@ -92,3 +93,60 @@ def weighted_total(losses: dict[str, Tensor], weights: AuxLossWeights, like: Ten
             term = (w * value).float()
             total = term if total is None else total + term
     return like.new_zeros((), dtype=torch.float32) if total is None else total
+
+
+class BalanceWindow:
+    """Global-batch statistics for the balancing losses (`balance_scope="global"`).
+
+    The switch loss and the importance / load CV^2 are formed from statistics summed over the
+    data-parallel ranks (`all_reduce_sum`, a sum over ranks handed in from outside; None in one
+    process) and over the earlier micro-batches of the step (`begin_step` starts a step), so
+    a rank's few tokens or a small micro-batch do not make a balanced global batch look
+    unbalanced. Only this micro-batch's own statistics carry gradient:
+
+        importance_E, load_E   sums: value = the global sum; gradient scaled by the number of
+                               ranks, so that the ranks' gradients averaged by data parallelism
+                               give the gradient of the global loss
+        top1_frac_E            the global fraction of first choices (a constant)
+        prob_mean_E            this micro-batch's mean (its average over ranks is the global mean)
+
+    Across micro-batches the loss of micro-batch m uses the statistics of micro-batches 1..m
+    (the last one sees the whole step); over ranks it is exact.
+    """
+
+    def __init__(self, all_reduce_sum=None, world_size: int = 1):
+        self.all_reduce_sum, self.world_size = all_reduce_sum, world_size
+        self.earlier: Tensor | None = None
+
+    def begin_step(self) -> None:
+        self.earlier = None
+
+    def globalize(self, stats: RouterStats, num_tokens: int) -> RouterStats:
+        sums = [t for t in (stats.importance_E, stats.load_E) if t is not None]
+        top1 = stats.top1_frac_E
+        parts = [t.detach().double() for t in sums]  # O(E) numbers: exact counts, no rounding
+        if top1 is not None:
+            parts.append(top1.detach().double() * num_tokens)
+        if not parts:
+            return stats
+        device = parts[0].device
+        packed = torch.cat(parts + [torch.full((1,), float(num_tokens), dtype=torch.float64, device=device)])
+        if self.all_reduce_sum is not None:
+            packed = self.all_reduce_sum(packed)
+        if self.earlier is not None:
+            packed = packed + self.earlier
+        self.earlier = packed
+        totals = list(packed[:-1].split([p.numel() for p in parts]))
+        R = self.world_size
+
+        def global_sum(local: Tensor, total: Tensor) -> Tensor:
+            own = local.detach()
+            return local * R - own * (R - 1) + (total.to(local.dtype) - own)
+
+        fields = {}
+        for name in ("importance_E", "load_E"):
+            if getattr(stats, name) is not None:
+                fields[name] = global_sum(getattr(stats, name), totals.pop(0))
+        if top1 is not None:
+            fields["top1_frac_E"] = (totals.pop(0) / packed[-1].clamp(min=1)).to(top1.dtype)
+        return dataclasses.replace(stats, **fields)

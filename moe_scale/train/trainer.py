@@ -252,6 +252,7 @@ class Trainer:
         accum = self.cfg.train.grad_accum
         loss_sum = torch.zeros((), device=self.rt.device)
         tokens = 0
+        self.balancer.begin_step()
         for micro in range(accum):
             batch = self.task.next_batch()
             last = micro == accum - 1
