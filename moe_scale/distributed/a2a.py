@@ -111,7 +111,7 @@ def transpose_blocks_index(sizes_AB: Tensor, total: int | None = None) -> Tensor
     return torch.arange(shift.numel(), device=sizes_AB.device) + shift
 
 
-class _Permute(torch.autograd.Function):
+class _ReorderRows(torch.autograd.Function):
     """y = x[index] for a permutation `index`; the backward gathers with its inverse (no scatter)."""
 
     @staticmethod
@@ -138,10 +138,10 @@ class BlockTranspose:
             self.inverse = transpose_blocks_index(sizes_AB.t(), total)
 
     def forward(self, x: Tensor) -> Tensor:
-        return x if self.identity else _Permute.apply(x, self.index, self.inverse)
+        return x if self.identity else _ReorderRows.apply(x, self.index, self.inverse)
 
     def reverse(self, y: Tensor) -> Tensor:
-        return y if self.identity else _Permute.apply(y, self.inverse, self.index)
+        return y if self.identity else _ReorderRows.apply(y, self.inverse, self.index)
 
 
 def _rows(counts_XH: Tensor, header: int) -> Tensor:

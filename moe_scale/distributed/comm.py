@@ -37,6 +37,10 @@ class _Handle:
     d: int
 
 
+def _fill(value: int, device: torch.device) -> Tensor:
+    return torch.full((1,), value, dtype=torch.int64, device=device)
+
+
 class DispatchError(ValueError):
     """Raised on every rank of an EP group when any of them passed an inconsistent dispatch."""
 
@@ -109,11 +113,11 @@ class AllToAllComm:
             header = torch.tensor([_BAD_DTYPE, d, dtype_code, 0, 0], device=device)
         elif counts_E.numel() != R * El:
             header = torch.tensor([_BAD_LEN, d, dtype_code, counts_E.numel(), R * El], device=device)
-        else:
-            total = counts_E.sum()
+        else:  # built on the device from the counts and fills of Python numbers: no copy, no sync
+            total = counts_E.sum().reshape(1)
             status = torch.where((counts_E < 0).any(), _NEGATIVE, torch.where(total > rows, _BAD_SUM, _OK))
-            fixed = torch.tensor([d, dtype_code], device=device)
-            header = torch.cat([status.reshape(1), fixed, total.reshape(1), torch.full_like(fixed[:1], rows)])
+            header = torch.cat([status.reshape(1), _fill(d, device), _fill(dtype_code, device), total,
+                                _fill(rows, device)])
             send_RH[:, _HEADER:] = torch.where(status == _OK, counts_E.reshape(R, El), 0)
         send_RH[:, :_HEADER] = header
         return send_RH
