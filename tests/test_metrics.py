@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import numpy as np
@@ -105,3 +106,18 @@ def test_log_lines_carry_an_eta_without_a_terminal(tmp_path, capsys):
     logger.log(2, {"loss": 3.0})
     logger.close()
     assert re.search(r"step +2 +loss 3 +eta \d+m\d\ds", capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("torn", ['{"step": 4, "lo', '\x00\x00\x00\x00', '{"step": 3, "loss": 2.5}'])
+def test_resume_drops_a_torn_last_line(tmp_path, torn):
+    """A kill or a full disk mid-write leaves a partial last row; the restart drops it and appends cleanly."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.9}\n' + torn)
+    parses = torn.startswith('{"step": 3')
+    with pytest.warns(UserWarning, match="dropped 1 unreadable line") if not parses else contextlib.nullcontext():
+        logger = MetricsLogger(tmp_path, enabled=True, total_steps=10, start_step=3, progress=False)
+    logger.log(4, {"loss": 2.0})
+    logger.close()
+    steps = [r["step"] for r in read_jsonl(path)]
+    assert steps == ([1, 2, 3, 4] if parses else [1, 2, 4])
+    assert path.read_text().endswith("\n") and len(path.read_text().splitlines()) == len(steps)
