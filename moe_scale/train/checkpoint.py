@@ -147,6 +147,16 @@ def _files_of_rank(directory: Path, rank: int) -> list[Path]:
             if p.name.startswith(f"__{rank}_") or p.name == f"rank_{rank}.json"]
 
 
+def _cause(err: BaseException) -> str:
+    """One line for a failed save; DCP wraps each rank's exception in a CheckpointException."""
+    if isinstance(err, CheckpointException) and err.failures:
+        rank, (inner, _) = next(iter(sorted(err.failures.items())))
+        where = f" on rank {rank}" if len(err.failures) < 2 else f" on ranks {sorted(err.failures)}"
+        return _cause(inner) + where
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
 def _fix(path: Path) -> str:
     return f"delete {path} to resume from the previous checkpoint"
 
@@ -400,11 +410,16 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
         self._barrier()
-        with _quiet_single_process():
-            dcp.save(_state_dicts(model, optimizer, self.sharding, self.rank),
-                     storage_writer=FileSystemWriter(tmp, sync_files=True), no_dist=not self._collective())
-        state = {**trainer_state, "rng": encode_rng(), "rank": self.rank, "world_size": self.world_size}
-        _write_durable(tmp / f"rank_{self.rank}.json", json.dumps(state))
+        try:
+            with _quiet_single_process():
+                dcp.save(_state_dicts(model, optimizer, self.sharding, self.rank),
+                         storage_writer=FileSystemWriter(tmp, sync_files=True), no_dist=not self._collective())
+            state = {**trainer_state, "rng": encode_rng(), "rank": self.rank, "world_size": self.world_size}
+            _write_durable(tmp / f"rank_{self.rank}.json", json.dumps(state))
+        except (OSError, CheckpointException) as err:  # a full disk, a quota, a read-only mount
+            raise CheckpointError(f"saving checkpoint {final.name} failed: {_cause(err)}; free space or fix "
+                                  f"permissions under {self.root} (or move train.run_dir) and rerun, which "
+                                  f"resumes from the last complete checkpoint") from err
         self._barrier()  # every rank's files are on disk
 
         mine = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in _files_of_rank(tmp, self.rank)}
