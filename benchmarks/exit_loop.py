@@ -2,8 +2,9 @@
 
     python benchmarks/exit_loop.py --runs 50 [--steps 4] [--timeout 300]
 
-A run that does not exit within --timeout (a rank stuck in process-group teardown) counts as
-hung and is killed. Prints one line per run and a summary; exits 1 if any run hung or failed.
+A run that does not exit within --timeout is killed; it counts as hung at exit when rank 0 had
+finished training (then the stuck ranks' c10d frames are shown, if gdb is installed), else as
+too slow. Prints one line per run and a summary; exits 1 if any run hung or failed.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -28,20 +30,36 @@ def one_run(run_dir: Path, steps: int, timeout: float) -> tuple[str, float]:
            "data.max_documents=40", "logging.progress=false", "checkpoint.every=0", f"train.run_dir={run_dir}"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1"}
     t0 = time.monotonic()
-    with tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True)
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            for pid in [*_descendants(proc.pid), proc.pid]:  # torchrun starts its ranks in their own sessions
+            ranks = _descendants(proc.pid)
+            out.seek(0)
+            finished = "done: step" in out.read()  # rank 0 finished training: what remains is the exit
+            stacks = [_teardown_frames(pid) for pid in ranks] if finished else []
+            for pid in [*ranks, proc.pid]:  # torchrun starts its ranks in their own sessions
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             proc.wait()
-            return "hung", time.monotonic() - t0
-        err.seek(0)
-        last = err.read().strip().splitlines()[-1:]
+            status = "hung at exit" if finished else "timed out before the end of training (too slow?)"
+            return status + "".join(f"\n    {s}" for s in stacks if s), time.monotonic() - t0
+        out.seek(0)
+        last = out.read().strip().splitlines()[-1:]
     status = "ok" if proc.returncode == 0 else f"rc={proc.returncode}: {last}"
     return status, time.monotonic() - t0
+
+
+def _teardown_frames(pid: int) -> str:
+    """The process-group and reducer frames of a stuck rank's threads (needs gdb; else empty)."""
+    try:
+        trace = subprocess.run(["gdb", "-p", str(pid), "-batch", "-ex", "thread apply all bt 16"],
+                               capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    frames = sorted({m for m in re.findall(r"c10d::\w+::~?\w+", trace)})
+    return f"pid {pid}: {', '.join(frames)}" if frames else ""
 
 
 def _descendants(pid: int) -> list[int]:
@@ -72,7 +90,8 @@ def main() -> int:
             results.append(status)
             print(f"run {i + 1:3d}/{args.runs}: {status} ({seconds:.1f} s)", flush=True)
     ok = results.count("ok")
-    print(f"{ok} of {args.runs} runs exited cleanly; {results.count('hung')} hung")
+    hung = sum(r.startswith("hung") for r in results)
+    print(f"{ok} of {args.runs} runs exited cleanly; {hung} hung at exit")
     return 0 if ok == args.runs else 1
 
 

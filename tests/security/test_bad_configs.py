@@ -110,6 +110,18 @@ def test_a_full_disk_during_a_checkpoint_is_one_line(tmp_path, capsys, monkeypat
     assert rc == 2 and "Traceback" in err  # --debug shows where
 
 
+def test_a_full_disk_under_the_metrics_is_one_line(tmp_path, capsys, monkeypatch):
+    from moe_scale.train.metrics import MetricsLogger
+
+    def full_disk(self, step, values):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.run_dir / "metrics.jsonl"))
+
+    monkeypatch.setattr(MetricsLogger, "log", full_disk)
+    rc, err = _train(capsys, DEBUG, *tiny(tmp_path / "run", "optim.warmup_steps=0", "train.max_steps=5"))
+    line = _one_line(err)
+    assert rc == 2 and f"No space left on device ({tmp_path / 'run' / 'metrics.jsonl'}); free space there" in line
+
+
 def _rank(rank: int, store: str, lr: float, out) -> None:
     import torch.distributed as dist
 
