@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import io
 import math
 import types
 import typing
@@ -357,11 +358,13 @@ def _read_yaml(path: Path) -> dict:
         raise ConfigError(f"config file {path} is not UTF-8 text (byte 0x{data[err.start]:02x} at offset "
                           f"{err.start}); save it as UTF-8") from None
     try:
-        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+        stream = io.StringIO(text)
+        stream.name = str(path)  # YAML's messages name the file instead of "<unicode string>"
+        raw = yaml.load(stream, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except _DuplicateKey as err:
         raise ConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(err).split())}; fix it there") from None
     if raw is None:
         raise ConfigError(f"config file {path} is empty; give its sections (model:, moe:, ...) or start from "
                           f"a shipped config ({example})")
