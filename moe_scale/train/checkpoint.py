@@ -20,7 +20,9 @@ with the same world size and ZeRO stage; the model weights are stored by name as
 Saving: DCP writes (and fsyncs) its files into the temporary directory, each rank writes its
 JSON state, the files are hashed into the manifest, and rank 0 renames the directory into
 place and fsyncs the parent: a checkpoint is visible only when complete. The last
-`keep_last` are kept.
+`keep_last` are kept. A save that fails (a full disk, a quota, a read-only mount; DCP reports
+it wrapped in its CheckpointException) is a `CheckpointError` naming the directory; the
+previous checkpoint stays in place.
 
 Loading never runs code from the checkpoint: the files are checked against the manifest
 first (truncation or modification is a `CheckpointError` naming the file), DCP's pickled
@@ -484,7 +486,12 @@ class Checkpointer:
             set_model_state_dict(model, model_sd)
         exact = manifest.get("world_size") == self.world_size  # else the data order and RNG streams restart
         name = f"rank_{self.rank}.json" if exact else "rank_0.json"
-        trainer_state = json.loads((path / name).read_text())
+        try:
+            trainer_state = json.loads((path / name).read_bytes())
+        except ValueError as err:  # UnicodeDecodeError included
+            raise CheckpointError(f"checkpoint {path}: {name} is not JSON trainer state ({err}); {_fix(path)}") from None
+        if not isinstance(trainer_state, dict):
+            raise CheckpointError(f"checkpoint {path}: {name} is not JSON trainer state; {_fix(path)}")
         if restore_rng_state and exact:
             restore_rng(trainer_state["rng"])
         trainer_state["exact"] = exact

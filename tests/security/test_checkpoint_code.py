@@ -128,6 +128,20 @@ def test_pickle_as_metadata_is_refused(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("name, message", [("rank_0.json", "rank_0.json is not JSON trainer state"),
+                                           (MANIFEST, "MANIFEST.json is damaged")])
+def test_pickle_in_a_json_file_is_refused(tmp_path, name, message):
+    ckpt = _save(tmp_path / "ckpts")
+    marker = tmp_path / "pwned"
+    (ckpt / name).write_bytes(pickle.dumps(_Evil(marker)))
+    if name != MANIFEST:
+        _rehash(ckpt, name)
+    model, optimizer = _model_and_optimizer()
+    with pytest.raises(CheckpointError, match=message):
+        Checkpointer(tmp_path / "ckpts").load(ckpt, model, optimizer)
+    assert not marker.exists()
+
+
 def test_untampered_checkpoint_still_loads(tmp_path):
     """The restricted readers accept what a save writes (lr, betas tuple, parameter names, ...)."""
     ckpt = _save(tmp_path / "ckpts")
