@@ -75,8 +75,8 @@ def device_memory(device: str, local_rank: int = 0) -> tuple[float, str]:
         return float(props.total_memory), f"GPU {index} ({props.name})"
     total = float(_host_memory())
     ranks_here = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
-    share = f", shared by {ranks_here} ranks" if ranks_here > 1 else ""
-    return total / ranks_here, f"host memory ({total / GiB:,.1f} GiB{share})"
+    share = f" (a share of {total / GiB:,.1f} GiB among {ranks_here} ranks)" if ranks_here > 1 else ""
+    return total / ranks_here, f"host memory{share}"
 
 
 def _host_memory() -> int:
