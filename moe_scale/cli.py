@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import gc
 import sys
 import traceback
 
@@ -18,7 +20,7 @@ def _train(args: argparse.Namespace) -> int:
     try:
         trainer = Trainer(cfg)
         result = trainer.fit()
-    except (ConfigError, CheckpointError):
+    except (ConfigError, CheckpointError, OSError):  # the user's to fix: one line in main()
         raise
     except Exception:
         rank = trainer.rt.rank if trainer is not None else _env_rank()
@@ -28,6 +30,10 @@ def _train(args: argparse.Namespace) -> int:
     if trainer.rt.is_main:
         summary = "  ".join(f"{k} {v:.4f}" for k, v in result.items())
         print(f"done: step {trainer.step}  {summary}  run dir {cfg.train.run_dir}", flush=True)
+    # Free the DDP-wrapped model (its reducer holds the process group) before destroying the group:
+    # freed after it, ~ProcessGroupGloo runs holding the GIL that gloo's thread waits for, and hangs.
+    del trainer
+    gc.collect()
     close_runtime()
     return 0
 
@@ -60,23 +66,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moe-scale", description="Mixture-of-Experts training")
     # The deepspeed launcher passes --local_rank=N; the rank is read from the environment anyway.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--debug", action="store_true", help="print the traceback of a refused config or run")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="one-process MoE layer smoke run on CPU")
     demo.add_argument("--steps", type=int, default=300)
     demo.add_argument("--experts", type=int, default=8)
     demo.add_argument("--router", default="topk")
 
-    train = sub.add_parser("train", help="train a model from a YAML config (any launcher, or none)")
+    train = sub.add_parser("train", parents=[common], help="train a model from a YAML config (any launcher, or none)")
     train.add_argument("config", help="YAML config, e.g. configs/lm_debug.yaml")
     train.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. moe.num_experts=64")
 
-    plan = sub.add_parser("plan", help="parameters, memory per rank and all-to-all bytes of a config")
+    plan = sub.add_parser("plan", parents=[common], help="parameters, memory per rank and all-to-all bytes of a config")
     plan.add_argument("config")
     plan.add_argument("overrides", nargs="*", metavar="section.key=value")
     plan.add_argument("--nodes", type=int, default=1)
     plan.add_argument("--gpus-per-node", type=int, default=8)
 
-    report = sub.add_parser("report", help="render PNG plots of a run from its JSONL metrics")
+    report = sub.add_parser("report", parents=[common], help="render PNG plots of a run from its JSONL metrics")
     report.add_argument("run_dir")
     report.add_argument("--out", default=None, help="output directory (default RUN_DIR/report)")
 
@@ -92,10 +101,44 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return {"train": _train, "plan": _plan, "report": _report}[args.command](args)
-    except (ConfigError, CheckpointError, FileNotFoundError) as err:
+    except (ConfigError, CheckpointError) as err:
         if _env_rank() == "0":  # every rank meets the same error; one message is enough
-            print(f"moe-scale {args.command}: {err}", file=sys.stderr)
+            _refuse(args, str(err))
         return 2
+    except OSError as err:  # may be one rank's own (its disk, its data cache): each says so
+        _refuse(args, _os_error(err), rank=_env_rank() if _launched() else None)
+        return 2
+
+
+def _refuse(args: argparse.Namespace, message: str, rank: str | None = None) -> None:
+    if args.debug:
+        traceback.print_exc()
+    where = f"[rank {rank}] " if rank is not None else ""
+    print(f"moe-scale {args.command}: {where}{message}", file=sys.stderr, flush=True)
+
+
+_OS_FIXES = {
+    errno.ENOSPC: "free space there, or set train.run_dir to a disk with room; a rerun resumes from the last checkpoint",
+    errno.EDQUOT: "free space within the quota, or set train.run_dir elsewhere; a rerun resumes from the last checkpoint",
+    errno.EACCES: "fix its permissions or choose another path",
+    errno.EPERM: "fix its permissions or choose another path",
+    errno.EROFS: "the file system is read-only: set train.run_dir to a writable one",
+    errno.ENOENT: "check the path",
+}
+
+
+def _os_error(err: OSError) -> str:
+    """One sentence: what failed, on which path, and what to do."""
+    what = err.strerror or str(err) or type(err).__name__
+    path = f" ({err.filename})" if err.filename else ""
+    fix = _OS_FIXES.get(err.errno or 0)
+    return f"{what}{path}; {fix}" if fix else f"{what}{path}"
+
+
+def _launched() -> bool:
+    from moe_scale.train.runtime import launcher_ranks
+
+    return launcher_ranks() is not None
 
 
 if __name__ == "__main__":

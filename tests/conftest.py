@@ -11,3 +11,25 @@ def cpu_kernels_built():
 
     if kernels.has_avx512():
         kernels.load_kernels()
+
+
+@pytest.fixture(scope="session")
+def wandb_run(tmp_path_factory):
+    """A short run with wandb on (offline) and a fake API key (`SECRET`) in the environment:
+    the metrics tests read its files, the security tests look for the key in them."""
+    from moe_scale.train.config import load_config
+    from moe_scale.train.trainer import Trainer
+    from tests.trainer_utils import CONFIGS, SECRET, tiny
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("WANDB_MODE", "offline")
+    mp.setenv("WANDB_API_KEY", SECRET)
+    run_dir = tmp_path_factory.mktemp("wandb") / "run"
+    cfg = load_config(CONFIGS / "lm_debug.yaml", tiny(run_dir, "logging.wandb=true", "train.max_steps=10",
+                                                      "train.eval_every=10", "checkpoint.every=5"))
+    Trainer(cfg).fit()
+    mp.undo()
+    import wandb
+
+    wandb.teardown()  # stops wandb's service process, which writes the run file in the background
+    return run_dir

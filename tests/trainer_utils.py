@@ -17,6 +17,7 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 HF_CACHE = Path(tempfile.gettempdir()) / "moe_scale_test_datasets_cache"
+SECRET = "wandb-secret-0123456789abcdef0123456789abcdef01234567"  # a fake API key the runs must never write
 
 # Small enough that a step takes milliseconds on one CPU thread; 40 stdlib documents.
 TINY = [

@@ -20,12 +20,18 @@ with the same world size and ZeRO stage; the model weights are stored by name as
 Saving: DCP writes (and fsyncs) its files into the temporary directory, each rank writes its
 JSON state, the files are hashed into the manifest, and rank 0 renames the directory into
 place and fsyncs the parent: a checkpoint is visible only when complete. The last
-`keep_last` are kept.
+`keep_last` are kept. A save that fails (a full disk, a quota, a read-only mount; DCP reports
+it wrapped in its CheckpointException) is a `CheckpointError` naming the directory; the
+previous checkpoint stays in place.
 
 Loading never runs code from the checkpoint: the files are checked against the manifest
 first (truncation or modification is a `CheckpointError` naming the file), DCP's pickled
 `.metadata` is read with an unpickler that only admits DCP's own metadata classes, tensor
-payloads are read by DCP with `weights_only=True`, and trainer state is JSON.
+payloads are read by DCP with `weights_only=True`, the non-tensor entries (the optimizer's
+`param_groups`: lr, betas, parameter names) by a load planner that uses `weights_only=True`
+too instead of DCP's unrestricted unpickling (they stay in DCP's format, so DCP's own tools
+still read the checkpoint), and trainer state is JSON. The manifest guards against damage, not
+against an attacker, who can recompute it; the restricted readers are what keep code out.
 """
 
 from __future__ import annotations
@@ -49,8 +55,11 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -140,6 +149,20 @@ def _files_of_rank(directory: Path, rank: int) -> list[Path]:
             if p.name.startswith(f"__{rank}_") or p.name == f"rank_{rank}.json"]
 
 
+def _cause(err: BaseException) -> str:
+    """One line for a failed save; DCP wraps each rank's exception in a CheckpointException."""
+    if isinstance(err, CheckpointException) and err.failures:
+        rank, (inner, _) = next(iter(sorted(err.failures.items())))
+        where = f" on rank {rank}" if len(err.failures) < 2 else f" on ranks {sorted(err.failures)}"
+        return _cause(inner) + where
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _fix(path: Path) -> str:
+    return f"delete {path} to resume from the previous checkpoint"
+
+
 def verify_checkpoint(path: str | Path, files: list[str] | None = None) -> dict[str, Any]:
     """Check files against the manifest; raise CheckpointError naming the first bad one."""
     path = Path(path)
@@ -152,7 +175,7 @@ def verify_checkpoint(path: str | Path, files: list[str] | None = None) -> dict[
         entries = manifest["files"]
     except (ValueError, KeyError) as err:
         raise CheckpointError(f"{manifest_path} is damaged ({err}); delete {path} and resume from an earlier checkpoint") from None
-    fix = f"delete {path} to resume from the previous checkpoint"
+    fix = _fix(path)
     for name in files if files is not None else sorted(entries):
         info = entries[name]
         file = path / name
@@ -212,6 +235,35 @@ class SafeFileSystemReader(FileSystemReader):
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+
+# ---- non-tensor entries --------------------------------------------------------------------
+
+
+class _SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's load planner with non-tensor entries read by `torch.load(weights_only=True)`.
+
+    DCP's own `load_bytes` unpickles them with `weights_only=False`, which runs any code a
+    planted pickle names; weights_only admits plain values and tensors only, as DCP's reader
+    already does for the tensor payloads. A refused entry is kept in `refused` for the caller's
+    message: DCP reports planner errors wrapped in its own exception.
+    """
+
+    refused: str = ""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        fqn = read_item.dest_index.fqn
+        try:
+            obj = torch.load(value, weights_only=True, map_location="cpu")
+        except Exception as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            self.refused = (f"checkpoint entry {fqn} holds more than plain values; refusing to unpickle it "
+                            f"(tampered file?): {reason}")
+            raise CheckpointError(self.refused) from None
+        if self.flatten_state_dict:  # as DefaultLoadPlanner.load_bytes, minus its unpickling
+            set_element(self.original_state_dict, self.mappings[fqn], obj)
+        else:
+            self.state_dict[fqn] = obj
 
 
 # ---- state dicts -----------------------------------------------------------------------------
@@ -360,11 +412,16 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
         self._barrier()
-        with _quiet_single_process():
-            dcp.save(_state_dicts(model, optimizer, self.sharding, self.rank),
-                     storage_writer=FileSystemWriter(tmp, sync_files=True), no_dist=not self._collective())
-        state = {**trainer_state, "rng": encode_rng(), "rank": self.rank, "world_size": self.world_size}
-        _write_durable(tmp / f"rank_{self.rank}.json", json.dumps(state))
+        try:
+            with _quiet_single_process():
+                dcp.save(_state_dicts(model, optimizer, self.sharding, self.rank),
+                         storage_writer=FileSystemWriter(tmp, sync_files=True), no_dist=not self._collective())
+            state = {**trainer_state, "rng": encode_rng(), "rank": self.rank, "world_size": self.world_size}
+            _write_durable(tmp / f"rank_{self.rank}.json", json.dumps(state))
+        except (OSError, CheckpointException) as err:  # a full disk, a quota, a read-only mount
+            raise CheckpointError(f"saving checkpoint {final.name} failed: {_cause(err)}; free space or fix "
+                                  f"permissions under {self.root} (or move train.run_dir) and rerun, which "
+                                  f"resumes from the last complete checkpoint") from err
         self._barrier()  # every rank's files are on disk
 
         mine = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in _files_of_rank(tmp, self.rank)}
@@ -408,10 +465,14 @@ class Checkpointer:
             raise CheckpointError(f"{path} was saved with {'torch' if zero else 'DeepSpeed ZeRO'} optimizer state; "
                                   f"resume it with the same parallel.backend")
         stateless = optimizer is not None and not zero and _drop_unsaved_optimizer_state(state["optim"], metadata)
+        planner = _SafeLoadPlanner()
         try:
             with _quiet_single_process():
-                dcp.load(state, storage_reader=SafeFileSystemReader(path), no_dist=not self._collective())
+                dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=planner,
+                         no_dist=not self._collective())
         except (Exception, CheckpointException) as err:  # DCP's CheckpointException is a BaseException
+            if planner.refused:
+                raise CheckpointError(f"{path}: {planner.refused}; {_fix(path)}") from None
             raise CheckpointError(f"cannot load checkpoint {path} into this model: {err}".strip()) from err
         model_sd = _local(state["model"])
         if zero:
@@ -425,7 +486,12 @@ class Checkpointer:
             set_model_state_dict(model, model_sd)
         exact = manifest.get("world_size") == self.world_size  # else the data order and RNG streams restart
         name = f"rank_{self.rank}.json" if exact else "rank_0.json"
-        trainer_state = json.loads((path / name).read_text())
+        try:
+            trainer_state = json.loads((path / name).read_bytes())
+        except ValueError as err:  # UnicodeDecodeError included
+            raise CheckpointError(f"checkpoint {path}: {name} is not JSON trainer state ({err}); {_fix(path)}") from None
+        if not isinstance(trainer_state, dict):
+            raise CheckpointError(f"checkpoint {path}: {name} is not JSON trainer state; {_fix(path)}")
         if restore_rng_state and exact:
             restore_rng(trainer_state["rng"])
         trainer_state["exact"] = exact

@@ -10,14 +10,18 @@ sections (the client's own through its `TaskDef.check`).
 Unknown keys, wrongly typed values and impossible combinations raise `ConfigError` naming the
 key and the fix, before any model is built or any data read.
 
-Values are parsed, never evaluated: the file with `yaml.safe_load`, an override's value as a
-YAML scalar or list, then converted to the field's declared type.
+Values are parsed, never evaluated: the file with a `yaml.SafeLoader` that also refuses a key
+given twice, an override's value as a YAML scalar or list, then converted to the field's
+declared type. Numbers must be finite (`.inf` and `.nan` are refused).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import io
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -331,19 +335,67 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """Read a YAML config (or start from the defaults), apply `key.sub=value` overrides, validate."""
     raw: Any = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {err}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path} must hold a mapping of sections (model:, moe:, ...), got {type(raw).__name__}")
+        raw = _read_yaml(Path(path))
     for item in overrides:
         key, value = parse_override(item)
         _set_dotted(raw, key, value)
     return from_dict(raw)
+
+
+def _read_yaml(path: Path) -> dict:
+    example = "e.g. configs/lm_debug.yaml"
+    if path.is_dir():
+        raise ConfigError(f"config {path} is a directory; give a YAML file ({example})")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; check the path ({example})")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path} ({err.strerror}); check its permissions") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte 0x{data[err.start]:02x} at offset "
+                          f"{err.start}); save it as UTF-8") from None
+    try:
+        stream = io.StringIO(text)
+        stream.name = str(path)  # YAML's messages name the file instead of "<unicode string>"
+        raw = yaml.load(stream, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except _DuplicateKey as err:
+        raise ConfigError(f"{path}: {err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(err).split())}; fix it there") from None
+    if raw is None:
+        raise ConfigError(f"config file {path} is empty; give its sections (model:, moe:, ...) or start from "
+                          f"a shipped config ({example})")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections (model:, moe:, ...), got {type(raw).__name__}")
+    return raw
+
+
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # keys merged in from an anchor may be overridden on purpose
+                key = self.construct_object(key_node, deep=deep)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise _DuplicateKey(f"key {key!r} is given twice (lines {seen[key]} and {line}); "
+                                            f"keep one of them")
+                    seen[key] = line
+                except TypeError:
+                    pass  # an unhashable key: SafeLoader's own message follows
+        return super().construct_mapping(node, deep=deep)
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -353,7 +405,9 @@ def parse_override(item: str) -> tuple[str, Any]:
     if not sep or not key:
         raise ConfigError(f"override {item!r} must look like section.key=value (e.g. moe.num_experts=64)")
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
+        value = yaml.load(text, Loader=_UniqueKeyLoader) if text.strip() else ""  # noqa: S506 (a SafeLoader)
+    except _DuplicateKey as err:
+        raise ConfigError(f"override {item!r}: {err}") from None
     except yaml.YAMLError:
         value = text
     return key, _RawText(text, value)
@@ -452,14 +506,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return int(value)
         raise ConfigError(f"{key} must be an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)  # YAML 1.1 reads "3e-4" as a string
-            except ValueError:
-                pass
-        raise ConfigError(f"{key} must be a number, got {value!r}")
+            number = float(value)
+        elif isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                number = float(value)  # YAML 1.1 reads "3e-4" as a string
+        if number is None:
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}; give a finite value")
+        return number
     if tp is str:
         if text is not None:
             return text.strip()

@@ -20,6 +20,7 @@ import os
 import secrets
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -162,15 +163,37 @@ def _finite_or_none(v: float) -> float | None:
 
 
 def _drop_rows_after(path: Path, step: int) -> None:
-    """On resume, drop rows a killed run wrote after its last checkpoint (they will be redone)."""
+    """On resume, drop rows a killed run wrote after its last checkpoint (they will be redone),
+    and lines it left torn: appending after a line with no newline would tear the next row too."""
     if not path.exists():
         return
-    rows = path.read_text().splitlines()
-    kept = [r for r in rows if r.strip() and json.loads(r).get("step", 0) <= step]
-    if len(kept) != len(rows):
+    text = path.read_text(errors="replace")
+    rows, bad = _parse_rows(text)
+    if bad:
+        warnings.warn(f"{path}: dropped {len(bad)} unreadable line(s) ({', '.join(map(str, bad))}), left by a run "
+                      f"killed mid-write or a full disk", stacklevel=3)
+    kept = [r for r in rows if r.get("step", 0) <= step]
+    if len(kept) != len(rows) or bad or (text and not text.endswith("\n")):
         tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(r + "\n" for r in kept))
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         os.replace(tmp, path)
+
+
+def _parse_rows(text: str) -> tuple[list[dict], list[int]]:
+    """The JSON rows of a JSONL text and the numbers of the lines that are not JSON objects."""
+    rows, bad = [], []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            bad.append(number)
+    return rows, bad
 
 
 def _start_wandb(run_dir: Path, options: dict[str, Any], config: dict[str, Any]):
@@ -193,7 +216,7 @@ def _start_wandb(run_dir: Path, options: dict[str, Any], config: dict[str, Any])
 def read_jsonl(path: Path) -> list[dict]:
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _parse_rows(path.read_text(errors="replace"))[0]
 
 
 def render_report(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:

@@ -38,6 +38,7 @@ from moe_scale.train.checkpoint import Checkpointer, ExpertSharding, latest_chec
 from moe_scale.train.config import Config, ConfigError, save_config
 from moe_scale.train.metrics import MetricsLogger, moe_summary
 from moe_scale.train.optim import expert_param_names, lr_at, param_groups
+from moe_scale.train.preflight import check_same_config, dataset_errors, preflight
 from moe_scale.train.runtime import Runtime, init_runtime, seed_everything
 from moe_scale.train.tasks import get_task
 
@@ -152,7 +153,9 @@ class Trainer:
     def __init__(self, cfg: Config, runtime: Runtime | None = None):
         self.cfg = cfg
         p, t = cfg.parallel, cfg.train
+        preflight(cfg, runtime)  # device, ranks for ep_size, memory: before any group, run dir or data
         self.rt = rt = runtime or init_runtime(t.device, p.dist_backend, p.timeout_s)
+        check_same_config(cfg, rt)
         if t.num_threads:
             torch.set_num_threads(t.num_threads)
         seed_everything(t.seed, t.deterministic)
@@ -161,7 +164,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
 
-        self.task = get_task(cfg.model.name).build(cfg, rt)
+        with dataset_errors(cfg):
+            self.task = get_task(cfg.model.name).build(cfg, rt)
         model = self.task.model.to(rt.device)
         model.activation_checkpointing = t.activation_checkpointing
         model, self.layout, sharding = expert_parallel(model, cfg, rt)
