@@ -115,12 +115,12 @@ def plan(cfg: Config, nodes: int = 1, gpus_per_node: int = 8) -> Plan:
     moe_ffn = tokens * dm * e + tokens * E * 4 + k * tokens * cf * (2 * dm + 2 * h) * e
     layers = [attn + (moe_ffn if m.is_moe_layer(i) else dense_ffn) for i in range(m.n_layers)]
     logits = 2 * tokens * m.vocab_size * 4
-    if t.activation_checkpointing:
+    if t.activation_checkpointing != "none":
         activations = m.n_layers * tokens * dm * e + max(layers) + logits
     else:
         activations = sum(layers) + logits
 
-    passes = 6 if t.activation_checkpointing else 4
+    passes = 6 if t.activation_checkpointing != "none" else 4
     a2a = moe_layers * passes * k * tokens * cf * (ep - 1) / ep * dm * e * t.grad_accum
     return Plan(world, ep, edp, dense + expert, expert, dense, active, tokens * t.grad_accum * world,
                 weights, grads, optimizer, activations, a2a, zero)

@@ -9,18 +9,13 @@ from torch import nn
 
 from moe_scale.data.text import TextBlocks
 from moe_scale.models.lm.model import MoELM, lm_loss
-from moe_scale.train.config import Config, DataConfig, ModelConfig, _check
+from moe_scale.models.lm.config import LMConfig, LMDataConfig
+from moe_scale.train.config import Config, _check
 from moe_scale.train.tasks import TaskDef, TaskLoss
 
 
-def build_model(cfg: Config) -> nn.Module:
-    m = cfg.model
-    return MoELM(
-        vocab_size=m.vocab_size, d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,
-        max_seq_len=m.max_seq_len, d_ff=m.d_ff, moe_every=m.moe_every,
-        moe=cfg.moe_config() if m.moe_every else None, dropout=m.dropout, bias=m.bias,
-        tie_embeddings=m.tie_embeddings,
-    )
+def build_model(cfg: Config) -> MoELM:
+    return MoELM.from_config(cfg.model, cfg.moe_config() if cfg.model.num_moe_layers else None)
 
 
 class LMTask:
@@ -75,8 +70,9 @@ def check(cfg: Config) -> None:
            f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}; "
            f"raise model.max_seq_len or lower data.seq_len")
     if m.moe_every:
-        _check(m.moe_every <= m.n_layers,
-               f"model.moe_every={m.moe_every} > model.n_layers={m.n_layers} leaves no MoE layer; "
+        dense = f" minus model.n_dense_layers={m.n_dense_layers}" if m.n_dense_layers else ""
+        _check(m.num_moe_layers > 0,
+               f"model.moe_every={m.moe_every} > model.n_layers={m.n_layers}{dense} leaves no MoE layer; "
                f"use model.moe_every=0 for a dense model")
         _check(cfg.moe.router != "min_loss",
                "moe.router=min_loss needs per-expert losses, which the LM does not compute; "
@@ -84,6 +80,8 @@ def check(cfg: Config) -> None:
         cfg.check_moe()
     else:
         _check(cfg.parallel.ep_size == 1, "parallel.ep_size > 1 needs MoE layers: set model.moe_every >= 1")
+        _check(m.num_shared_experts == 0, "model.num_shared_experts belongs to MoE layers: set model.moe_every >= 1 "
+                                          "or model.num_shared_experts=0")
 
 
-TASK = TaskDef(ModelConfig, DataConfig, LMTask, check)
+TASK = TaskDef(LMConfig, LMDataConfig, LMTask, check)
