@@ -48,7 +48,11 @@ class KVCache:
 
     @property
     def length(self) -> int:
-        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+        """Positions cached (read before a forward: each layer appends as the forward runs)."""
+        return self.cached(0)
+
+    def cached(self, layer: int) -> int:
+        return 0 if self.keys[layer] is None else self.keys[layer].shape[2]
 
     def append(self, layer: int, k_BHTh: Tensor, v_BHTh: Tensor) -> tuple[Tensor, Tensor]:
         """Add this call's keys and values; return all of the layer's `[B, n_kv_heads, P + T, head_dim]`."""
@@ -113,7 +117,7 @@ class CausalSelfAttention(nn.Module):
             q_BHTh, k_BGTh = apply_rope(q_BHTh, *rope), apply_rope(k_BGTh, *rope)
         past = 0
         if cache is not None:
-            past = cache.length
+            past = cache.cached(layer)
             k_BGTh, v_BGTh = cache.append(layer, k_BGTh, v_BGTh)
         mask = None
         if past and T > 1:  # queries sit at positions past..past+T-1 of the P+T keys
