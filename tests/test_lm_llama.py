@@ -175,3 +175,13 @@ def test_config_errors_name_the_key():
         LMConfig(n_layers=2, n_dense_layers=3)
     cfg = LMConfig(arch="llama", norm="layernorm")
     assert (cfg.position, cfg.norm, cfg.ffn_activation) == ("rope", "layernorm", "swiglu")
+
+
+def test_gpt2_arch_keeps_the_byte_level_model_and_its_parameter_names():
+    """Checkpoints of the byte-level model load into the gpt2 configuration: same keys, same shapes."""
+    model = MoELM(d_model=32, n_layers=1, n_heads=4, max_seq_len=16, moe=MoEConfig(d_model=32, num_experts=4))
+    names = {n for n in model.state_dict() if ".ffn." not in n}
+    assert names == {"tok_emb.weight", "pos_emb.weight", "blocks.0.ln1.weight", "blocks.0.attn.qkv.weight",
+                     "blocks.0.attn.proj.weight", "blocks.0.ln2.weight", "ln_f.weight", "lm_head.weight"}
+    assert isinstance(model.blocks[0].ln1, torch.nn.LayerNorm) and model.blocks[0].attn.qkv.out_features == 96
+    assert isinstance(model.blocks[0].ffn, MoELayer) and model.blocks[0].shared is None

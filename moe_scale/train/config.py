@@ -258,6 +258,16 @@ class Config:
         return _plain(dataclasses.asdict(self))
 
 
+def __getattr__(name: str) -> Any:
+    """`ModelConfig` / `DataConfig`: the LM's sections under their former names (they moved next to
+    the model, which imports this module, hence the late import)."""
+    if name in ("ModelConfig", "DataConfig"):
+        from moe_scale.models.lm.config import LMConfig, LMDataConfig
+
+        return LMConfig if name == "ModelConfig" else LMDataConfig
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _default_section(section: str) -> Any:
     """The default client's (lm) `model:` or `data:` section, imported late: it lives next to the model."""
     from moe_scale.train.tasks import get_task
