@@ -62,6 +62,30 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from moe_scale.models.lm.generate import generate, load_run
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer, _ = load_run(args.run_dir, device)
+    ids = tokenizer.encode(args.prompt)
+    if not ids:
+        ids = [tokenizer.eos_id]  # an empty prompt starts a new document
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    try:
+        out = generate(model, torch.tensor([ids], device=device), args.max_new_tokens, temperature=args.temperature,
+                       top_p=args.top_p, eos_id=tokenizer.eos_id, generator=generator)
+    except ValueError as err:
+        print(f"moe-scale generate: {err}", file=sys.stderr)
+        return 2
+    new = out[0, len(ids):].tolist()
+    if tokenizer.eos_id in new:  # the document ended
+        new = new[: new.index(tokenizer.eos_id)]
+    print(args.prompt + tokenizer.decode(new), flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moe-scale", description="Mixture-of-Experts training")
     # The deepspeed launcher passes --local_rank=N; the rank is read from the environment anyway.
@@ -89,6 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("run_dir")
     report.add_argument("--out", default=None, help="output directory (default RUN_DIR/report)")
 
+    gen = sub.add_parser("generate", help="sample text from the newest checkpoint of an lm run (KV cache)")
+    gen.add_argument("run_dir")
+    gen.add_argument("--prompt", default="")
+    gen.add_argument("--max-new-tokens", type=int, default=200)
+    gen.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    gen.add_argument("--top-p", type=float, default=0.95)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
     args = parser.parse_args(argv)
     if args.command == "demo":
         from moe_scale.demo import run_demo
@@ -100,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     from moe_scale.train.config import ConfigError
 
     try:
-        return {"train": _train, "plan": _plan, "report": _report}[args.command](args)
+        return {"train": _train, "plan": _plan, "report": _report, "generate": _generate}[args.command](args)
     except (ConfigError, CheckpointError) as err:
         if _env_rank() == "0":  # every rank meets the same error; one message is enough
             _refuse(args, str(err))

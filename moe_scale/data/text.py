@@ -1,16 +1,19 @@
-"""Byte-level language-model data on HF `datasets`: documents -> byte blocks -> batches.
+"""Language-model data on HF `datasets`: documents -> tokens -> packed blocks -> batches.
 
     data = TextBlocks.load(dataset="python-stdlib", seq_len=128, batch_size=16)
-    x_BT, y_BT = data.next_train_batch()        # int64, y is x shifted by one byte
+    x_BT, y_BT = data.next_train_batch()        # int64, y is x shifted by one token
 
 The default corpus, "python-stdlib", is the running Python's own standard-library sources
 (top-level `*.py` files), read with the `text` loader one document per file: it is on every
 machine, needs no download and stays the same run to run. Any other name goes to
-`datasets.load_dataset` (a hub dataset for cluster users, or a local path).
+`datasets.load_dataset` (a hub dataset for cluster users, a local directory, or a builder such
+as "json" with `data_files`).
 
 Documents go to the validation split when a CRC32 of their text falls below `val_fraction`,
-so the split depends on nothing but the documents. Each split is encoded as UTF-8 bytes,
-documents joined by a NUL byte, and cut into non-overlapping blocks of seq_len + 1 bytes.
+so the split depends on nothing but the documents. Each split is tokenized (UTF-8 bytes by
+default, or a BPE tokenizer from `moe_scale.data.tokenizer`), packed into one stream with the
+end-of-document id after every document, and cut into non-overlapping blocks of seq_len + 1
+tokens, so a block may hold the end of one document, EOS, and the start of the next.
 
 Training order: one seeded permutation of the blocks per epoch, dealt out to ranks; the
 position in it is `(epoch, cursor)`, saved in checkpoints for an exact resume.
@@ -28,7 +31,7 @@ import torch
 from torch import Tensor
 
 STDLIB = "python-stdlib"
-DOC_SEPARATOR = 0  # NUL never occurs in text, so the model can learn "a new document starts"
+DOC_SEPARATOR = 0  # the byte tokenizer's EOS: NUL never occurs in text, so the model can learn "a new document starts"
 _HASH_BUCKETS = 1_000_000
 
 
@@ -38,16 +41,29 @@ def stdlib_files() -> list[str]:
 
 
 def load_documents(dataset: str = STDLIB, dataset_config: str | None = None, split: str = "train",
-                   text_field: str = "text", max_documents: int | None = None, cache_dir: str | None = None):
-    """A `datasets.Dataset` with one column "text", one row per document."""
+                   text_field: str = "text", max_documents: int | None = None, cache_dir: str | None = None,
+                   data_files: list[str] | tuple[str, ...] = ()):
+    """A `datasets.Dataset` with one column "text", one row per document.
+
+    With `data_files`, `dataset` names the builder that reads them ("text" reads one document per
+    file, "json" / "csv" / "parquet" one per row).
+    """
     import datasets
 
     datasets.disable_progress_bars()
     if dataset == STDLIB:
         ds = datasets.load_dataset("text", data_files=stdlib_files(), sample_by="document", split="train",
                                    cache_dir=cache_dir)
+    elif data_files:
+        missing = [f for f in data_files if not glob.glob(f)]
+        if missing:
+            raise FileNotFoundError(f"data.data_files: no file matches {missing}")
+        extra = {"sample_by": "document"} if dataset == "text" else {}
+        ds = datasets.load_dataset(dataset, dataset_config, data_files=list(data_files), split=split,
+                                   cache_dir=cache_dir, **extra)
     else:
         ds = datasets.load_dataset(dataset, dataset_config, split=split, cache_dir=cache_dir)
+    if dataset != STDLIB:
         if text_field not in ds.column_names:
             raise ValueError(f"dataset {dataset!r} has no column {text_field!r} (columns: {ds.column_names}); "
                              f"set data.text_field")
@@ -67,23 +83,48 @@ def _in_split(batch: dict, val_fraction: float, want_val: bool) -> list[bool]:
     return [is_validation(t, val_fraction) == want_val for t in batch["text"]]
 
 
-def _to_blocks(batch: dict, block_len: int) -> dict:
-    """Documents -> NUL-joined bytes -> rows of `block_len` bytes (the tail that does not fill one is dropped)."""
-    stream = bytearray()
-    for text in batch["text"]:
-        stream += text.encode("utf-8")
-        stream.append(DOC_SEPARATOR)
+def pack(token_lists: list[list[int]], eos_id: int, block_len: int) -> np.ndarray:
+    """Documents' ids -> one stream with `eos_id` after each document -> rows `[n, block_len]`.
+
+    The tail that does not fill a row is dropped.
+    """
+    stream = np.fromiter((t for ids in token_lists for t in (*ids, eos_id)), dtype=np.int64)
     n = len(stream) // block_len
-    blocks = np.frombuffer(bytes(stream[: n * block_len]), dtype=np.uint8).reshape(n, block_len)
+    return stream[: n * block_len].reshape(n, block_len)
+
+
+def _to_blocks(batch: dict, block_len: int, tokenizer=None) -> dict:
+    """A batch of documents -> packed blocks of `block_len` token ids (see `pack`)."""
+    if tokenizer is None:  # bytes: the same layout as `pack` with the NUL byte as EOS, without a Python loop
+        stream = bytearray()
+        for text in batch["text"]:
+            stream += text.encode("utf-8")
+            stream.append(DOC_SEPARATOR)
+        n = len(stream) // block_len
+        blocks = np.frombuffer(bytes(stream[: n * block_len]), dtype=np.uint8).reshape(n, block_len)
+    else:
+        dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.int32
+        blocks = pack(tokenizer.encode_batch(batch["text"]), tokenizer.eos_id, block_len).astype(dtype)
     return {"ids": list(blocks)}
 
 
-def to_blocks(docs, seq_len: int, val_fraction: float, want_val: bool):
-    """The train or validation split of `docs` as a Dataset of byte blocks `ids` [seq_len + 1]."""
-    part = docs.filter(_in_split, batched=True, fn_kwargs=dict(val_fraction=val_fraction, want_val=want_val))
+def to_blocks(docs, seq_len: int, val_fraction: float, want_val: bool, tokenizer=None):
+    """The train or validation split of `docs` as a Dataset of token blocks `ids` [seq_len + 1].
+
+    tokenizer  None: UTF-8 bytes; else a BPE tokenizer (`moe_scale.data.tokenizer`)
+    """
+    part = split_documents(docs, val_fraction, want_val)
+    kwargs = dict(block_len=seq_len + 1)
+    if tokenizer is not None:
+        kwargs["tokenizer"] = tokenizer
     blocks = part.map(_to_blocks, batched=True, batch_size=1000, remove_columns=part.column_names,
-                      fn_kwargs=dict(block_len=seq_len + 1))
+                      fn_kwargs=kwargs)
     return blocks.with_format("numpy")
+
+
+def split_documents(docs, val_fraction: float, want_val: bool):
+    """The documents of the training (want_val=False) or validation split."""
+    return docs.filter(_in_split, batched=True, fn_kwargs=dict(val_fraction=val_fraction, want_val=want_val))
 
 
 class BlockSampler:
@@ -149,10 +190,13 @@ class TextBlocks:
     def load(cls, *, dataset: str = STDLIB, dataset_config: str | None = None, split: str = "train",
              text_field: str = "text", max_documents: int | None = None, val_fraction: float = 0.05,
              seq_len: int = 128, batch_size: int = 16, cache_dir: str | None = None,
-             rank: int = 0, world: int = 1, seed: int = 0) -> "TextBlocks":
-        docs = load_documents(dataset, dataset_config, split, text_field, max_documents, cache_dir)
-        train = to_blocks(docs, seq_len, val_fraction, want_val=False)
-        val = to_blocks(docs, seq_len, val_fraction, want_val=True)
+             rank: int = 0, world: int = 1, seed: int = 0, data_files: tuple[str, ...] = (),
+             docs=None, tokenizer=None) -> "TextBlocks":
+        """docs: documents already loaded (else read with `load_documents`); tokenizer: None for bytes."""
+        if docs is None:
+            docs = load_documents(dataset, dataset_config, split, text_field, max_documents, cache_dir, data_files)
+        train = to_blocks(docs, seq_len, val_fraction, want_val=False, tokenizer=tokenizer)
+        val = to_blocks(docs, seq_len, val_fraction, want_val=True, tokenizer=tokenizer)
         return cls(train, val, batch_size, rank, world, seed)
 
     def next_train_batch(self) -> tuple[Tensor, Tensor]:

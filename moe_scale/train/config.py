@@ -4,7 +4,7 @@
 
 Sections: model, moe, data, optim, train, parallel, checkpoint, logging. `model.name` picks the
 client (`moe_scale.train.tasks`: lm, multimodel, selector), and with it the dataclasses of the
-`model:` and `data:` sections; `ModelConfig` and `DataConfig` here are the LM's. Every section
+`model:` and `data:` sections (the LM's: `moe_scale.models.lm.config`). Every section
 checks its own fields in `__post_init__`; `Config.__post_init__` checks combinations across
 sections (the client's own through its `TaskDef.check`).
 Unknown keys, wrongly typed values and impossible combinations raise `ConfigError` naming the
@@ -47,45 +47,6 @@ def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
     _check(value in allowed, f"{key} must be one of {list(allowed)}, got {value!r}")
 
 
-@dataclass
-class ModelConfig:
-    """The `lm` client: byte-level decoder-only transformer (models/lm).
-
-    moe_every   1: every FFN is an MoE layer; 2: every other one (layers 1, 3, ...); 0: dense
-    d_ff        hidden size of the dense FFNs (default 4 * d_model); experts use moe.d_hidden
-    """
-
-    name: str = "lm"
-    vocab_size: int = 256
-    d_model: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    max_seq_len: int = 256
-    d_ff: int | None = None
-    moe_every: int = 1
-    dropout: float = 0.0
-    bias: bool = False
-    tie_embeddings: bool = True
-
-    def __post_init__(self):
-        _choice("model.name", self.name, ("lm",))
-        for key in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
-            _check(getattr(self, key) >= 1, f"model.{key} must be >= 1, got {getattr(self, key)}")
-        _check(self.d_model % self.n_heads == 0,
-               f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
-               f"choose n_heads dividing d_model")
-        _check(self.d_ff is None or self.d_ff >= 1, f"model.d_ff must be >= 1 or null, got {self.d_ff}")
-        _check(self.moe_every >= 0, f"model.moe_every must be >= 0 (0 = dense model), got {self.moe_every}")
-        _check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
-
-    def is_moe_layer(self, layer: int) -> bool:
-        return self.moe_every > 0 and layer % self.moe_every == self.moe_every - 1
-
-    @property
-    def num_moe_layers(self) -> int:
-        return sum(self.is_moe_layer(i) for i in range(self.n_layers))
-
-
 def _moe_section() -> type:
     """The `moe` section: every `MoEConfig` option except d_model (taken from the model).
 
@@ -107,34 +68,6 @@ def _moe_section() -> type:
 
 
 MoESection = _moe_section()
-
-
-@dataclass
-class DataConfig:
-    """Text data through HF `datasets`, byte tokens, fixed-length blocks.
-
-    dataset        "python-stdlib": the running Python's standard-library sources (offline);
-                   anything else is passed to `datasets.load_dataset` (hub name or local path)
-    val_fraction   share of documents in the validation split (chosen by a hash of the text)
-    batch_size     blocks per rank per micro-step
-    """
-
-    dataset: str = "python-stdlib"
-    dataset_config: str | None = None
-    split: str = "train"
-    text_field: str = "text"
-    max_documents: int | None = None
-    val_fraction: float = 0.05
-    seq_len: int = 128
-    batch_size: int = 16
-    cache_dir: str | None = None
-
-    def __post_init__(self):
-        _check(self.seq_len >= 1, f"data.seq_len must be >= 1, got {self.seq_len}")
-        _check(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
-        _check(0.0 < self.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
-        _check(self.max_documents is None or self.max_documents >= 2,
-               f"data.max_documents must be >= 2 (train and validation) or null, got {self.max_documents}")
 
 
 @dataclass
@@ -167,6 +100,7 @@ class OptimConfig:
 
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
+CHECKPOINTING = ("none", "attention", "moe", "full")
 
 
 @dataclass
@@ -178,6 +112,10 @@ class TrainConfig:
     max_skipped_steps  stop when this many consecutive steps had a NaN/inf loss or gradient
     num_threads      CPU threads per process (0: torch's default). Small models on a shared CPU
                      run many times faster on 1 thread than on several that wait for each other
+    activation_checkpointing  what each block recomputes in backward instead of keeping:
+                     none, attention (the attention sublayer), moe (the MoE FFN sublayers)
+                     or full (whole blocks); an override of true / false means full / none
+    compile          compile each block with `torch.compile` (the lm client)
     """
 
     max_steps: int = 200
@@ -187,7 +125,8 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False
     precision: str = "auto"
-    activation_checkpointing: bool = False
+    activation_checkpointing: str = "none"
+    compile: bool = False
     device: str = "auto"
     num_threads: int = 0
     run_dir: str = "runs/default"
@@ -199,6 +138,9 @@ class TrainConfig:
         _check(self.eval_every >= 0, f"train.eval_every must be >= 0 (0 = only at the end), got {self.eval_every}")
         _check(self.eval_batches >= 1, f"train.eval_batches must be >= 1, got {self.eval_batches}")
         _choice("train.precision", self.precision, PRECISIONS)
+        self.activation_checkpointing = {"true": "full", "false": "none"}.get(
+            self.activation_checkpointing.lower(), self.activation_checkpointing)
+        _choice("train.activation_checkpointing", self.activation_checkpointing, CHECKPOINTING)
         _choice("train.device", self.device, DEVICES)
         _check(bool(self.run_dir), "train.run_dir must be a directory path")
         _check(self.num_threads >= 0, f"train.num_threads must be >= 0 (0 = torch's default), got {self.num_threads}")
@@ -282,9 +224,9 @@ class LoggingConfig:
 
 @dataclass
 class Config:
-    model: Any = field(default_factory=ModelConfig)  # the client's section: see `tasks.TaskDef`
+    model: Any = field(default_factory=lambda: _default_section("model"))  # the client's: see `tasks.TaskDef`
     moe: MoESection = field(default_factory=MoESection)  # type: ignore[valid-type]
-    data: Any = field(default_factory=DataConfig)
+    data: Any = field(default_factory=lambda: _default_section("data"))
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -318,6 +260,24 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
+
+
+def __getattr__(name: str) -> Any:
+    """`ModelConfig` / `DataConfig`: the LM's sections under their former names (they moved next to
+    the model, which imports this module, hence the late import)."""
+    if name in ("ModelConfig", "DataConfig"):
+        from moe_scale.models.lm.config import LMConfig, LMDataConfig
+
+        return LMConfig if name == "ModelConfig" else LMDataConfig
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _default_section(section: str) -> Any:
+    """The default client's (lm) `model:` or `data:` section, imported late: it lives next to the model."""
+    from moe_scale.train.tasks import get_task
+
+    task = get_task("lm")
+    return task.model_section() if section == "model" else task.data_section()
 
 
 def _plain(value: Any) -> Any:

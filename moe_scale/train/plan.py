@@ -106,21 +106,29 @@ def plan(cfg: Config, nodes: int = 1, gpus_per_node: int = 8) -> Plan:
     bf16 = t.precision == "bf16" or (t.precision == "auto" and t.device != "cpu")
     e = 2 if bf16 else 4
     b, s, dm = d.batch_size, d.seq_len, m.d_model
-    d_ff = m.d_ff or 4 * dm
+    d_ff = m.dense_hidden
     h = cfg.moe.d_hidden or 4 * dm
     cf = 1.0 if cfg.moe.dropless else min(cfg.moe.capacity_factor, float(E))
     tokens = b * s
     attn = 7 * tokens * dm * e
     dense_ffn = tokens * (dm + 2 * d_ff) * e
     moe_ffn = tokens * dm * e + tokens * E * 4 + k * tokens * cf * (2 * dm + 2 * h) * e
-    layers = [attn + (moe_ffn if m.is_moe_layer(i) else dense_ffn) for i in range(m.n_layers)]
+    ffns = [moe_ffn if m.is_moe_layer(i) else dense_ffn for i in range(m.n_layers)]
     logits = 2 * tokens * m.vocab_size * 4
-    if t.activation_checkpointing:
-        activations = m.n_layers * tokens * dm * e + max(layers) + logits
+    block_input = tokens * dm * e  # what a recomputed sublayer keeps: its input
+    mode = t.activation_checkpointing
+    if mode == "full":
+        activations = m.n_layers * block_input + attn + max(ffns) + logits
+    elif mode == "attention":
+        activations = m.n_layers * block_input + attn + sum(ffns) + logits
+    elif mode == "moe":
+        dense_kept = sum(f for i, f in enumerate(ffns) if not m.is_moe_layer(i))
+        activations = (m.n_layers * attn + dense_kept + moe_layers * block_input + (moe_ffn if moe_layers else 0)
+                       + logits)
     else:
-        activations = sum(layers) + logits
+        activations = m.n_layers * attn + sum(ffns) + logits
 
-    passes = 6 if t.activation_checkpointing else 4
+    passes = 6 if mode in ("full", "moe") else 4  # a recomputed MoE layer exchanges its tokens again
     a2a = moe_layers * passes * k * tokens * cf * (ep - 1) / ep * dm * e * t.grad_accum
     return Plan(world, ep, edp, dense + expert, expert, dense, active, tokens * t.grad_accum * world,
                 weights, grads, optimizer, activations, a2a, zero)

@@ -168,6 +168,11 @@ class Trainer:
             self.task = get_task(cfg.model.name).build(cfg, rt)
         model = self.task.model.to(rt.device)
         model.activation_checkpointing = t.activation_checkpointing
+        if t.compile:
+            if not hasattr(model, "compile_blocks"):
+                raise ConfigError(f"train.compile compiles the blocks of the lm client; model.name={cfg.model.name} "
+                                  f"has none: set train.compile=false")
+            model.compile_blocks()
         model, self.layout, sharding = expert_parallel(model, cfg, rt)
         self.bf16 = t.precision == "bf16" or (
             t.precision == "auto" and rt.device.type == "cuda" and torch.cuda.is_bf16_supported())

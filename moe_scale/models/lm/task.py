@@ -1,44 +1,52 @@
-"""`model.name: lm` for the trainer: byte blocks of text, next-byte cross-entropy."""
+"""`model.name: lm` for the trainer: packed blocks of byte or BPE tokens, next-token cross-entropy.
+
+With `data.tokenizer: bpe`, rank 0 fits the tokenizer on the training split (or copies
+`data.tokenizer_path`) into RUN_DIR/tokenizer.json before any rank tokenizes; a resumed run, and
+`moe-scale generate`, read it back from there, so the ids never change under a checkpoint.
+"""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from moe_scale.data.text import TextBlocks
+from moe_scale.data.text import TextBlocks, load_documents, split_documents
+from moe_scale.data.tokenizer import TOKENIZER_FILE, BPETokenizer
 from moe_scale.models.lm.model import MoELM, lm_loss
-from moe_scale.train.config import Config, DataConfig, ModelConfig, _check
+from moe_scale.models.lm.config import LMConfig, LMDataConfig
+from moe_scale.train.config import Config, ConfigError, _check
 from moe_scale.train.tasks import TaskDef, TaskLoss
 
 
-def build_model(cfg: Config) -> nn.Module:
-    m = cfg.model
-    return MoELM(
-        vocab_size=m.vocab_size, d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,
-        max_seq_len=m.max_seq_len, d_ff=m.d_ff, moe_every=m.moe_every,
-        moe=cfg.moe_config() if m.moe_every else None, dropout=m.dropout, bias=m.bias,
-        tie_embeddings=m.tie_embeddings,
-    )
+def build_model(cfg: Config) -> MoELM:
+    return MoELM.from_config(cfg.model, cfg.moe_config() if cfg.model.num_moe_layers else None)
 
 
 class LMTask:
     find_unused_parameters = False
 
     def __init__(self, cfg: Config, rt):
-        d = cfg.data
-        load = lambda: TextBlocks.load(  # noqa: E731
-            dataset=d.dataset, dataset_config=d.dataset_config, split=d.split, text_field=d.text_field,
-            max_documents=d.max_documents, val_fraction=d.val_fraction, seq_len=d.seq_len,
-            batch_size=d.batch_size, cache_dir=d.cache_dir, rank=rt.rank, world=rt.world_size, seed=cfg.train.seed,
-        )
+        self.bytes_per_token = 1.0
         if rt.is_main:
-            self.data = load()
-        rt.barrier()  # the other ranks then read the cache rank 0 built
+            self._load_data(cfg, rt)
+        rt.barrier()  # the other ranks then read the tokenizer and the cache rank 0 built
         if not rt.is_main:
-            self.data = load()
+            self._load_data(cfg, rt)
         self.model = build_model(cfg)
+
+    def _load_data(self, cfg: Config, rt) -> None:
+        d = cfg.data
+        docs = load_documents(d.dataset, d.dataset_config, d.split, d.text_field, d.max_documents, d.cache_dir,
+                              d.data_files)
+        tokenizer = None
+        if d.tokenizer == "bpe":
+            tokenizer = prepare_tokenizer(cfg, docs, Path(cfg.train.run_dir), rt.is_main)
+            self.bytes_per_token = bytes_per_token(tokenizer, split_documents(docs, d.val_fraction, want_val=True))
+        self.data = TextBlocks.load(docs=docs, tokenizer=tokenizer, val_fraction=d.val_fraction, seq_len=d.seq_len,
+                                    batch_size=d.batch_size, rank=rt.rank, world=rt.world_size, seed=cfg.train.seed)
 
     def next_batch(self):
         return self.data.next_train_batch()
@@ -54,7 +62,7 @@ class LMTask:
         return self.data.val_batches(n)
 
     def val_metrics(self, val_loss: float) -> dict[str, float]:
-        return {"val_loss": val_loss, "val_bpb": val_loss / math.log(2)}
+        return {"val_loss": val_loss, "val_bpb": val_loss / math.log(2) / self.bytes_per_token}
 
     def final_report(self, model: nn.Module, device, collective: bool) -> dict[str, Any] | None:
         return None
@@ -69,14 +77,54 @@ class LMTask:
         self.data.load_state_dict(state)
 
 
+def prepare_tokenizer(cfg: Config, docs, run_dir: Path, is_main: bool) -> BPETokenizer:
+    """RUN_DIR/tokenizer.json, written first by the main rank when the run has none yet.
+
+    A run that has one (a resume) keeps it. Otherwise it is `data.tokenizer_path`, or BPE fitted
+    to `model.vocab_size` ids on the training split (the first `data.bpe_max_documents` documents).
+    """
+    d, m = cfg.data, cfg.model
+    path = run_dir / TOKENIZER_FILE
+    if is_main and not path.is_file():
+        if d.tokenizer_path is not None:
+            tokenizer = BPETokenizer.load(d.tokenizer_path)
+        else:
+            train = split_documents(docs, d.val_fraction, want_val=False)
+            if d.bpe_max_documents is not None:
+                train = train.select(range(min(d.bpe_max_documents, len(train))))
+            texts = (batch["text"] for batch in train.iter(batch_size=1000))
+            tokenizer = BPETokenizer.train((t for batch in texts for t in batch), m.vocab_size)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(path)
+    tokenizer = BPETokenizer.load(path)
+    if tokenizer.vocab_size > m.vocab_size:
+        raise ConfigError(f"the tokenizer {path} has {tokenizer.vocab_size} ids but model.vocab_size={m.vocab_size}; "
+                          f"set model.vocab_size={tokenizer.vocab_size}")
+    return tokenizer
+
+
+def bytes_per_token(tokenizer, docs, max_documents: int = 1000) -> float:
+    """UTF-8 bytes per token over (the first documents of) `docs`, each EOS counted as one byte as the
+    byte tokenizer's NUL is, so `val_bpb` is bits per byte under either tokenizer."""
+    texts = docs.select(range(min(max_documents, len(docs))))["text"]
+    tokens = sum(len(ids) + 1 for ids in tokenizer.encode_batch(texts))
+    return sum(len(t.encode("utf-8")) + 1 for t in texts) / max(tokens, 1)
+
+
 def check(cfg: Config) -> None:
     m, d = cfg.model, cfg.data
+    if d.tokenizer == "byte":
+        _check(m.vocab_size >= 256, f"data.tokenizer=byte needs model.vocab_size >= 256, got {m.vocab_size}")
+    else:
+        _check(m.vocab_size > 257, f"data.tokenizer=bpe needs model.vocab_size > 257 (256 byte tokens, the "
+                                   f"end-of-document token and merges), got {m.vocab_size}")
     _check(d.seq_len <= m.max_seq_len,
            f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}; "
            f"raise model.max_seq_len or lower data.seq_len")
     if m.moe_every:
-        _check(m.moe_every <= m.n_layers,
-               f"model.moe_every={m.moe_every} > model.n_layers={m.n_layers} leaves no MoE layer; "
+        dense = f" minus model.n_dense_layers={m.n_dense_layers}" if m.n_dense_layers else ""
+        _check(m.num_moe_layers > 0,
+               f"model.moe_every={m.moe_every} > model.n_layers={m.n_layers}{dense} leaves no MoE layer; "
                f"use model.moe_every=0 for a dense model")
         _check(cfg.moe.router != "min_loss",
                "moe.router=min_loss needs per-expert losses, which the LM does not compute; "
@@ -84,6 +132,8 @@ def check(cfg: Config) -> None:
         cfg.check_moe()
     else:
         _check(cfg.parallel.ep_size == 1, "parallel.ep_size > 1 needs MoE layers: set model.moe_every >= 1")
+        _check(m.num_shared_experts == 0, "model.num_shared_experts belongs to MoE layers: set model.moe_every >= 1 "
+                                          "or model.num_shared_experts=0")
 
 
-TASK = TaskDef(ModelConfig, DataConfig, LMTask, check)
+TASK = TaskDef(LMConfig, LMDataConfig, LMTask, check)
