@@ -31,12 +31,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moe_scale.distributed.collectives import all_reduce
 from moe_scale.moe import MoELayer, MoEStats
 from moe_scale.train.backends import DeepSpeedBackend, ExpertLayout, TorchBackend, deepspeed_config
 from moe_scale.train.checkpoint import Checkpointer, ExpertSharding, latest_checkpoint, list_checkpoints
 from moe_scale.train.config import Config, ConfigError, save_config
 from moe_scale.train.metrics import MetricsLogger, moe_summary
-from moe_scale.train.optim import expert_param_names, lr_at, param_groups
+from moe_scale.train.optim import build_optimizer, expert_param_names, lr_at, param_groups
 from moe_scale.train.runtime import Runtime, init_runtime, seed_everything
 from moe_scale.train.tasks import get_task
 
@@ -168,7 +169,7 @@ class Trainer:
             t.precision == "auto" and rt.device.type == "cuda" and torch.cuda.is_bf16_supported())
         o = cfg.optim
         groups = param_groups(model, o.lr, o.weight_decay, o.expert_lr_scale, o.expert_weight_decay)
-        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps)
+        optimizer = build_optimizer(groups, o, rt.device)
         if p.backend == "deepspeed":
             ds = deepspeed_config(p.deepspeed_config, micro_batch=cfg.data.batch_size, grad_accum=t.grad_accum,
                                   grad_clip=o.grad_clip, bf16=self.bf16, world_size=rt.world_size)
@@ -296,9 +297,7 @@ class Trainer:
     def _any_rank(self, flag: bool) -> bool:
         if not self.rt.distributed:
             return flag
-        t = torch.tensor(float(flag), device=self.rt.device if self.rt.device.type == "cuda" else "cpu")
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        return bool(all_reduce(torch.tensor(float(flag)), self.rt.device, op=dist.ReduceOp.MAX).item())
 
     def _finite_everywhere(self, loss: torch.Tensor) -> bool:
         return not self._any_rank(not bool(torch.isfinite(loss.detach())))
@@ -314,7 +313,7 @@ class Trainer:
                 loss = self.task.loss(self.model, batch, self.rt.device).loss
             total += torch.tensor([float(loss), 1.0], dtype=torch.float64)
         if self.rt.distributed:
-            dist.all_reduce(total)
+            total = all_reduce(total, self.rt.device)
         return self.task.val_metrics(float(total[0] / total[1]))
 
     @torch.no_grad()
@@ -354,7 +353,7 @@ class Trainer:
         interval = torch.tensor([iv["loss"], float(iv["n"])], dtype=torch.float64, device=acc.device)
         packed = torch.cat([interval, acc.packed()])
         if self.rt.distributed:
-            dist.all_reduce(packed)
+            packed = all_reduce(packed, self.rt.device)
         loss_sum, n = float(packed[0]), float(packed[1])
         tokens_LE, routed_LE, dropped_L, assign_L, a2a, aux = acc.unpack(packed[2:], self.rt.world_size)
         L = acc.L
