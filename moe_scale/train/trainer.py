@@ -7,8 +7,8 @@
 the model, the loss of a batch and the evaluation; this file only drives them.
 
 Set-up order: join the launcher's process group (none in the debug mode), seed, build the task
-(its data and its model on one device),
-apply expert parallelism when `parallel.ep_size > 1` (issue 3's `parallelize`), build AdamW
+(its data, and its model with the expert weights on the meta device), make this rank's experts
+(all of them, or its EP block when `parallel.ep_size > 1`) on its device, build AdamW
 with dense/expert groups, wrap in the backend (torch DDP + EDP, or DeepSpeed), resume from
 the newest checkpoint, then loop: train_step -> log -> eval -> checkpoint; at the end the
 task's final report (per-task metrics, diversity, ...) is printed and written to
@@ -32,6 +32,9 @@ import torch.distributed as dist
 from torch import nn
 
 from moe_scale.distributed.collectives import all_reduce
+from moe_scale.distributed.mesh import ParallelConfig as MeshConfig
+from moe_scale.distributed.mesh import build_mesh
+from moe_scale.distributed.parallelize import ExpertInit, experts_on_meta, materialize_experts, parallelize
 from moe_scale.moe import MoELayer, MoEStats
 from moe_scale.train.backends import DeepSpeedBackend, ExpertLayout, TorchBackend, deepspeed_config
 from moe_scale.train.checkpoint import Checkpointer, ExpertSharding, latest_checkpoint, list_checkpoints
@@ -56,9 +59,12 @@ def build_model(cfg: Config) -> nn.Module:
 REPORT_FILE = "final_metrics.json"
 
 
-def expert_parallel(model: nn.Module, cfg: Config, rt: Runtime) -> tuple[nn.Module, ExpertLayout, ExpertSharding | None]:
-    """Integration point with expert parallelism (issue 3).
+def expert_parallel(model: nn.Module, cfg: Config, rt: Runtime,
+                    init: ExpertInit | None = None) -> tuple[nn.Module, ExpertLayout, ExpertSharding | None]:
+    """Integration point with expert parallelism.
 
+    The model's experts come on the meta device (`experts_on_meta`); this rank's are made on
+    its device and initialised per global expert, so every EP size starts from the same model.
     ep_size = 1: every rank holds all experts; the EDP group is the whole world. ep_size > 1:
     `moe_scale.distributed.mesh.build_mesh` makes the EP x EDP groups and
     `moe_scale.distributed.parallelize.parallelize(model, mesh)` keeps this rank's block of
@@ -67,18 +73,12 @@ def expert_parallel(model: nn.Module, cfg: Config, rt: Runtime) -> tuple[nn.Modu
     """
     ep = cfg.parallel.ep_size
     if ep == 1:
+        materialize_experts(model, init, device=rt.device, init_seed=cfg.train.seed)
         return model, ExpertLayout.data_parallel(), None
     if rt.world_size % ep:
         raise ConfigError(f"parallel.ep_size={ep} must divide the world size {rt.world_size}")
-    try:
-        from moe_scale.distributed.mesh import ParallelConfig as MeshConfig
-        from moe_scale.distributed.mesh import build_mesh
-        from moe_scale.distributed.parallelize import parallelize
-    except ImportError as err:
-        raise ConfigError(f"parallel.ep_size={ep} needs expert parallelism (moe_scale.distributed.parallelize, "
-                          f"issue 3), which this install lacks ({err}); use parallel.ep_size=1") from None
     mesh = build_mesh(MeshConfig(ep_size=ep, a2a=cfg.parallel.a2a), device_type=rt.device.type)
-    model = parallelize(model, mesh)
+    model = parallelize(model, mesh, device=rt.device, init_seed=cfg.train.seed, init=init)
     layout = ExpertLayout(ep_size=ep, ep_rank=mesh.ep_rank, ep_group=mesh.ep_group, edp_group=mesh.edp_group,
                           device_mesh=mesh.device_mesh)
     return model, layout, ExpertSharding(mesh.device_mesh, expert_param_names(model))
@@ -161,10 +161,11 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
 
-        self.task = get_task(cfg.model.name).build(cfg, rt)
-        model = self.task.model.to(rt.device)
+        with experts_on_meta() as init:  # expert weights: only this rank's, made below
+            self.task = get_task(cfg.model.name).build(cfg, rt)
+        model, self.layout, sharding = expert_parallel(self.task.model, cfg, rt, init)
+        model = model.to(rt.device)
         model.activation_checkpointing = t.activation_checkpointing
-        model, self.layout, sharding = expert_parallel(model, cfg, rt)
         self.bf16 = t.precision == "bf16" or (
             t.precision == "auto" and rt.device.type == "cuda" and torch.cuda.is_bf16_supported())
         o = cfg.optim
