@@ -39,7 +39,7 @@ from moe_scale.train.runtime import process_group_backend
 
 TENSOR_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "all_to_all_single",
                       "all_to_all", "reduce_scatter", "reduce_scatter_tensor", "reduce", "gather", "scatter",
-                      "send", "recv", "isend", "irecv")
+                      "send", "recv", "isend", "irecv", "all_gather_single", "reduce_scatter_single")
 OBJECT_COLLECTIVES = ("all_gather_object", "broadcast_object_list", "gather_object", "scatter_object_list")
 PACKAGE = Path(collectives.__file__).resolve().parents[1]  # moe_scale/
 TORCH = Path(torch.__file__).resolve().parent
@@ -87,7 +87,9 @@ def install_checker(run_device: torch.device) -> list[str]:
         return checked
 
     for name in (*TENSOR_COLLECTIVES, *OBJECT_COLLECTIVES):
-        native = getattr(distributed_c10d, name)
+        native = getattr(distributed_c10d, name, None)
+        if native is None:  # the single-tensor names of newer torch
+            continue
         checked = wrap(name, native, name in OBJECT_COLLECTIVES)
         setattr(distributed_c10d, name, checked)
         setattr(dist, name, checked)

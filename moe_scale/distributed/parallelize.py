@@ -221,3 +221,30 @@ def hierarchical_placement(cfg: MoEConfig, mesh: MoEMesh) -> str:
     if (e_local * mesh.ep_ranks_per_node) % b == 0:
         return "node"
     return "split"
+
+
+def apply_fsdp(model: nn.Module, dense_mesh, expert_mesh, *, bf16: bool = False) -> nn.Module:
+    """FSDP2 over `model`, in place: experts on `expert_mesh` (their EDP group), the rest on `dense_mesh`.
+
+    Units: every `GroupedExperts` (its own EDP mesh, as torchtitan shards MoE experts), every
+    element of a top-level `nn.ModuleList` (the blocks), then the root for what is left.
+    FSDP averages a unit's gradients over its mesh: right for the dense units (the world); an
+    expert unit's average over EDP is ep_size times the gradient of `grad_sync.py`'s rule (EDP
+    sum / world), which the caller scales back (`FSDPBackend`; a divide factor would need
+    NCCL's PREMUL_SUM, which gloo lacks).
+    bf16: parameters cast to bf16 for forward and backward, gradients reduced in float32.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    options = {}
+    if bf16:
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for module in model.modules():
+        if isinstance(module, GroupedExperts):
+            fully_shard(module, mesh=expert_mesh, **options)
+    for child in model.children():
+        if isinstance(child, nn.ModuleList):
+            for block in child:
+                fully_shard(block, mesh=dense_mesh, **options)
+    fully_shard(model, mesh=dense_mesh, **options)
+    return model

@@ -138,6 +138,58 @@ class TorchBackend:
         return not skip, float(norm)
 
 
+class FSDPBackend:
+    """FSDP2 (`distributed/parallelize.py: apply_fsdp`): parameters, gradients and AdamW state sharded.
+
+    Gradients are reduce-scattered during backward by FSDP itself (dense averaged over the
+    world, experts over their EDP group, then scaled here to EDP sum / world). Every gradient element lives on
+    exactly one rank, so the global norm is one all-reduce of the local sums of squares.
+    """
+
+    requires_finite_loss = False
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, grad_clip: float,
+                 ep_size: int = 1):
+        self.model = self.module = model
+        self.optimizer, self.device, self.grad_clip = optimizer, device, grad_clip
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        names = expert_param_names(model)
+        self.expert = [p for n, p in model.named_parameters() if n in names and p.requires_grad]
+        self.ep_size = ep_size
+
+    def accumulate(self, last: bool):
+        self.model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        loss.backward()
+
+    def _local_grads(self) -> list[torch.Tensor]:
+        return [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in self.params if p.grad is not None]
+
+    def finish_grads(self) -> torch.Tensor:
+        expert_grads = [p.grad.to_local() for p in self.expert if p.grad is not None]
+        if self.ep_size > 1 and expert_grads:  # FSDP averaged over EDP; the rule is EDP sum / world
+            torch._foreach_mul_(expert_grads, 1.0 / self.ep_size)
+        grads = self._local_grads()
+        sq = (torch.stack(torch._foreach_norm(grads)).float().square().sum() if grads
+              else torch.zeros((), device=self.device))
+        self._norm = all_reduce(sq, self.device).sqrt()
+        return self._norm
+
+    def step(self, lr: float, skip: bool) -> tuple[bool, float]:
+        norm = self._norm
+        if not skip:
+            if self.grad_clip > 0:
+                coef = torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0)
+                torch._foreach_mul_(self._local_grads(), coef)
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr * g.get("lr_scale", 1.0)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return not skip, float(norm)
+
+
 def deepspeed_config(path: str, *, micro_batch: int, grad_accum: int, grad_clip: float, bf16: bool,
                      world_size: int) -> dict[str, Any]:
     """Read a DeepSpeed JSON config; batch, accumulation, clipping and bf16 come from our config.

@@ -34,9 +34,15 @@ from torch import nn
 from moe_scale.distributed.collectives import all_reduce
 from moe_scale.distributed.mesh import ParallelConfig as MeshConfig
 from moe_scale.distributed.mesh import build_mesh
-from moe_scale.distributed.parallelize import ExpertInit, experts_on_meta, materialize_experts, parallelize
+from moe_scale.distributed.parallelize import (
+    ExpertInit,
+    apply_fsdp,
+    experts_on_meta,
+    materialize_experts,
+    parallelize,
+)
 from moe_scale.moe import MoELayer, MoEStats
-from moe_scale.train.backends import DeepSpeedBackend, ExpertLayout, TorchBackend, deepspeed_config
+from moe_scale.train.backends import DeepSpeedBackend, ExpertLayout, FSDPBackend, TorchBackend, deepspeed_config
 from moe_scale.train.checkpoint import Checkpointer, ExpertSharding, latest_checkpoint, list_checkpoints
 from moe_scale.train.config import Config, ConfigError, save_config
 from moe_scale.train.metrics import MetricsLogger, moe_summary
@@ -82,6 +88,15 @@ def expert_parallel(model: nn.Module, cfg: Config, rt: Runtime,
     layout = ExpertLayout(ep_size=ep, ep_rank=mesh.ep_rank, ep_group=mesh.ep_group, edp_group=mesh.edp_group,
                           device_mesh=mesh.device_mesh)
     return model, layout, ExpertSharding(mesh.device_mesh, expert_param_names(model))
+
+
+def shard_fsdp(model: nn.Module, layout: ExpertLayout, rt: Runtime, bf16: bool) -> nn.Module:
+    """`parallel.backend: fsdp`: dense parameters sharded over the world, experts over their EDP group."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = init_device_mesh(rt.device.type, (rt.world_size,), mesh_dim_names=("dp",))
+    experts = layout.device_mesh["edp"] if layout.device_mesh is not None else world
+    return apply_fsdp(model, world, experts, bf16=bf16)
 
 
 @dataclass
@@ -168,6 +183,9 @@ class Trainer:
         model.activation_checkpointing = t.activation_checkpointing
         self.bf16 = t.precision == "bf16" or (
             t.precision == "auto" and rt.device.type == "cuda" and torch.cuda.is_bf16_supported())
+        fsdp = p.backend == "fsdp" and rt.distributed
+        if fsdp:
+            model = shard_fsdp(model, self.layout, rt, bf16=p.fsdp_precision == "bf16")
         o = cfg.optim
         groups = param_groups(model, o.lr, o.weight_decay, o.expert_lr_scale, o.expert_weight_decay)
         optimizer = build_optimizer(groups, o, rt.device)
@@ -175,6 +193,8 @@ class Trainer:
             ds = deepspeed_config(p.deepspeed_config, micro_batch=cfg.data.batch_size, grad_accum=t.grad_accum,
                                   grad_clip=o.grad_clip, bf16=self.bf16, world_size=rt.world_size)
             self.backend = DeepSpeedBackend(model, optimizer, ds, self.layout.ep_size)
+        elif fsdp:
+            self.backend = FSDPBackend(model, optimizer, rt.device, o.grad_clip, self.layout.ep_size)
         else:
             self.backend = TorchBackend(model, optimizer, self.layout, rt.device, o.grad_clip,
                                         find_unused_parameters=self.task.find_unused_parameters)
