@@ -1,5 +1,6 @@
 # CUDA image for GPU nodes (torchrun, deepspeed, SLURM). Build from the repository root:
 #   docker build -f docker/cuda.Dockerfile -t moe_scale:cuda .
+#   docker run --gpus all --ipc=host --rm moe_scale:cuda                          # all GPUs of the node
 #   docker run --gpus all --ipc=host --rm moe_scale:cuda launcher/torchrun.sh configs/lm_gpu_1node.yaml
 # The devel image carries nvcc, which DeepSpeed needs to JIT-build its ops.
 FROM nvidia/cuda:12.8.1-cudnn-devel-ubuntu24.04
@@ -10,10 +11,19 @@ RUN apt-get update \
 
 WORKDIR /workspace/moe_scale
 COPY . .
-ENV PIP_NO_CACHE_DIR=1 VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
-# PyPI's Linux wheel of torch is the CUDA build: the README's install line as it is.
+# The torch wheel is the CUDA 12.8 build, the toolkit of the base image: PyTorch's cu128 index
+# comes first, so a newer default CUDA build on PyPI can never be picked instead. The install
+# line itself is the README's.
+ENV PIP_INDEX_URL=https://download.pytorch.org/whl/cu128 \
+    PIP_EXTRA_INDEX_URL=https://pypi.org/simple \
+    PIP_NO_CACHE_DIR=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH
 RUN python3 -m venv /opt/venv \
-    && pip install torch==2.13.0 && pip install -e ".[all]"
+    && pip install torch==2.13.0 && pip install -e ".[all]" \
+    && python3 -c "import torch; assert torch.version.cuda == '12.8', torch.version.cuda"
 
 ENTRYPOINT []
-CMD ["moe-scale", "train", "configs/lm_gpu_1node.yaml"]
+# torchrun on every GPU of the node, free rendezvous port; NPROC_PER_NODE / NNODES / RDZV_ENDPOINT
+# as in launcher/torchrun.sh.
+CMD ["launcher/torchrun.sh", "configs/lm_gpu_1node.yaml"]

@@ -12,6 +12,13 @@ data-parallel size).
     ddp = wrap_ddp(model, mesh)              # dense grads: averaged over the world in backward
     loss.backward()
     allreduce_expert_grads(model, mesh)     # expert grads: summed over EDP, divided by W
+
+`ExpertGradBuckets` does the expert half during backward instead: the expert gradients are
+packed into buckets (in the reverse order of the parameters, roughly the order backward
+produces them) and a bucket's all-reduce starts as soon as its last gradient is accumulated,
+so the reduction of late layers overlaps the backward of early ones, as DDP does for the
+dense half. Buckets start strictly in order on every rank (a collective order that differs
+between ranks would pair the wrong tensors).
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from moe_scale.distributed.collectives import all_reduce, all_reduce_async
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.nn.parallel import DistributedDataParallel
 
@@ -50,7 +59,7 @@ def _reduce(params: list[nn.Parameter], group, scale: float) -> None:
         grads = [p.grad for p in bucket]
         flat = _flatten_dense_tensors(grads)
         if dist.get_world_size(group) > 1:
-            dist.all_reduce(flat, group=group)
+            flat = all_reduce(flat, flat.device, group=group)
         flat.mul_(scale)
         for g, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
             g.copy_(reduced)
@@ -69,3 +78,68 @@ def allreduce_grads(model: nn.Module, mesh: MoEMesh) -> None:
     dense = [p for p in model.parameters() if p.requires_grad and not is_expert_param(p)]
     _reduce(dense, mesh.dp_group, 1.0 / dist.get_world_size(mesh.dp_group))
     allreduce_expert_grads(model, mesh)
+
+
+class ExpertGradBuckets:
+    """Sum expert gradients over `group` and multiply by `scale`, bucket by bucket, during backward.
+
+        sync = ExpertGradBuckets(expert_params, edp_group, 1 / world)
+        sync.enabled = last_micro_step     # micro-steps before the last only accumulate
+        loss.backward()                     # full buckets start their all-reduce here
+        sync.finish()                       # the rest start; all are waited for and scaled
+
+    A parameter that got no gradient in a step counts as zeros (every rank must join every
+    bucket). Gradients must be dense and contiguous, as autograd leaves them.
+    """
+
+    def __init__(self, params: list[nn.Parameter], group, scale: float, bucket_bytes: int = 25 * 2**20):
+        self.group, self.scale, self.enabled = group, scale, True
+        self.buckets: list[list[nn.Parameter]] = []
+        size = 0
+        for p in reversed([p for p in params if p.requires_grad]):
+            nbytes = p.numel() * p.element_size()
+            fits = self.buckets and self.buckets[-1][0].dtype == p.dtype and size + nbytes <= bucket_bytes
+            if not fits:
+                self.buckets.append([])
+                size = 0
+            self.buckets[-1].append(p)
+            size += nbytes
+        self._bucket_of = {id(p): i for i, b in enumerate(self.buckets) for p in b}
+        self._reset()
+        self._hooks = [p.register_post_accumulate_grad_hook(self._ready) for b in self.buckets for p in b]
+
+    def _reset(self) -> None:
+        self._pending = [len(b) for b in self.buckets]
+        self._launched: list[tuple[torch.Tensor, object]] = []
+
+    def _ready(self, p: nn.Parameter) -> None:
+        if not self.enabled:
+            return
+        i = self._bucket_of[id(p)]
+        self._pending[i] = max(self._pending[i] - 1, 0)
+        while len(self._launched) < len(self.buckets) and self._pending[len(self._launched)] == 0:
+            self._launch(len(self._launched))
+
+    def _launch(self, i: int) -> None:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.buckets[i]]
+        flat = _flatten_dense_tensors(grads)
+        self._launched.append((flat, all_reduce_async(flat, flat.device, self.group)))
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """Start the buckets backward left (unused parameters), wait for all, write grads back."""
+        for i in range(len(self._launched), len(self.buckets)):
+            self._launch(i)
+        for bucket, (flat, work) in zip(self.buckets, self._launched):
+            work.wait()
+            flat.mul_(self.scale)
+            for p, reduced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+                if p.grad is None:
+                    p.grad = reduced.view_as(p).clone()
+                else:
+                    p.grad.copy_(reduced)
+        self._reset()
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()

@@ -30,6 +30,8 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from moe_scale.distributed.collectives import all_gather, device_for
+
 A2A_MODES = ("flat", "hierarchical")
 
 
@@ -129,12 +131,9 @@ def check_experts(num_experts: int, ep_size: int) -> None:
         )
 
 
-def _agree(values: list[int], names: list[str]) -> None:
+def _agree(values: list[int], names: list[str], device: torch.device) -> None:
     """Every rank learns the values of every rank; any disagreement raises on all of them."""
-    mine = torch.tensor(values, dtype=torch.int64)
-    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, mine)
-    table = torch.stack(gathered)
+    table = all_gather(torch.tensor(values, dtype=torch.int64), device).cpu()
     for i, name in enumerate(names):
         column = table[:, i]
         if (column != column[0]).any():
@@ -152,7 +151,8 @@ def build_mesh(cfg: ParallelConfig | None = None, device_type: str = "cpu", **op
     cfg = cfg if cfg is not None else ParallelConfig(**options)
     world, rank = dist.get_world_size(), dist.get_rank()
     ranks_per_node = cfg.ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    _agree([cfg.ep_size, ranks_per_node, A2A_MODES.index(cfg.a2a)], ["ep_size", "ranks_per_node", "a2a"])
+    _agree([cfg.ep_size, ranks_per_node, A2A_MODES.index(cfg.a2a)], ["ep_size", "ranks_per_node", "a2a"],
+           device_for(device_type))
     check_layout(world, cfg.ep_size, ranks_per_node, cfg.a2a)
     ep, edp = cfg.ep_size, world // cfg.ep_size
     device_mesh = init_device_mesh(device_type, (edp, ep), mesh_dim_names=("edp", "ep"))

@@ -27,6 +27,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from moe_scale.distributed.collectives import all_reduce, broadcast_
+from moe_scale.distributed.grad_sync import ExpertGradBuckets
 from moe_scale.train.optim import expert_param_names
 
 
@@ -59,13 +61,21 @@ def _split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Paramet
 
 
 class TorchBackend:
-    """DDP over dense parameters (expert parameters ignored by it) + EDP all-reduce for experts."""
+    """DDP over dense parameters (expert parameters ignored by it) + EDP all-reduce for experts.
+
+    Both reductions overlap backward: DDP's buckets for the dense parameters, and
+    `ExpertGradBuckets` for the expert ones (each bucket's all-reduce starts from the
+    post-accumulate-grad hook of its last gradient and is waited for in `finish_grads`).
+    The norm and the clipping are foreach kernels over all gradients at once.
+    """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, layout: ExpertLayout,
                  device: torch.device, grad_clip: float, find_unused_parameters: bool = False):
         self.module, self.optimizer, self.layout, self.grad_clip = model, optimizer, layout, grad_clip
+        self.device = device
         self.dense, self.expert, expert_names = _split_params(model)
         self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.expert_sync = None
         if self.world > 1:
             DDP._set_params_and_buffers_to_ignore_for_model(model, sorted(expert_names))
             # find_unused_parameters: a step that leaves some parameters without gradient (the
@@ -73,6 +83,7 @@ class TorchBackend:
             self.model = DDP(model, device_ids=[device] if device.type == "cuda" else None,
                              find_unused_parameters=find_unused_parameters)
             self._broadcast_experts()
+            self.expert_sync = ExpertGradBuckets(self.expert, layout.edp_group, 1.0 / self.world)
         else:
             self.model = model
 
@@ -82,11 +93,13 @@ class TorchBackend:
         src = dist.get_global_rank(group, 0) if group is not dist.group.WORLD else 0
         with torch.no_grad():
             for p in self.expert:
-                dist.broadcast(p.data, src=src, group=group)
+                broadcast_(p.data, src=src, group=group)
 
     requires_finite_loss = False  # a non-finite step is caught by the norm and skipped whole
 
     def accumulate(self, last: bool):
+        if self.expert_sync is not None:
+            self.expert_sync.enabled = last
         if self.world > 1 and not last:
             return self.model.no_sync()
         return contextlib.nullcontext()
@@ -95,24 +108,21 @@ class TorchBackend:
         loss.backward()
 
     def finish_grads(self) -> torch.Tensor:
-        for p in self.expert:
-            if p.grad is None:  # every rank must join the collective
-                p.grad = torch.zeros_like(p)
-        if self.world > 1:
-            for p in self.expert:
-                dist.all_reduce(p.grad, group=self.layout.edp_group)
-                p.grad.div_(self.world)
+        if self.expert_sync is not None:
+            self.expert_sync.finish()
         self._norm = self._grad_norm()
         return self._norm
 
     def _grad_norm(self) -> torch.Tensor:
-        def sq(params):
-            grads = [p.grad.detach().float() for p in params if p.grad is not None]
-            return torch.stack([g.pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())
+        def sq(params) -> torch.Tensor:
+            grads = [p.grad for p in params if p.grad is not None]
+            if not grads:
+                return torch.zeros((), device=self.device)
+            return torch.stack(torch._foreach_norm(grads)).float().square().sum().to(self.device)
 
         dense_sq, expert_sq = sq(self.dense), sq(self.expert)
         if self.layout.ep_size > 1:  # each EP rank holds different experts
-            dist.all_reduce(expert_sq, group=self.layout.ep_group)
+            expert_sq = all_reduce(expert_sq, self.device, group=self.layout.ep_group)
         return (dense_sq + expert_sq).sqrt()
 
     def step(self, lr: float, skip: bool) -> tuple[bool, float]:
@@ -120,10 +130,59 @@ class TorchBackend:
         norm = self._norm
         if not skip:
             if self.grad_clip > 0:
-                scale = torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0)
-                for p in self.dense + self.expert:
-                    if p.grad is not None:
-                        p.grad.mul_(scale.to(p.grad.device))
+                torch.nn.utils.clip_grads_with_norm_(self.dense + self.expert, self.grad_clip, norm, foreach=True)
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr * g.get("lr_scale", 1.0)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return not skip, float(norm)
+
+
+class FSDPBackend:
+    """FSDP2 (`distributed/parallelize.py: apply_fsdp`): parameters, gradients and AdamW state sharded.
+
+    Gradients are reduce-scattered during backward by FSDP itself (dense averaged over the
+    world, experts over their EDP group, then scaled here to EDP sum / world). Every gradient element lives on
+    exactly one rank, so the global norm is one all-reduce of the local sums of squares.
+    """
+
+    requires_finite_loss = False
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, grad_clip: float,
+                 ep_size: int = 1):
+        self.model = self.module = model
+        self.optimizer, self.device, self.grad_clip = optimizer, device, grad_clip
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        names = expert_param_names(model)
+        self.expert = [p for n, p in model.named_parameters() if n in names and p.requires_grad]
+        self.ep_size = ep_size
+
+    def accumulate(self, last: bool):
+        self.model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        loss.backward()
+
+    def _local_grads(self) -> list[torch.Tensor]:
+        return [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in self.params if p.grad is not None]
+
+    def finish_grads(self) -> torch.Tensor:
+        expert_grads = [p.grad.to_local() for p in self.expert if p.grad is not None]
+        if self.ep_size > 1 and expert_grads:  # FSDP averaged over EDP; the rule is EDP sum / world
+            torch._foreach_mul_(expert_grads, 1.0 / self.ep_size)
+        grads = self._local_grads()
+        sq = (torch.stack(torch._foreach_norm(grads)).float().square().sum() if grads
+              else torch.zeros((), device=self.device))
+        self._norm = all_reduce(sq, self.device).sqrt()
+        return self._norm
+
+    def step(self, lr: float, skip: bool) -> tuple[bool, float]:
+        norm = self._norm
+        if not skip:
+            if self.grad_clip > 0:
+                coef = torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0)
+                torch._foreach_mul_(self._local_grads(), coef)
             for g in self.optimizer.param_groups:
                 g["lr"] = lr * g.get("lr_scale", 1.0)
             self.optimizer.step()
@@ -184,7 +243,8 @@ def _deepspeed_sees_moe_layers(model: nn.Module, ep_size: int):
 
     from moe_scale.moe.layer import MoELayer
 
-    deepspeed.init_distributed(dist_backend=dist.get_backend())  # wraps the trainer's process group
+    # wraps the trainer's process group; DeepSpeed knows backends by name, not by device map
+    deepspeed.init_distributed(dist_backend="nccl" if "nccl" in dist.get_backend() else dist.get_backend())
     if f"ep_size_{ep_size}" not in groups._get_expert_parallel_group_dict():
         groups._create_expert_and_data_parallel(ep_size)
     for m in model.modules():

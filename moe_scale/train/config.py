@@ -147,8 +147,9 @@ class TrainConfig:
         _check(self.max_skipped_steps >= 1, f"train.max_skipped_steps must be >= 1, got {self.max_skipped_steps}")
 
 
-BACKENDS = ("torch", "deepspeed")
+BACKENDS = ("torch", "fsdp", "deepspeed")
 DIST_BACKENDS = ("auto", "gloo", "nccl")
+FSDP_PRECISIONS = ("fp32", "bf16")
 A2A_MODES = ("flat", "hierarchical")
 
 
@@ -157,10 +158,14 @@ class ParallelConfig:
     """How ranks split the work. World size comes from the launcher (RANK / WORLD_SIZE).
 
     backend      torch: DDP for dense params + expert-data-parallel all-reduce for experts;
+                 fsdp: FSDP2 `fully_shard`, dense params over the world, experts over their
+                 expert-data-parallel group (parameters, gradients and AdamW state sharded);
                  deepspeed: `deepspeed.initialize` with MoE parameter groups
     ep_size      expert-parallel group size; must divide moe.num_experts and the world size
     a2a          flat or hierarchical all-to-all (within nodes, then across; same result)
     dist_backend auto: nccl on CUDA, gloo on CPU
+    fsdp_precision  fsdp only: fp32, or bf16 (bf16 parameters in forward/backward, gradients
+                    reduced and kept in float32, float32 master weights)
     """
 
     backend: str = "torch"
@@ -169,10 +174,12 @@ class ParallelConfig:
     dist_backend: str = "auto"
     deepspeed_config: str | None = None
     timeout_s: int = 600
+    fsdp_precision: str = "fp32"
 
     def __post_init__(self):
         _choice("parallel.backend", self.backend, BACKENDS)
         _choice("parallel.dist_backend", self.dist_backend, DIST_BACKENDS)
+        _choice("parallel.fsdp_precision", self.fsdp_precision, FSDP_PRECISIONS)
         _choice("parallel.a2a", self.a2a, A2A_MODES)
         _check(self.ep_size >= 1, f"parallel.ep_size must be >= 1, got {self.ep_size}")
         _check(self.timeout_s >= 1, f"parallel.timeout_s must be >= 1, got {self.timeout_s}")

@@ -52,6 +52,12 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, expert_lr_sca
     return [g for g in groups if g["params"]]
 
 
+def build_optimizer(groups: list[dict], optim_cfg, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over `groups`: one fused kernel per step on CUDA, foreach (multi-tensor) kernels on the CPU."""
+    kernel = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=optim_cfg.betas, eps=optim_cfg.eps, **kernel)
+
+
 def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
     """Linear warmup over `warmup_steps`, then cosine from lr to min_lr at `max_steps` (step is 0-based)."""
     if step < warmup_steps:

@@ -61,6 +61,19 @@ def pick_device(choice: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def process_group_backend(dist_backend: str, device: torch.device) -> str:
+    """The backend string of the process group: a device -> backend map on GPU runs.
+
+    NCCL serves CUDA tensors only; gloo next to it serves the CPU tensors that torch itself
+    puts into collectives (object collectives, DCP's planning, a stray host tensor), so no
+    collective of the run can meet a backend that does not serve its device. moe_scale's own
+    collectives move their tensors to the run's device anyway (`distributed/collectives.py`).
+    """
+    if dist_backend == "gloo" or (dist_backend == "auto" and device.type != "cuda"):
+        return "gloo"
+    return "cpu:gloo,cuda:nccl"
+
+
 def init_runtime(device: str = "auto", dist_backend: str = "auto", timeout_s: int = 600) -> Runtime:
     """Join the launcher's process group (if any) and pick this rank's device."""
     ranks = launcher_ranks()
@@ -72,8 +85,7 @@ def init_runtime(device: str = "auto", dist_backend: str = "auto", timeout_s: in
         os.environ.setdefault("RANK", str(rank))
         os.environ.setdefault("WORLD_SIZE", str(world))
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
-        backend = dist_backend if dist_backend != "auto" else ("nccl" if dev.type == "cuda" else "gloo")
-        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s),
+        dist.init_process_group(process_group_backend(dist_backend, dev), rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s),
                                 device_id=dev if dev.type == "cuda" else None)
     return Runtime(dist.get_rank(), dist.get_world_size(), local_rank, dev)
 

@@ -7,8 +7,8 @@
 the model, the loss of a batch and the evaluation; this file only drives them.
 
 Set-up order: join the launcher's process group (none in the debug mode), seed, build the task
-(its data and its model on one device),
-apply expert parallelism when `parallel.ep_size > 1` (issue 3's `parallelize`), build AdamW
+(its data, and its model with the expert weights on the meta device), make this rank's experts
+(all of them, or its EP block when `parallel.ep_size > 1`) on its device, build AdamW
 with dense/expert groups, wrap in the backend (torch DDP + EDP, or DeepSpeed), resume from
 the newest checkpoint, then loop: train_step -> log -> eval -> checkpoint; at the end the
 task's final report (per-task metrics, diversity, ...) is printed and written to
@@ -31,13 +31,23 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moe_scale.distributed.collectives import all_reduce
+from moe_scale.distributed.mesh import ParallelConfig as MeshConfig
+from moe_scale.distributed.mesh import build_mesh
+from moe_scale.distributed.parallelize import (
+    ExpertInit,
+    apply_fsdp,
+    experts_on_meta,
+    materialize_experts,
+    parallelize,
+)
 from moe_scale.moe import MoELayer, MoEStats
+from moe_scale.train.backends import DeepSpeedBackend, ExpertLayout, FSDPBackend, TorchBackend, deepspeed_config
 from moe_scale.train.balancing import ExpertBiasBalancer
-from moe_scale.train.backends import DeepSpeedBackend, ExpertLayout, TorchBackend, deepspeed_config
 from moe_scale.train.checkpoint import Checkpointer, ExpertSharding, latest_checkpoint, list_checkpoints
 from moe_scale.train.config import Config, ConfigError, save_config
 from moe_scale.train.metrics import MetricsLogger, moe_summary
-from moe_scale.train.optim import expert_param_names, lr_at, param_groups
+from moe_scale.train.optim import build_optimizer, expert_param_names, lr_at, param_groups
 from moe_scale.train.preflight import check_same_config, dataset_errors, preflight
 from moe_scale.train.runtime import Runtime, init_runtime, seed_everything
 from moe_scale.train.tasks import get_task
@@ -57,9 +67,12 @@ def build_model(cfg: Config) -> nn.Module:
 REPORT_FILE = "final_metrics.json"
 
 
-def expert_parallel(model: nn.Module, cfg: Config, rt: Runtime) -> tuple[nn.Module, ExpertLayout, ExpertSharding | None]:
-    """Integration point with expert parallelism (issue 3).
+def expert_parallel(model: nn.Module, cfg: Config, rt: Runtime,
+                    init: ExpertInit | None = None) -> tuple[nn.Module, ExpertLayout, ExpertSharding | None]:
+    """Integration point with expert parallelism.
 
+    The model's experts come on the meta device (`experts_on_meta`); this rank's are made on
+    its device and initialised per global expert, so every EP size starts from the same model.
     ep_size = 1: every rank holds all experts; the EDP group is the whole world. ep_size > 1:
     `moe_scale.distributed.mesh.build_mesh` makes the EP x EDP groups and
     `moe_scale.distributed.parallelize.parallelize(model, mesh)` keeps this rank's block of
@@ -68,21 +81,24 @@ def expert_parallel(model: nn.Module, cfg: Config, rt: Runtime) -> tuple[nn.Modu
     """
     ep = cfg.parallel.ep_size
     if ep == 1:
+        materialize_experts(model, init, device=rt.device, init_seed=cfg.train.seed)
         return model, ExpertLayout.data_parallel(), None
     if rt.world_size % ep:
         raise ConfigError(f"parallel.ep_size={ep} must divide the world size {rt.world_size}")
-    try:
-        from moe_scale.distributed.mesh import ParallelConfig as MeshConfig
-        from moe_scale.distributed.mesh import build_mesh
-        from moe_scale.distributed.parallelize import parallelize
-    except ImportError as err:
-        raise ConfigError(f"parallel.ep_size={ep} needs expert parallelism (moe_scale.distributed.parallelize, "
-                          f"issue 3), which this install lacks ({err}); use parallel.ep_size=1") from None
     mesh = build_mesh(MeshConfig(ep_size=ep, a2a=cfg.parallel.a2a), device_type=rt.device.type)
-    model = parallelize(model, mesh)
+    model = parallelize(model, mesh, device=rt.device, init_seed=cfg.train.seed, init=init)
     layout = ExpertLayout(ep_size=ep, ep_rank=mesh.ep_rank, ep_group=mesh.ep_group, edp_group=mesh.edp_group,
                           device_mesh=mesh.device_mesh)
     return model, layout, ExpertSharding(mesh.device_mesh, expert_param_names(model))
+
+
+def shard_fsdp(model: nn.Module, layout: ExpertLayout, rt: Runtime, bf16: bool) -> nn.Module:
+    """`parallel.backend: fsdp`: dense parameters sharded over the world, experts over their EDP group."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = init_device_mesh(rt.device.type, (rt.world_size,), mesh_dim_names=("dp",))
+    experts = layout.device_mesh["edp"] if layout.device_mesh is not None else world
+    return apply_fsdp(model, world, experts, bf16=bf16)
 
 
 @dataclass
@@ -164,25 +180,30 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
 
-        with dataset_errors(cfg):
+        with dataset_errors(cfg), experts_on_meta() as init:  # expert weights: only this rank's, made below
             self.task = get_task(cfg.model.name).build(cfg, rt)
-        model = self.task.model.to(rt.device)
+        model, self.layout, sharding = expert_parallel(self.task.model, cfg, rt, init)
+        model = model.to(rt.device)
         model.activation_checkpointing = t.activation_checkpointing
         if t.compile:
             if not hasattr(model, "compile_blocks"):
                 raise ConfigError(f"train.compile compiles the blocks of the lm client; model.name={cfg.model.name} "
                                   f"has none: set train.compile=false")
             model.compile_blocks()
-        model, self.layout, sharding = expert_parallel(model, cfg, rt)
         self.bf16 = t.precision == "bf16" or (
             t.precision == "auto" and rt.device.type == "cuda" and torch.cuda.is_bf16_supported())
+        fsdp = p.backend == "fsdp" and rt.distributed
+        if fsdp:
+            model = shard_fsdp(model, self.layout, rt, bf16=p.fsdp_precision == "bf16")
         o = cfg.optim
         groups = param_groups(model, o.lr, o.weight_decay, o.expert_lr_scale, o.expert_weight_decay)
-        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps)
+        optimizer = build_optimizer(groups, o, rt.device)
         if p.backend == "deepspeed":
             ds = deepspeed_config(p.deepspeed_config, micro_batch=cfg.data.batch_size, grad_accum=t.grad_accum,
                                   grad_clip=o.grad_clip, bf16=self.bf16, world_size=rt.world_size)
             self.backend = DeepSpeedBackend(model, optimizer, ds, self.layout.ep_size)
+        elif fsdp:
+            self.backend = FSDPBackend(model, optimizer, rt.device, o.grad_clip, self.layout.ep_size)
         else:
             self.backend = TorchBackend(model, optimizer, self.layout, rt.device, o.grad_clip,
                                         find_unused_parameters=self.task.find_unused_parameters)
@@ -310,9 +331,7 @@ class Trainer:
     def _any_rank(self, flag: bool) -> bool:
         if not self.rt.distributed:
             return flag
-        t = torch.tensor(float(flag), device=self.rt.device if self.rt.device.type == "cuda" else "cpu")
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        return bool(all_reduce(torch.tensor(float(flag)), self.rt.device, op=dist.ReduceOp.MAX).item())
 
     def _finite_everywhere(self, loss: torch.Tensor) -> bool:
         return not self._any_rank(not bool(torch.isfinite(loss.detach())))
@@ -328,7 +347,7 @@ class Trainer:
                 loss = self.task.loss(self.model, batch, self.rt.device).loss
             total += torch.tensor([float(loss), 1.0], dtype=torch.float64)
         if self.rt.distributed:
-            dist.all_reduce(total)
+            total = all_reduce(total, self.rt.device)
         return self.task.val_metrics(float(total[0] / total[1]))
 
     @torch.no_grad()
@@ -368,7 +387,7 @@ class Trainer:
         interval = torch.tensor([iv["loss"], float(iv["n"])], dtype=torch.float64, device=acc.device)
         packed = torch.cat([interval, acc.packed()])
         if self.rt.distributed:
-            dist.all_reduce(packed)
+            packed = all_reduce(packed, self.rt.device)
         loss_sum, n = float(packed[0]), float(packed[1])
         tokens_LE, routed_LE, dropped_L, assign_L, a2a, aux = acc.unpack(packed[2:], self.rt.world_size)
         L = acc.L

@@ -1,0 +1,71 @@
+"""`parallel.backend: fsdp`: FSDP2 over the EP mesh trains like the DDP backend and shards memory.
+
+4 gloo ranks, EP=2 x EDP=2: dense parameters sharded over all 4 ranks, each expert block over
+its 2 EDP replicas. Same seed, same batches, dropless routing: after several AdamW steps the
+parameters equal those of the torch (DDP + EDP all-reduce) backend to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moe_scale.distributed.launch import run_local
+from moe_scale.moe import GroupedExperts
+from moe_scale.train.config import load_config
+from moe_scale.train.runtime import Runtime
+from moe_scale.train.trainer import Trainer
+from tests.trainer_utils import CONFIGS, tiny
+
+STEPS = 4
+SAME_ROUTING = ("moe.dropless=true", "moe.aux_loss.switch=0", "train.deterministic=true", f"train.max_steps={STEPS}",
+                "parallel.ep_size=2", "parallel.timeout_s=60", "checkpoint.save_final=false", "moe.num_experts=8")
+
+
+def _trainer(run_dir, *extra: str, rank: int, world: int) -> Trainer:
+    cfg = load_config(str(CONFIGS / "lm_cpu_multirank.yaml"), tiny(run_dir, *SAME_ROUTING, *extra))
+    return Trainer(cfg, runtime=Runtime(rank, world, rank, torch.device("cpu")))
+
+
+def _full(p: torch.Tensor) -> torch.Tensor:
+    """A parameter as this rank's module sees it unsharded (an EP block for experts)."""
+    return (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+
+
+def _param_bytes(t: Trainer) -> dict[str, int]:
+    """Bytes held by this rank (local shards) and unsharded, dense and expert parameters apart."""
+    experts = {id(p) for m in t.model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()}
+    out = {"dense_local": 0, "dense_full": 0, "expert_local": 0, "expert_full": 0}
+    for p in t.model.parameters():
+        kind = "expert" if id(p) in experts else "dense"
+        local = p.to_local() if hasattr(p, "to_local") else p
+        out[f"{kind}_local"] += local.numel() * local.element_size()
+        out[f"{kind}_full"] += p.numel() * p.element_size()
+    return out
+
+
+def _train(rank: int, world: int, run_dir: str, backend: str) -> dict:
+    t = _trainer(run_dir, f"parallel.backend={backend}", rank=rank, world=world)
+    sizes = _param_bytes(t)
+    t.fit()
+    return {"sizes": sizes, "params": {n: _full(p) for n, p in t.model.named_parameters()}}
+
+
+def test_fsdp_at_ep2_x_edp2_trains_like_ddp_and_shards_parameters(tmp_path):
+    ddp = run_local(_train, 4, str(tmp_path / "ddp"), "torch", timeout=180)
+    fsdp = run_local(_train, 4, str(tmp_path / "fsdp"), "fsdp", timeout=180)
+    for rank in range(4):
+        want, got = ddp[rank]["params"], fsdp[rank]["params"]
+        assert want.keys() == got.keys()
+        for name, a in want.items():
+            b = got[name]
+            assert a.shape == b.shape, name
+            assert (a - b).abs().max() <= 1e-5 * a.abs().max(), (rank, name, float((a - b).abs().max()))
+        assert any(not torch.equal(want[n], ddp[0]["params"][n]) for n in want) or rank % 2 == 0  # EP blocks differ
+    for r in fsdp:
+        s = r["sizes"]
+        # dense: 1/4 of it per rank (FSDP pads each tensor to a multiple of the world: a few bytes)
+        assert s["dense_full"] / 4 <= s["dense_local"] <= 1.02 * s["dense_full"] / 4, s
+        # experts: this EP rank's block, halved over the 2 EDP replicas
+        assert s["expert_local"] == s["expert_full"] // 2, s
+    for r in ddp:
+        assert r["sizes"]["dense_local"] == r["sizes"]["dense_full"]
