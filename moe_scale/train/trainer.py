@@ -6,9 +6,11 @@
 `model.name` picks the client (`moe_scale.train.tasks`): its `Task` object supplies the data,
 the model, the loss of a batch and the evaluation; this file only drives them.
 
-Set-up order: join the launcher's process group (none in the debug mode), seed, build the task
-(its data, and its model with the expert weights on the meta device), make this rank's experts
-(all of them, or its EP block when `parallel.ep_size > 1`) on its device, build AdamW
+Set-up order: refuse what cannot run (`preflight`: device, ranks for ep_size, memory), join the
+launcher's process group (none in the debug mode) and check every rank has the same config,
+seed, build the task (its data, and its model with the expert weights on the meta device),
+make this rank's experts (all of them, or its EP block when `parallel.ep_size > 1`) on its
+device, build AdamW
 with dense/expert groups, wrap in the backend (torch DDP + EDP, or DeepSpeed), resume from
 the newest checkpoint, then loop: train_step -> log -> eval -> checkpoint; at the end the
 task's final report (per-task metrics, diversity, ...) is printed and written to
