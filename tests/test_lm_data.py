@@ -74,9 +74,15 @@ def test_the_run_keeps_its_tokenizer_on_resume(tmp_path, jsonl):
     t.fit()
 
 
-def test_tokenizer_larger_than_the_model_vocabulary_is_refused(tmp_path, jsonl):
+def test_a_given_tokenizer_json_is_copied_into_the_run_and_checked_against_the_vocabulary(tmp_path, jsonl):
     from moe_scale.train.config import ConfigError, load_config
     from moe_scale.train.trainer import Trainer
+
+    small = BPETokenizer.train([jsonl.read_text()], vocab_size=280)
+    small.save(tmp_path / "small.json")
+    Trainer(load_config(CONFIGS / "lm_debug.yaml", tiny(tmp_path / "ok", "model.vocab_size=300", "data.tokenizer=bpe",
+                                                        f"data.tokenizer_path={tmp_path / 'small.json'}")))
+    assert (tmp_path / "ok" / "tokenizer.json").read_text() == (tmp_path / "small.json").read_text()
 
     big = BPETokenizer.train([jsonl.read_text()], vocab_size=400)
     big.save(tmp_path / "big.json")

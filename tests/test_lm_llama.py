@@ -185,3 +185,22 @@ def test_gpt2_arch_keeps_the_byte_level_model_and_its_parameter_names():
                      "blocks.0.attn.proj.weight", "blocks.0.ln2.weight", "ln_f.weight", "lm_head.weight"}
     assert isinstance(model.blocks[0].ln1, torch.nn.LayerNorm) and model.blocks[0].attn.qkv.out_features == 96
     assert isinstance(model.blocks[0].ffn, MoELayer) and model.blocks[0].shared is None
+
+
+def test_compiled_blocks_with_selective_checkpointing_match_eager_blocks():
+    idx = torch.randint(0, 256, (2, 16))
+    results = []
+    for mode, compiled in (("none", False), ("attention", True)):
+        model = llama(dropless=True)
+        model.activation_checkpointing = mode
+        if compiled:
+            model.compile_blocks()
+        logits, stats = model(idx)
+        loss = lm_loss(logits[:, :-1], idx[:, 1:]) + sum(s.aux_loss for s in stats)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (loss0, g0), (loss1, g1) = results
+    torch.testing.assert_close(loss1, loss0)
+    assert g0.keys() == g1.keys()
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], atol=1e-6, rtol=1e-4, msg=name)

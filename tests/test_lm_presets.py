@@ -58,3 +58,16 @@ def test_compiled_blocks_train_like_eager_blocks(tmp_path):
         runs[compiled] = [r["loss"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
     assert len(runs[True]) == 3
     torch.testing.assert_close(torch.tensor(runs[True]), torch.tensor(runs[False]), atol=2e-3, rtol=1e-3)
+
+
+def test_selective_checkpointing_modes_in_the_plan_and_the_config():
+    from moe_scale.train.config import ConfigError, TrainConfig
+
+    def activations(mode: str) -> float:
+        return plan(load_config(CONFIGS / "olmoe_gpu.yaml", [f"train.activation_checkpointing={mode}"])).activation_bytes
+
+    act = {mode: activations(mode) for mode in ("none", "attention", "moe", "full")}
+    assert act["full"] < act["moe"] < act["none"] and act["attention"] < act["none"]
+    assert TrainConfig(activation_checkpointing="true").activation_checkpointing == "full"
+    with pytest.raises(ConfigError, match="train.activation_checkpointing must be one of"):
+        TrainConfig(activation_checkpointing="mlp")

@@ -173,7 +173,7 @@ def _batch(blocks, indices: list[int]) -> tuple[Tensor, Tensor]:
 
 
 class TextBlocks:
-    """Train and validation byte blocks with a resumable training order.
+    """Train and validation token blocks with a resumable training order.
 
     `next_train_batch()` -> (x_BT, y_BT) int64 `[batch_size, seq_len]`.
     `val_batches(n)` -> the first n validation batches of this rank (the same every call).

@@ -87,7 +87,8 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
         raise FileNotFoundError(f"{run_dir} holds no config.yaml: is it a run directory of moe-scale train?")
     cfg = load_config(run_dir / "config.yaml")
     if cfg.model.name != "lm":
-        raise ConfigError(f"moe-scale generate samples from the lm client; {run_dir} trained model.name={cfg.model.name}")
+        raise ConfigError(f"moe-scale generate samples from the lm client; {run_dir} trained "
+                          f"model.name={cfg.model.name}")
     root = run_dir / "checkpoints"
     path = latest_checkpoint(root)
     if path is None:

@@ -122,9 +122,10 @@ class CausalSelfAttention(nn.Module):
         mask = None
         if past and T > 1:  # queries sit at positions past..past+T-1 of the P+T keys
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x_BTd.device).tril(diagonal=past)
+        gqa = {"enable_gqa": True} if G != H else {}  # enable_gqa needs torch >= 2.5; MHA keeps older torch
         y_BHTh = F.scaled_dot_product_attention(
             q_BHTh, k_BGTh, v_BGTh, attn_mask=mask, is_causal=mask is None and past == 0,
-            dropout_p=self.dropout if self.training else 0.0, enable_gqa=G != H,
+            dropout_p=self.dropout if self.training else 0.0, **gqa,
         )
         return self.proj(y_BHTh.transpose(1, 2).reshape(B, T, d))
 
@@ -248,8 +249,9 @@ class MoELM(nn.Module):
             block.checkpointing = mode if mode in ("attention", "moe") else "none"
 
     def compile_blocks(self, **options) -> None:
-        """Compile each block with `torch.compile` (in place): one graph per block shape, small
-        enough to compile quickly, and the block boundary is where checkpointing cuts anyway."""
+        """Compile each block with `torch.compile` (in place, so parameter names and checkpoints do not
+        change): the block is the unit activation checkpointing recomputes, and a graph break in one
+        block leaves the others whole."""
         for block in self.blocks:
             block.compile(**options)
 

@@ -15,8 +15,8 @@ from torch import nn
 
 from moe_scale.data.text import TextBlocks, load_documents, split_documents
 from moe_scale.data.tokenizer import TOKENIZER_FILE, BPETokenizer
-from moe_scale.models.lm.model import MoELM, lm_loss
 from moe_scale.models.lm.config import LMConfig, LMDataConfig
+from moe_scale.models.lm.model import MoELM, lm_loss
 from moe_scale.train.config import Config, ConfigError, _check
 from moe_scale.train.tasks import TaskDef, TaskLoss
 
