@@ -14,8 +14,9 @@ from tests.trainer_utils import CONFIGS, cli, tiny
 def model_of(arch: str) -> MoELM:
     torch.manual_seed(0)
     # dropless: a capacity would depend on how many tokens a call routes, which the cache changes
-    moe = MoEConfig(d_model=32, num_experts=4, k=2, d_hidden=16, activation="swiglu", dropless=True)
-    extra = dict(n_kv_heads=2, qk_norm=True, n_dense_layers=1, num_shared_experts=1) if arch == "llama" else {}
+    moe = MoEConfig(d_model=32, num_experts=4, k=2, d_hidden=16, activation="swiglu", dropless=True,
+                    num_shared_experts=1 if arch == "llama" else 0)
+    extra = dict(n_kv_heads=2, qk_norm=True, n_dense_layers=1) if arch == "llama" else {}
     return MoELM(arch=arch, d_model=32, n_layers=3, n_heads=4, max_seq_len=32, moe=moe, **extra).eval()
 
 

@@ -16,10 +16,9 @@ from moe_scale.moe import MoEConfig, MoELayer
 def llama(n_layers=3, moe_every=1, n_dense_layers=1, num_shared_experts=1, **moe):
     torch.manual_seed(0)
     cfg = MoEConfig(d_model=32, num_experts=4, k=2, d_hidden=16, activation="swiglu",
-                    **{"aux_loss": dict(switch=0.01), **moe})
+                    num_shared_experts=num_shared_experts, **{"aux_loss": dict(switch=0.01), **moe})
     return MoELM(arch="llama", d_model=32, n_layers=n_layers, n_heads=4, n_kv_heads=2, qk_norm=True,
-                 max_seq_len=16, moe_every=moe_every, n_dense_layers=n_dense_layers,
-                 num_shared_experts=num_shared_experts, moe=cfg)
+                 max_seq_len=16, moe_every=moe_every, n_dense_layers=n_dense_layers, moe=cfg)
 
 
 def reference_attention(attn: CausalSelfAttention, x_BTd: torch.Tensor, theta: float) -> torch.Tensor:
@@ -81,8 +80,8 @@ def test_rmsnorm_matches_its_formula():
 def test_dense_first_layers_shared_experts_and_shapes():
     model = llama(n_layers=4, moe_every=1, n_dense_layers=2, num_shared_experts=2)
     assert [b.is_moe for b in model.blocks] == [False, False, True, True]
-    shared = model.blocks[2].shared
-    assert shared.fc.out_features == shared.gate.out_features == 2 * 16  # num_shared * d_hidden
+    shared = model.blocks[2].ffn.shared_experts
+    assert shared.w1.shape == shared.w3.shape == (32, 2 * 16)  # num_shared * d_hidden
     assert model.blocks[0].ffn.gate is not None  # dense FFNs are SwiGLU in the llama arch
     assert model.blocks[0].attn.qkv.out_features == (4 + 2 * 2) * 8  # 4 query heads, 2 kv heads of 8
     logits, stats = model(torch.randint(0, 256, (2, 16)))
@@ -96,7 +95,7 @@ def test_shared_experts_contribute_to_the_output():
     idx = torch.randint(0, 256, (1, 16))
     with torch.no_grad():
         before, _ = model(idx)
-        model.blocks[1].shared.proj.weight.zero_()
+        model.blocks[1].ffn.shared_experts.w2.zero_()
         after, _ = model(idx)
     assert not torch.allclose(before, after)
 
@@ -184,7 +183,7 @@ def test_gpt2_arch_keeps_the_byte_level_model_and_its_parameter_names():
     assert names == {"tok_emb.weight", "pos_emb.weight", "blocks.0.ln1.weight", "blocks.0.attn.qkv.weight",
                      "blocks.0.attn.proj.weight", "blocks.0.ln2.weight", "ln_f.weight", "lm_head.weight"}
     assert isinstance(model.blocks[0].ln1, torch.nn.LayerNorm) and model.blocks[0].attn.qkv.out_features == 96
-    assert isinstance(model.blocks[0].ffn, MoELayer) and model.blocks[0].shared is None
+    assert isinstance(model.blocks[0].ffn, MoELayer) and model.blocks[0].ffn.shared_experts is None
 
 
 def test_compiled_blocks_with_selective_checkpointing_match_eager_blocks():

@@ -28,7 +28,7 @@ def test_debug_preset_trains(tmp_path, name):
     trainer = Trainer(cfg)
     blocks = trainer.model.blocks
     assert [b.is_moe for b in blocks] == [cfg.model.is_moe_layer(i) for i in range(cfg.model.n_layers)]
-    assert (blocks[-1].shared is not None) == (cfg.model.num_shared_experts > 0)
+    assert (blocks[-1].ffn.shared_experts is not None) == (cfg.moe.num_shared_experts > 0)
     result = trainer.fit()
     assert math.isfinite(result["val_loss"])
     losses = [r["loss"] for r in read_jsonl(tmp_path / name / "metrics.jsonl") if "loss" in r]

@@ -255,15 +255,11 @@ class Config:
 
     def moe_config(self) -> MoEConfig:
         """The `MoEConfig` of the model's MoE layers, checked as the layer would check it."""
-        from moe_scale.moe.layer import MoELayer
-
         options = {f.name: getattr(self.moe, f.name) for f in fields(self.moe)}
-        try:
-            with torch.device("meta"):  # validates every option without allocating the experts
-                layer = MoELayer(self.model.d_model, **options)
+        try:  # MoEConfig checks every option the layer would, and allocates nothing
+            return MoEConfig(d_model=self.model.d_model, **options)
         except (ValueError, TypeError) as err:
             raise ConfigError(f"moe: {err}") from None
-        return layer.cfg
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))

@@ -7,7 +7,7 @@
     llama    rope      rmsnorm    swiglu          Llama / Mixtral / OLMoE / DeepSeek-V3 blocks
 
 A switch set explicitly wins over the arch's value, so `arch: llama, norm: layernorm` is allowed.
-Grouped-query attention (`n_kv_heads`), QK-norm, dense-first layers and shared experts are
+Grouped-query attention (`n_kv_heads`), QK-norm and dense-first layers are
 independent of the arch. The routed experts' activation is `moe.activation` (swiglu for the
 modern presets).
 """
@@ -45,8 +45,6 @@ class LMConfig:
     n_dense_layers    the first n layers have dense FFNs (DeepSeek-V3 keeps 3); MoE after
     moe_every         among the layers after n_dense_layers: 1 every FFN is MoE; 2 every other
                       (the 2nd, 4th, ...); 0 a dense model
-    num_shared_experts  always-on SwiGLU FFN of width num_shared_experts * moe.d_hidden added to
-                      each MoE layer's output (DeepSeek-V3); 0 none
     tie_embeddings    the output projection shares the token embedding matrix
     """
 
@@ -67,7 +65,6 @@ class LMConfig:
     d_ff: int | None = None
     n_dense_layers: int = 0
     moe_every: int = 1
-    num_shared_experts: int = 0
     dropout: float = 0.0
     bias: bool = False
     tie_embeddings: bool = True
@@ -100,8 +97,6 @@ class LMConfig:
         _check(0 <= self.n_dense_layers <= self.n_layers,
                f"model.n_dense_layers must be in [0, model.n_layers={self.n_layers}], got {self.n_dense_layers}")
         _check(self.moe_every >= 0, f"model.moe_every must be >= 0 (0 = dense model), got {self.moe_every}")
-        _check(self.num_shared_experts >= 0,
-               f"model.num_shared_experts must be >= 0 (0 = none), got {self.num_shared_experts}")
         _check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
 
     @property

@@ -148,11 +148,7 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """One pre-norm transformer block; `checkpointing` picks the sublayers recomputed in backward.
 
-    ffn      `MoELayer` or dense `MLP`
-    shared   with an MoE ffn and num_shared_experts > 0: the always-on shared experts, one dense
-             SwiGLU FFN of width num_shared_experts * d_hidden added to the routed output (as
-             DeepSeek-V3 computes them); its parameters are dense (data-parallel, never sharded
-             over experts)
+    ffn      `MoELayer` (with its shared experts when `moe.num_shared_experts` > 0) or dense `MLP`
     The norms keep GPT-2's names (ln1, ln2) whichever kind they are, so checkpoints of the
     byte-level model keep their keys.
     """
@@ -165,11 +161,8 @@ class Block(nn.Module):
         self.ln2 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
         if moe is not None:
             self.ffn: nn.Module = MoELayer.from_config(moe)
-            width = cfg.num_shared_experts * moe.d_hidden
-            self.shared = MLP(cfg.d_model, width, "swiglu", cfg.bias) if width else None
         else:
             self.ffn = MLP(cfg.d_model, cfg.dense_hidden, cfg.ffn_activation, cfg.bias)
-            self.shared = None
         self.drop = nn.Dropout(cfg.dropout)
         self.checkpointing = "none"
 
@@ -185,8 +178,6 @@ class Block(nn.Module):
         if not self.is_moe:
             return x_BTd + self.drop(self.ffn(h_BTd)), None
         y_BTd, stats = self.ffn(h_BTd, token_ids=idx_BT)  # token ids feed the hash router, others ignore them
-        if self.shared is not None:
-            y_BTd = y_BTd + self.shared(h_BTd)
         return x_BTd + self.drop(y_BTd), stats
 
     def forward(self, x_BTd: Tensor, idx_BT: Tensor, rope: tuple[Tensor, Tensor] | None = None,

@@ -132,8 +132,6 @@ def check(cfg: Config) -> None:
         cfg.check_moe()
     else:
         _check(cfg.parallel.ep_size == 1, "parallel.ep_size > 1 needs MoE layers: set model.moe_every >= 1")
-        _check(m.num_shared_experts == 0, "model.num_shared_experts belongs to MoE layers: set model.moe_every >= 1 "
-                                          "or model.num_shared_experts=0")
 
 
 TASK = TaskDef(LMConfig, LMDataConfig, LMTask, check)
