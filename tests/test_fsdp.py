@@ -51,8 +51,8 @@ def _train(rank: int, world: int, run_dir: str, backend: str) -> dict:
 
 
 def test_fsdp_at_ep2_x_edp2_trains_like_ddp_and_shards_parameters(tmp_path):
-    ddp = run_local(_train, 4, str(tmp_path / "ddp"), "torch", timeout=180)
-    fsdp = run_local(_train, 4, str(tmp_path / "fsdp"), "fsdp", timeout=180)
+    ddp = run_local(_train, 4, str(tmp_path / "ddp"), "torch", timeout=300)
+    fsdp = run_local(_train, 4, str(tmp_path / "fsdp"), "fsdp", timeout=300)
     for rank in range(4):
         want, got = ddp[rank]["params"], fsdp[rank]["params"]
         assert want.keys() == got.keys()
