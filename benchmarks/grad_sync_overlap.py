@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -114,6 +115,7 @@ def main(argv=None) -> int:
     from moe_scale.distributed.launch import run_local
 
     rows = []
+    load_before = os.getloadavg()[0]
     for world in args.ranks:
         for variant in ("before", "after"):
             with tempfile.TemporaryDirectory() as run_dir:
@@ -123,7 +125,8 @@ def main(argv=None) -> int:
                          "step_ms_per_rank": [round(1e3 * s, 2) for s in per_rank]})
             print(f"{world} ranks  {variant:6s}  {rows[-1]['step_ms_slowest_rank']:8.1f} ms/step", flush=True)
     result = {"benchmark": "grad_sync_overlap", "date": time.strftime("%Y-%m-%d"), "steps": args.steps,
-              "warmup": args.warmup, "model": MODEL, "rows": rows}
+              "warmup": args.warmup, "cpu_cores": os.cpu_count(),
+              "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]}, "model": MODEL, "rows": rows}
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")
     return 0
