@@ -96,7 +96,7 @@ def install_checker(run_device: torch.device) -> list[str]:
     return seen
 
 
-def _train_eval_checkpoint_resume(rank: int, world: int, run_dir: str) -> list[str]:
+def _train_eval_checkpoint_resume(rank: int, world: int, run_dir: str, backend: str) -> list[str]:
     from moe_scale.train.config import load_config
     from moe_scale.train.runtime import Runtime
     from moe_scale.train.trainer import Trainer
@@ -104,7 +104,7 @@ def _train_eval_checkpoint_resume(rank: int, world: int, run_dir: str) -> list[s
 
     rt = Runtime(rank, world, rank, torch.device("cpu"))
     seen = install_checker(rt.device)
-    extra = ("parallel.ep_size=2", "parallel.timeout_s=60", "train.eval_every=2", "checkpoint.every=2",
+    extra = ("parallel.ep_size=2", f"parallel.backend={backend}", "parallel.timeout_s=60", "train.eval_every=2", "checkpoint.every=2",
              "logging.every=1", "train.grad_accum=2", "optim.warmup_steps=1")
     config = str(CONFIGS / "lm_cpu_multirank.yaml")
     Trainer(load_config(config, tiny(run_dir, *extra, "train.max_steps=2")), runtime=rt).fit()
@@ -114,19 +114,22 @@ def _train_eval_checkpoint_resume(rank: int, world: int, run_dir: str) -> list[s
     return seen
 
 
-def test_every_collective_of_a_run_is_on_the_run_device(tmp_path):
-    seen = run_local(_train_eval_checkpoint_resume, 2, str(tmp_path / "run"), timeout=150)
+@pytest.mark.parametrize("backend", ["torch", "fsdp"])
+def test_every_collective_of_a_run_is_on_the_run_device(tmp_path, backend):
+    seen = run_local(_train_eval_checkpoint_resume, 2, str(tmp_path / "run"), backend, timeout=300)
     origins = {entry.split(" <- ")[1] for entry in seen[0]}
     expected = {
         "moe_scale/distributed/mesh.py:_agree",  # mesh building
         "moe_scale/train/trainer.py:evaluate",  # evaluation
         "moe_scale/train/trainer.py:_log",  # metrics
         "moe_scale/train/trainer.py:_any_rank",  # the finite-step check
-        "moe_scale/train/backends.py:_grad_norm",  # training
-        "moe_scale/distributed/grad_sync.py:_launch",  # expert gradients
         "moe_scale/train/checkpoint.py:save",  # checkpointing
         "moe_scale/train/checkpoint.py:_verify",  # resume
     }
+    if backend == "torch":  # training: the expert gradient buckets and the norm
+        expected |= {"moe_scale/distributed/grad_sync.py:_launch", "moe_scale/train/backends.py:_grad_norm"}
+    else:  # FSDP reduces gradients itself; the norm is one all-reduce
+        expected |= {"moe_scale/train/backends.py:finish_grads"}
     assert expected <= origins, sorted(origins)
 
 

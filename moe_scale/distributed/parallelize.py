@@ -60,7 +60,9 @@ class ExpertInit(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if args and isinstance(args[0], torch.Tensor) and id(args[0]) in self.ops:
+        # In-place ops only: an alias (`w.data`, a view) is not the parameter, and replaying a
+        # view op would initialise nothing.
+        if args and isinstance(args[0], torch.Tensor) and id(args[0]) in self.ops and func._schema.name.endswith("_"):
             self.ops[id(args[0])].append((func, args[1:], kwargs))
         return func(*args, **kwargs)
 

@@ -83,7 +83,13 @@ class TorchBackend:
             self.model = DDP(model, device_ids=[device] if device.type == "cuda" else None,
                              find_unused_parameters=find_unused_parameters)
             self._broadcast_experts()
-            self.expert_sync = ExpertGradBuckets(self.expert, layout.edp_group, 1.0 / self.world)
+            # A group of its own: DDP's bucket all-reduces run on the default group during the same
+            # backward, and on one group two streams of collectives could pair up differently on
+            # different ranks (a bucket ready on one rank, its parameter unused on another).
+            edp = layout.edp_group
+            if edp is None or edp is dist.group.WORLD:
+                edp = dist.new_group(list(range(self.world)))
+            self.expert_sync = ExpertGradBuckets(self.expert, edp, 1.0 / self.world)
         else:
             self.model = model
 

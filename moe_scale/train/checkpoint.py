@@ -83,10 +83,13 @@ class ExpertSharding:
 
     device_mesh   2-D mesh ("edp", "ep"); expert tensors are sharded on "ep" and replicated on "edp"
     param_names   fully qualified names of the expert parameters (local blocks `[E_local, ...]`)
+    ep_major_mesh under FSDP, the mesh ("ep", "edp") over the same ranks (expert blocks are also
+                  sharded over EDP there)
     """
 
     device_mesh: Any
     param_names: set[str]
+    ep_major_mesh: Any = None  # the same ranks as ("ep", "edp"); needed under FSDP only
 
 
 # ---- locating --------------------------------------------------------------------------------
@@ -270,15 +273,27 @@ class _SafeLoadPlanner(DefaultLoadPlanner):
 
 
 def _with_global_experts(model_sd: dict, optim_sd: dict, sharding: ExpertSharding | None) -> None:
-    """Wrap local expert blocks (and their optimizer state) as DTensors on the global expert axis."""
+    """Wrap local expert blocks (and their optimizer state) as DTensors on the global expert axis.
+
+    Under FSDP an expert tensor is already a DTensor: this rank's EDP chunk of its EP block. On
+    the ("ep", "edp") view of the mesh, sharding dim 0 over both puts that chunk at its global
+    place (EP block outer, EDP chunk inner). `_local` undoes either wrap after loading.
+    """
     if sharding is None:
         return
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
-    placements = [Replicate(), Shard(0)]  # mesh dims ("edp", "ep")
-
     def wrap(t):
-        return DTensor.from_local(t, sharding.device_mesh, placements, run_check=False)
+        if isinstance(t, DTensor):
+            ep = sharding.device_mesh["ep"].size()
+            shape = (t.shape[0] * ep, *t.shape[1:])
+            wrapped = DTensor.from_local(t.to_local(), sharding.ep_major_mesh, [Shard(0), Shard(0)], run_check=False,
+                                         shape=torch.Size(shape), stride=torch.empty(shape, device="meta").stride())
+            wrapped._fsdp_origin = t
+        else:
+            wrapped = DTensor.from_local(t, sharding.device_mesh, [Replicate(), Shard(0)], run_check=False)
+        wrapped._global_experts_wrap = True
+        return wrapped
 
     for name in sharding.param_names:
         model_sd[name] = wrap(model_sd[name])
@@ -288,10 +303,17 @@ def _with_global_experts(model_sd: dict, optim_sd: dict, sharding: ExpertShardin
 
 
 def _local(tree: Any) -> Any:
+    """The tensors to load into the model: expert wraps undone; FSDP's own DTensors kept."""
     from torch.distributed.tensor import DTensor
 
     if isinstance(tree, DTensor):
-        return tree.to_local()
+        if not getattr(tree, "_global_experts_wrap", False):
+            return tree
+        origin = getattr(tree, "_fsdp_origin", None)
+        if origin is None:
+            return tree.to_local()
+        return DTensor.from_local(tree.to_local(), origin.device_mesh, origin.placements, run_check=False,
+                                  shape=origin.shape, stride=origin.stride())
     if isinstance(tree, dict):
         return {k: _local(v) for k, v in tree.items()}
     if isinstance(tree, list):

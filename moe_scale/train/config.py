@@ -180,6 +180,9 @@ class ParallelConfig:
         _choice("parallel.backend", self.backend, BACKENDS)
         _choice("parallel.dist_backend", self.dist_backend, DIST_BACKENDS)
         _choice("parallel.fsdp_precision", self.fsdp_precision, FSDP_PRECISIONS)
+        _check(self.fsdp_precision == "fp32" or self.backend == "fsdp",
+               f"parallel.fsdp_precision={self.fsdp_precision} applies to parallel.backend=fsdp only; "
+               f"use train.precision=bf16 for autocast under parallel.backend={self.backend}")
         _choice("parallel.a2a", self.a2a, A2A_MODES)
         _check(self.ep_size >= 1, f"parallel.ep_size must be >= 1, got {self.ep_size}")
         _check(self.timeout_s >= 1, f"parallel.timeout_s must be >= 1, got {self.timeout_s}")

@@ -103,6 +103,13 @@ def shard_fsdp(model: nn.Module, layout: ExpertLayout, rt: Runtime, bf16: bool) 
     return apply_fsdp(model, world, experts, bf16=bf16)
 
 
+def ep_major_mesh(mesh):
+    """The ("ep", "edp") view of an ("edp", "ep") mesh: same ranks, dims swapped (collective)."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    return DeviceMesh(mesh.device_type, mesh.mesh.T.contiguous(), mesh_dim_names=("ep", "edp"))
+
+
 @dataclass
 class StepResult:
     step: int
@@ -197,6 +204,8 @@ class Trainer:
         fsdp = p.backend == "fsdp" and rt.distributed
         if fsdp:
             model = shard_fsdp(model, self.layout, rt, bf16=p.fsdp_precision == "bf16")
+            if sharding is not None:
+                sharding.ep_major_mesh = ep_major_mesh(self.layout.device_mesh)
         o = cfg.optim
         groups = param_groups(model, o.lr, o.weight_decay, o.expert_lr_scale, o.expert_weight_decay)
         optimizer = build_optimizer(groups, o, rt.device)
