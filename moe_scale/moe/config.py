@@ -48,9 +48,10 @@ class MoEConfig:
     balance_scope           "micro_batch": balancing losses from this call's tokens; "global":
                             from statistics summed over data-parallel ranks and the step's
                             micro-batches (`losses.BalanceWindow`; the trainer connects it)
-    backend                 core (plain PyTorch, every device), cpu (the CPU kernels of moe/cpu/
-                            for CPU tensors), auto (cpu where `moe.cpu.kernels.available()`:
-                            an AVX-512 CPU with a compiler and no CUDA; else core)
+    backend                 core (default: plain PyTorch, every device), cpu (the CPU kernels of
+                            moe/cpu/ for CPU tensors; built on first use), auto (cpu where
+                            `moe.cpu.kernels.available()`: an AVX-512 CPU with a compiler and no
+                            CUDA; else core)
     """
 
     d_model: int
@@ -71,7 +72,7 @@ class MoEConfig:
     hierarchical_k_groups: int = 1
     aux_loss: AuxLossWeights = field(default_factory=AuxLossWeights)
     grouped_gemm: str = "auto"
-    backend: str = "auto"
+    backend: str = "core"
     score_func: str = "softmax"
     renormalize: bool | None = None
     route_scale: float = 1.0
