@@ -7,10 +7,12 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
 
+from moe_scale.distributed.launch import RankFailure, run_local
 from moe_scale.train.runtime import launcher_ranks
 from tests.trainer_utils import CONFIGS, REPO, cli_env, read_jsonl, tiny
 
@@ -78,3 +80,31 @@ def test_accelerate_multi_cpu_launch_runs_two_ranks(tmp_path):
     assert rows[-1]["tokens_seen"] == 5 * 4 * 32 * 2  # steps x batch x seq_len x 2 ranks
     assert sorted(p.name for p in (run / "checkpoints" / "step_00000005").glob("rank_*.json")) == \
         ["rank_0.json", "rank_1.json"]
+
+
+def _busy(rank: int, world: int, seconds: float) -> int:
+    end, n = time.monotonic() + seconds, 0
+    while time.monotonic() < end:
+        n += 1
+    return rank
+
+
+def _one_rank_sleeps(rank: int, world: int) -> int:
+    import torch.distributed as dist
+
+    if rank == 1:
+        time.sleep(30)
+    dist.barrier()
+    return rank
+
+
+def test_run_local_lets_working_ranks_run_past_the_timeout():
+    """A slow (or slowed-down) run keeps going while its ranks use CPU time."""
+    assert run_local(_busy, 2, 6.0, timeout=3.0) == [0, 1]
+
+
+def test_run_local_stops_ranks_that_make_no_progress():
+    started = time.monotonic()
+    with pytest.raises(RankFailure, match="no progress"):
+        run_local(_one_rank_sleeps, 2, timeout=3.0)
+    assert time.monotonic() - started < 25

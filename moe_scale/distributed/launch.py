@@ -77,9 +77,13 @@ def run_local(
 ) -> list[Any]:
     """`[fn(rank, world_size, *args) for rank in range(world_size)]`, each in its own process.
 
-    fn and args must be picklable (a module-level function). `timeout` bounds the whole run;
-    `collective_timeout` is the gloo timeout inside the ranks, so a collective that one rank
-    never joins raises there too. Ranks run with `threads_per_rank` intra-op threads.
+    fn and args must be picklable (a module-level function). `timeout` is how long the ranks
+    may go without progress, measured as CPU time they use (on Linux; elsewhere it bounds the
+    whole run): a loaded machine slows a run down without failing it, while ranks blocked in a
+    collective that never completes use none and fail after `timeout`. No run lasts more than
+    `HARD_TIMEOUT_FACTOR * timeout`. `collective_timeout` is the gloo timeout inside the ranks, so
+    a collective that one rank never joins raises there too. Ranks run with `threads_per_rank`
+    intra-op threads.
     """
     ctx = _context()
     results = ctx.Queue()
@@ -107,12 +111,43 @@ def run_local(
     return [pickle.loads(outcomes[r][1]) for r in range(world_size)]
 
 
+HARD_TIMEOUT_FACTOR = 6
+# CPU seconds the ranks must use within `timeout` to count as progressing (a rank blocked in
+# gloo waits in the kernel and uses next to none).
+_PROGRESS_CPU_SECONDS = 0.5
+
+
+def _cpu_seconds(procs) -> float | None:
+    """User + system CPU time of the live rank processes (Linux /proc), or None where unknown."""
+    total = 0.0
+    try:
+        ticks = os.sysconf("SC_CLK_TCK")
+        for p in procs:
+            if p.is_alive():
+                with open(f"/proc/{p.pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / ticks
+    except (OSError, ValueError, IndexError):
+        return None
+    return total
+
+
 def _collect(procs, results, timeout: float) -> dict[int, tuple[bool, Any]]:
-    """Wait for one (ok, value-or-traceback) per rank; dead or late ranks become failures."""
+    """Wait for one (ok, value-or-traceback) per rank; dead or stalled ranks become failures."""
     outcomes: dict[int, tuple[bool, Any]] = {}
     dead_since: dict[int, float] = {}
-    deadline = time.monotonic() + timeout
-    while len(outcomes) < len(procs) and time.monotonic() < deadline:
+    start = last_progress = time.monotonic()
+    cpu_mark = _cpu_seconds(procs)
+
+    def waiting() -> bool:
+        nonlocal last_progress, cpu_mark
+        now = time.monotonic()
+        cpu = _cpu_seconds(procs)
+        if cpu is not None and cpu_mark is not None and cpu - cpu_mark >= _PROGRESS_CPU_SECONDS:
+            last_progress, cpu_mark = now, cpu
+        return now - last_progress < timeout and now - start < HARD_TIMEOUT_FACTOR * timeout
+
+    while len(outcomes) < len(procs) and waiting():
         try:
             rank, ok, payload = results.get(timeout=0.5)
             outcomes[rank] = (ok, payload)
@@ -127,5 +162,5 @@ def _collect(procs, results, timeout: float) -> dict[int, tuple[bool, Any]]:
             if now - dead_since.setdefault(r, now) > 3.0:
                 outcomes[r] = (False, f"process exited with code {p.exitcode} without reporting")
     for r in range(len(procs)):
-        outcomes.setdefault(r, (False, f"no result within the {timeout:.0f}s timeout (hang?)"))
+        outcomes.setdefault(r, (False, f"no result and no progress for {timeout:.0f}s (hang?)"))
     return outcomes
