@@ -207,3 +207,17 @@ def test_expert_parallel_layer_reads_the_split_sizes_once(name, dropless):
     for result in run_local(_ep_host_reads, 2, name, dropless, timeout=200):
         assert result["reads"] == ["tolist"], result
         assert result["a2a_calls"] == 5  # counts, rows forward, rows back, and both again in backward
+
+
+@pytest.mark.parametrize("name,dropless", CASES, ids=IDS)
+def test_an_empty_batch_gives_zero_losses(name, dropless):
+    """A rank with no tokens (an empty shard under expert parallelism) must not make the step's
+    loss NaN: every balancing loss is zero, the output empty, the backward runs."""
+    layer = _layer(name, dropless)
+    x = torch.zeros(0, D, requires_grad=True)
+    extra = {"expert_losses": torch.zeros(0, E)} if name == "min_loss" else {}
+    y, stats = layer(x, **extra)
+    (y.sum() + stats.aux_loss).backward()
+    assert y.shape == (0, D) and stats.aux_loss.item() == 0.0
+    assert all(v.item() == 0.0 for v in stats.aux_losses.values())
+    assert stats.num_unrouted.item() == 0 and stats.tokens_per_expert_E.sum().item() == 0
