@@ -122,7 +122,7 @@ def test_resume_never_refuses_to_overwrite_a_run(saved, tmp_path):
 
 
 # ---- expert parallelism: experts keyed by global index ---------------------------------------
-# The EP runtime (issue 3) shards each expert stack over the EP ranks; here a rank keeps its
+# The EP runtime shards each expert stack over the EP ranks; here a rank keeps its
 # block of the stack by slicing, which is all the checkpoint code sees of it.
 
 
