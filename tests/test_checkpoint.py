@@ -151,7 +151,7 @@ def _ep_rank(rank, world, store_path, root, results):
     from torch.distributed.device_mesh import init_device_mesh
 
     from moe_scale.train.checkpoint import Checkpointer, ExpertSharding
-    from moe_scale.train.optim import expert_param_names
+    from moe_scale.distributed.parallelize import expert_param_names
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)

@@ -27,21 +27,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moe_scale.distributed.collectives import all_reduce, all_reduce_async
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.nn.parallel import DistributedDataParallel
 
+from moe_scale.distributed.collectives import all_reduce, all_reduce_async
 from moe_scale.distributed.mesh import MoEMesh
-from moe_scale.distributed.parallelize import is_expert_param
-
-
-def expert_param_names(model: nn.Module) -> list[str]:
-    return [name for name, p in model.named_parameters() if is_expert_param(p)]
+from moe_scale.distributed.parallelize import expert_param_names, is_expert_param
 
 
 def wrap_ddp(model: nn.Module, mesh: MoEMesh, **ddp_kwargs) -> DistributedDataParallel:
     """DDP over the data-parallel world that leaves the expert parameters alone."""
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, expert_param_names(model))
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sorted(expert_param_names(model)))
     return DistributedDataParallel(model, process_group=mesh.dp_group, **ddp_kwargs)
 
 

@@ -201,6 +201,18 @@ def tag_expert_params(experts: GroupedExperts, group_name: str) -> None:
         p.global_experts = getattr(experts, "global_experts", experts.num_experts)
 
 
+def expert_param_names(model: nn.Module) -> set[str]:
+    """Names of the expert parameters: those of every `GroupedExperts` (stacked weights with a
+    global expert axis, sharded or not), and any parameter tagged as an expert's (`moe_expert`,
+    or DeepSpeed's `allreduce = False`, which `tag_expert_params` sets on the shards)."""
+    names = {n for n, p in model.named_parameters()
+             if is_expert_param(p) or getattr(p, "allreduce", True) is False}
+    for mod_name, module in model.named_modules():
+        if isinstance(module, GroupedExperts):
+            names.update(f"{mod_name}.{p}" if mod_name else p for p, _ in module.named_parameters())
+    return names
+
+
 def is_expert_param(p: torch.Tensor) -> bool:
     return bool(getattr(p, "moe_expert", False))
 

@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from moe_scale.distributed.collectives import all_reduce, broadcast_
 from moe_scale.distributed.grad_sync import ExpertGradBuckets
-from moe_scale.train.optim import expert_param_names
+from moe_scale.distributed.parallelize import expert_param_names
 
 
 @dataclass

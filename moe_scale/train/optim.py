@@ -7,18 +7,7 @@ import math
 import torch
 from torch import nn
 
-from moe_scale.moe import GroupedExperts
-
-
-def expert_param_names(model: nn.Module) -> set[str]:
-    """Names of the expert parameters: those of every `GroupedExperts` (stacked weights with a
-    global expert axis), and any parameter tagged `allreduce = False` (DeepSpeed's expert tag,
-    which expert parallelism sets on the shards it makes)."""
-    names = {n for n, p in model.named_parameters() if getattr(p, "allreduce", True) is False}
-    for mod_name, module in model.named_modules():
-        if isinstance(module, GroupedExperts):
-            names.update(f"{mod_name}.{p}" if mod_name else p for p, _ in module.named_parameters())
-    return names
+from moe_scale.distributed.parallelize import expert_param_names
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float, expert_lr_scale: float = 1.0,

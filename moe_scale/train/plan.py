@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from moe_scale.distributed.parallelize import expert_param_names
 from moe_scale.train.config import Config, ConfigError
-from moe_scale.train.optim import expert_param_names
 
 GiB = 1024**3
 

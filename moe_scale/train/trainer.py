@@ -37,6 +37,7 @@ from moe_scale.distributed.collectives import all_reduce
 from moe_scale.distributed.mesh import ParallelConfig as MeshConfig
 from moe_scale.distributed.mesh import build_mesh
 from moe_scale.distributed.parallelize import (
+    expert_param_names,
     ExpertInit,
     apply_fsdp,
     experts_on_meta,
@@ -49,7 +50,7 @@ from moe_scale.train.balancing import ExpertBiasBalancer
 from moe_scale.train.checkpoint import Checkpointer, ExpertSharding, latest_checkpoint, list_checkpoints
 from moe_scale.train.config import Config, ConfigError, save_config
 from moe_scale.train.metrics import MetricsLogger, moe_summary
-from moe_scale.train.optim import build_optimizer, expert_param_names, lr_at, param_groups
+from moe_scale.train.optim import build_optimizer, lr_at, param_groups
 from moe_scale.train.preflight import check_same_config, dataset_errors, preflight
 from moe_scale.train.runtime import Runtime, init_runtime, seed_everything
 from moe_scale.train.tasks import get_task
