@@ -627,7 +627,11 @@ def main():
                 args.keep_freed_memory, args.vary_input, args.never_mmap, args.min_seconds, args.threads)
         return
     results = []
-    loadavg_before = _loadavg()
+    out = Path(args.out)
+    meta = {"k": K, "capacity_factor": CAPACITY_FACTOR, "keep_freed_memory": args.keep_freed_memory,
+            "never_mmap": args.never_mmap, "trials": args.trials, "vary_input": args.vary_input,
+            "warmup": args.warmup, "repeats": args.repeats, "min_seconds": args.min_seconds,
+            "threads": args.threads, "impls": args.impls, "loadavg_before": _loadavg()}
     for E, S, d in parse_rows(args.rows, QUICK_ROWS if args.quick else ROWS):
         for dtype in args.dtypes.split(","):
             impls = impls_for_row(args.impls, E)
@@ -640,16 +644,10 @@ def main():
                           f"{_fmt_mem(r):>8s} MiB", file=sys.stderr, flush=True)
                     runs[impl].append(r)
             results += _median_trials(runs)
+            # row by row: a run cut short (a timeout, a crash) keeps the rows it measured
+            _write_json(out, {**meta, "loadavg_after": _loadavg(), "complete": False}, results)
+    _write_json(out, {**meta, "loadavg_after": _loadavg(), "complete": True}, results)
     print(_table(results))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"k": K, "capacity_factor": CAPACITY_FACTOR, "keep_freed_memory": args.keep_freed_memory,
-                               "never_mmap": args.never_mmap,
-                               "trials": args.trials, "vary_input": args.vary_input, "warmup": args.warmup,
-                               "threads": args.threads, "impls": args.impls,
-                               "loadavg_before": loadavg_before, "loadavg_after": _loadavg(),
-                               "repeats": args.repeats, "min_seconds": args.min_seconds,
-                               "when": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": results}, indent=1))
     print(f"\nwrote {out}", file=sys.stderr)
 
 
