@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from moe_scale.moe.cpu_kernels import load_kernels
+from moe_scale.moe.cpu.kernels import load_kernels
 
 
 def _median_us(fn, sets, calls: int) -> float:

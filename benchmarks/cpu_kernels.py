@@ -1,4 +1,6 @@
-"""Fused CPU gather and ReLU kernels (moe/csrc) against the ATen ops they replace.
+"""The CPU backend's ReLU kernels (moe/cpu/csrc/activation_kernels.cpp) against the ATen ops they
+replace. (The combine / permute gather kernels this benchmark also timed were removed with the
+core rewrite: the core path's dispatch runs on every device.)
 
 In one process, interleaved, median of timed calls after warm-up, each op with its rows in
 cache ("warm") and after a 64 MiB write that evicts them ("cold", as after the expert GEMMs
@@ -6,8 +8,6 @@ of a layer step):
 
     relu_                `kernels.relu_` vs `torch.relu_` on an expert block [1024, h=512]
     relu_backward_       `kernels.relu_backward_` vs ATen `threshold_backward`, same block
-    gather_sum           the combine forward: k=2 weighted rows per token, S=16384, d=128
-    unpermute_backward   the combine backward (row and gate gradients), same sizes
 
     python benchmarks/cpu_kernels.py                 # bf16 and float32
     python benchmarks/cpu_kernels.py --dtypes bfloat16 --trials 5
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -39,8 +38,7 @@ def _cases(dtype):
     """name -> (ATen fn, kernel fn)."""
     import torch
 
-    from moe_scale.moe.cpu_kernels import load_kernels
-    from moe_scale.moe.dispatch import _gather_sum
+    from moe_scale.moe.cpu.kernels import load_kernels
 
     kernels = load_kernels()
     if kernels is None:
@@ -50,39 +48,11 @@ def _cases(dtype):
     grad = torch.randn(1024, 512, generator=g).to(dtype)
     h = torch.randn(1024, 512, generator=g).to(dtype)
 
-    S, d, k = 16384, 128, 2
-    M = k * S
-    rows = torch.randn(M, d, generator=g).to(dtype)
-    pos = torch.randperm(M, generator=g).view(k, S)
-    weight = torch.rand(k, S, generator=g)
-    grad_tok = torch.randn(S, d, generator=g).to(dtype)
-    assignment = torch.randperm(M, generator=g)
-    token = assignment % S
-
-    def gather_sum_eager():
-        os.environ["MOE_SCALE_CPU_KERNELS"] = "eager"
-        try:
-            return _gather_sum(rows, pos, weight)
-        finally:
-            os.environ["MOE_SCALE_CPU_KERNELS"] = "auto"
-
-    def unpermute_backward_eager():  # dispatch._Unpermute.backward's ATen path
-        g_tok = grad_tok.index_select(0, token)
-        grad_w = torch.zeros(M)
-        grad_w.index_copy_(0, assignment, torch.linalg.vecdot(rows, g_tok).float())
-        g_tok.mul_(weight.view(-1).index_select(0, assignment).to(dtype)[:, None])
-        return g_tok, grad_w
-
     return {
         "relu_": (lambda: torch.relu_(h), lambda: kernels.relu_(h)),
         "relu_backward_": (
             lambda: torch.ops.aten.threshold_backward.grad_input(grad, a, 0, grad_input=grad),
             lambda: kernels.relu_backward_(grad, a),
-        ),
-        "gather_sum": (gather_sum_eager, lambda: kernels.gather_sum(rows, pos, weight)),
-        "unpermute_backward": (
-            unpermute_backward_eager,
-            lambda: kernels.unpermute_backward(rows, grad_tok, token, assignment, weight.view(-1), True),
         ),
     }
 

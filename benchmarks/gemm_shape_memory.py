@@ -58,7 +58,7 @@ def main():
     args = p.parse_args()
     if args.groups:
         from moe_scale.distributed.host_memory import keep_freed_host_memory
-        from moe_scale.moe.cpu_kernels import load_kernels
+        from moe_scale.moe.cpu.kernels import load_kernels
 
         keep_freed_host_memory()  # freed buffers stay in the heap: the growth is the caches
         kernels = load_kernels()

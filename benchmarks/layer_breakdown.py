@@ -9,7 +9,7 @@ the floor (moe_layer.py's `floor_bmm`) run in the same process, interleaved, for
 
     python benchmarks/layer_breakdown.py                          # 8x4096 and 64x16384, bf16
     python benchmarks/layer_breakdown.py --rows 64:32768:128 --dtypes float32,bfloat16
-    MOE_SCALE_CPU_KERNELS=eager python benchmarks/layer_breakdown.py
+    python benchmarks/layer_breakdown.py --backend core         # the core path (default: auto)
 """
 
 from __future__ import annotations
@@ -25,14 +25,14 @@ import torch
 from moe_layer import CAPACITY_FACTOR, K, _build, parse_rows
 
 
-def breakdown(E: int, S: int, d: int, dtype: torch.dtype, warmup: int, repeats: int) -> dict:
+def breakdown(E: int, S: int, d: int, dtype: torch.dtype, warmup: int, repeats: int, backend: str = "auto") -> dict:
     from moe_scale import MoELayer
 
     torch.manual_seed(0)
     x = torch.randn(S, d, dtype=dtype, requires_grad=True)
     grad_out = torch.randn(S, d, dtype=dtype)
     layer = MoELayer(d, E, k=K, capacity_factor=CAPACITY_FACTOR, activation="relu",
-                     aux_loss=dict(switch=0.01)).to(dtype)
+                     aux_loss=dict(switch=0.01), backend=backend).to(dtype)
     experts_forward = layer.experts.forward
     marks: dict[str, float] = {}
     times: dict[str, list[float]] = {"step": [], "mlp_forward": [], "mlp_backward": []}
@@ -59,7 +59,7 @@ def breakdown(E: int, S: int, d: int, dtype: torch.dtype, warmup: int, repeats: 
     med = {k: statistics.median(v[warmup:]) for k, v in times.items()}
     med["rest"] = med["step"] - med["mlp_forward"] - med["mlp_backward"]
     med["floor_bmm"] = statistics.median(floor_times[warmup:])
-    return {"E": E, "S": S, "d": d, "dtype": str(dtype).removeprefix("torch."),
+    return {"E": E, "S": S, "d": d, "dtype": str(dtype).removeprefix("torch."), "backend": layer.backend.name,
             **{f"{k}_ms": round(v * 1e3, 3) for k, v in med.items()}}
 
 
@@ -67,6 +67,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default="8:4096:128,64:16384:128", help="E:S:d,...")
     p.add_argument("--dtypes", default="bfloat16")
+    p.add_argument("--backend", default="auto", choices=["auto", "core", "cpu"], help="MoELayer's backend option")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "layer_breakdown.json"))
@@ -80,7 +81,7 @@ def main():
     print("|---|---|---|---|---|---|---|---|---|")
     for E, S, d in parse_rows(args.rows, []):
         for name in args.dtypes.split(","):
-            r = breakdown(E, S, d, getattr(torch, name), args.warmup, args.repeats)
+            r = breakdown(E, S, d, getattr(torch, name), args.warmup, args.repeats, args.backend)
             rows.append(r)
             print(f"| {E} | {S} | {d} | {r['dtype']} | {r['step_ms']:.2f} | {r['mlp_forward_ms']:.2f} | "
                   f"{r['mlp_backward_ms']:.2f} | {r['rest_ms']:.2f} | {r['floor_bmm_ms']:.2f} |", flush=True)

@@ -1,4 +1,13 @@
-"""MoE layer, forward + backward on CPU: moe_scale vs DeepSpeed-MoE vs FairScale vs the floor.
+"""MoE layer, forward + backward: moe_scale (core path and CPU kernel backend) vs DeepSpeed-MoE vs
+FairScale vs the floor, on the CPU (default) or on one CUDA GPU (`--device cuda`).
+
+Implementations (`--impls`):
+    floor            the work any flat-gated top-k layer must do, alone (below)
+    moe_scale        MoELayer(backend="core"): the plain-PyTorch core path (moe/*.py)
+    moe_scale_cpu    MoELayer(backend="cpu"): the CPU kernel backend (moe/cpu/), CPU only
+    moe_scale_hier   the hierarchical gate on the core path, from HIER_MIN_EXPERTS experts up
+    deepspeed, fairscale   the peers (`pip install moe_scale[peers]`)
+    titan            GPU only: torchtitan-style dropless routing (see `--device cuda` below)
 
 The floor is the work any flat-gated top-k layer must do, alone: the router matmul
 `[S, d] x [d, E]` and the expert GEMMs `[E, kS/E, d] x [E, d, h]`, `[E, kS/E, h] x [E, h, d]`
@@ -25,6 +34,20 @@ writes the rows to benchmarks/results/moe_layer.json.
     python benchmarks/moe_layer.py --impls floor,moe_scale,moe_scale_hier --trials 3   # spread vs the floor
     python benchmarks/moe_layer.py --vary-input     # a new input every step (loads change, as in training)
     python benchmarks/moe_layer.py --never-mmap     # no page faults for anyone
+    python benchmarks/moe_layer.py --impls floor,moe_scale,moe_scale_cpu --rows 8:4096:128 --trials 3
+
+`--device cuda` (moe_layer_cuda.py is the same): bfloat16, dropless, SwiGLU experts, everything
+in one process, implementations in turn, the caching allocator emptied and its peak reset
+between them. The floor there is the router GEMM and three bare `torch._grouped_mm` calls
+(w1, w3, w2) on the counts the layer routes the same input to; `titan` is torchtitan-style
+dropless routing (router GEMM, softmax, top-k, counts by a scatter-add on the device, argsort
+permute, three `_grouped_mm` calls, weighted scatter-add combine: no host read). For each it
+reports the median step time (steps closed by `torch.cuda.synchronize()`), the peak memory
+above what was allocated before it was built, and the host syncs of one step (the warnings of
+`torch.cuda.set_sync_debug_mode("warn")`); the JSON is rewritten after every row.
+
+    python benchmarks/moe_layer.py --device cuda                      # GPU rows, bfloat16
+    python benchmarks/moe_layer.py --device cuda --rows 64:65536:1024
 """
 
 from __future__ import annotations
@@ -51,11 +74,21 @@ ROWS = [
 ]
 QUICK_ROWS = [(8, 4096, 128), (512, 4096, 128)]
 K, CAPACITY_FACTOR = 2, 1.25
-IMPLS = ["floor", "moe_scale", "moe_scale_hier", "deepspeed", "fairscale"]
+IMPLS = ["floor", "moe_scale", "moe_scale_cpu", "moe_scale_hier", "deepspeed", "fairscale"]
+# The layer's backend for each moe_scale implementation (MoELayer's `backend` option).
+BACKENDS = {"moe_scale": "core", "moe_scale_cpu": "cpu", "moe_scale_hier": "core"}
 # The hierarchical gate replaces the flat router; it is timed where the router dominates.
 HIER_MIN_EXPERTS = 4096
 # A per-expert GEMM loop can beat one bmm only when experts are few and large.
 LOOP_FLOOR_MAX_EXPERTS = 64
+
+
+def _loadavg() -> list[float] | None:
+    """The machine's 1, 5 and 15 minute load averages (other users' work included)."""
+    try:
+        return list(os.getloadavg())
+    except OSError:
+        return None
 
 
 def _rss_bytes() -> int:
@@ -106,15 +139,18 @@ def _build(impl: str, E: int, S: int, d: int, dtype, vary_input: bool = False, d
 
         return step
 
-    if impl in ("moe_scale", "moe_scale_hier"):
+    if impl in BACKENDS:
         from moe_scale import MoELayer
 
-        opts = dict(k=K, capacity_factor=CAPACITY_FACTOR, activation="relu", aux_loss=dict(switch=0.01))
+        opts = dict(k=K, capacity_factor=CAPACITY_FACTOR, activation="relu", aux_loss=dict(switch=0.01),
+                    backend=BACKENDS[impl])
         if impl == "moe_scale_hier":
             groups = max(g for g in range(1, int(E**0.5) + 1) if E % g == 0)
             opts.update(router="hierarchical", hierarchical_groups=groups, hierarchical_k_groups=1,
                         aux_loss=dict(importance=0.01, load=0.01))
         layer = MoELayer(d, E, **opts).to(device, dtype)
+        if layer.backend.name != BACKENDS[impl]:
+            raise RuntimeError(f"{impl}: the layer runs backend {layer.backend.name!r}")
 
         def step():
             y, stats = layer(next_x())
@@ -160,17 +196,26 @@ def _build(impl: str, E: int, S: int, d: int, dtype, vary_input: bool = False, d
 def median_step_seconds(step, warmup: int, repeats: int, min_seconds: float = 0.0) -> float:
     """Median wall time of at least `repeats` calls of `step` (and at least `min_seconds` of
     them) after at least `warmup` untimed ones (and at least `min_seconds` of those)."""
+    return median_step_times(step, warmup, repeats, min_seconds)[0]
+
+
+def median_step_times(step, warmup: int, repeats: int, min_seconds: float = 0.0) -> tuple[float, float]:
+    """(median wall time, median CPU time of the process, all its threads) of the timed steps of
+    `median_step_seconds`. On a shared machine the CPU time is the steadier of the two: a
+    step that waits for a core does not count the wait (spinning threads still count)."""
     t_end, n = time.perf_counter() + min_seconds, 0
     while n < warmup or time.perf_counter() < t_end:
         step()
         n += 1
     times: list[float] = []
+    cpu_times: list[float] = []
     t_end = time.perf_counter() + min_seconds
     while len(times) < repeats or time.perf_counter() < t_end:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        cpu_times.append(time.process_time() - c0)
+    return statistics.median(times), statistics.median(cpu_times)
 
 
 def _warm_kernels(dtype) -> None:
@@ -183,10 +228,12 @@ def _warm_kernels(dtype) -> None:
 def _import(impl: str) -> None:
     if impl.startswith("moe_scale"):
         import moe_scale  # noqa: F401
-        from moe_scale.moe.cpu_kernels import kernel_mode, load_kernels
+        if impl == "moe_scale_cpu":
+            from moe_scale.moe.cpu import kernels
 
-        if kernel_mode() != "eager":
-            load_kernels()  # the compiled router extension is a module import too
+            if not kernels.available():
+                raise RuntimeError("the CPU kernel backend does not run here (see moe/cpu/kernels.py)")
+            kernels.load_kernels()  # the compiled extension is a module import too
     elif impl == "deepspeed":
         import deepspeed.moe.layer  # noqa: F401
     elif impl == "fairscale":
@@ -194,8 +241,12 @@ def _import(impl: str) -> None:
 
 
 def _worker(impl: str, E: int, S: int, d: int, dtype_name: str, warmup: int, repeats: int, mem_limit: int,
-            keep_freed_memory: bool, vary_input: bool, never_mmap: bool = False, min_seconds: float = 0.0):
+            keep_freed_memory: bool, vary_input: bool, never_mmap: bool = False, min_seconds: float = 0.0,
+            threads: int = 0):
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
 
     if mem_limit:
         resource.setrlimit(resource.RLIMIT_AS, (mem_limit, mem_limit))
@@ -207,11 +258,11 @@ def _worker(impl: str, E: int, S: int, d: int, dtype_name: str, warmup: int, rep
     _import(impl)  # module imports are not the layer's memory: load them before the baseline
     _warm_kernels(dtype)  # nor is the one-time initialisation of the GEMM libraries
     base = _rss_bytes()
-    result = {"impl": impl, "E": E, "S": S, "d": d, "dtype": dtype_name}
+    result = {"impl": impl, "E": E, "S": S, "d": d, "dtype": dtype_name, "threads": torch.get_num_threads()}
     try:
         step = _build(impl, E, S, d, dtype, vary_input)
-        time_s = median_step_seconds(step, warmup, repeats, min_seconds)
-        result.update(status="ok", variant=impl, time_s=time_s, peak_bytes=_peak_bytes() - base)
+        time_s, cpu_time_s = median_step_times(step, warmup, repeats, min_seconds)
+        result.update(status="ok", variant=impl, time_s=time_s, cpu_time_s=cpu_time_s, peak_bytes=_peak_bytes() - base)
     except (MemoryError, RuntimeError) as err:
         oom = isinstance(err, MemoryError) or "alloc" in str(err).lower() or "memory" in str(err).lower()
         result.update(status="oom" if oom else "error", error=str(err)[:300])
@@ -256,7 +307,7 @@ def _run_one(impl, E, S, d, dtype, args) -> dict:
 def _run_process(impl, E, S, d, dtype, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", impl, str(E), str(S), str(d), dtype,
            "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--mem-limit-gb", str(args.mem_limit_gb),
-           "--min-seconds", str(args.min_seconds)]
+           "--min-seconds", str(args.min_seconds), "--threads", str(args.threads)]
     cmd += [] if args.keep_freed_memory else ["--no-keep-freed-memory"]
     cmd += ["--vary-input"] if args.vary_input else []
     cmd += ["--never-mmap"] if args.never_mmap else []
@@ -290,18 +341,23 @@ def _ratio(a, b, key):
 
 
 def _table(results: list[dict]) -> str:
-    lines = ["| E | S | d | dtype | impl | ms fwd+bwd | x floor time | x DeepSpeed time | peak MiB | x floor mem |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    """Markdown rows: time and peak memory, each against the floor, DeepSpeed and the layer's
+    core path (moe_scale) of the same row; on the GPU also the host syncs of one step."""
+    gpu = any("syncs_per_step" in r for r in results)
+    head = "| E | S | d | dtype | impl | ms fwd+bwd | x floor time | x DeepSpeed time | x core time | peak MiB | x floor mem |"
+    lines = [head + (" host syncs / step |" if gpu else ""), "|---" * (head.count("|") - 1 + gpu) + "|"]
     keyed = {(r["E"], r["S"], r["d"], r["dtype"], r["impl"]): r for r in results}
     for r in results:
         row = (r["E"], r["S"], r["d"], r["dtype"])
         floor, ds = keyed.get(row + ("floor",), {}), keyed.get(row + ("deepspeed",), {})
+        core = keyed.get(row + ("moe_scale",), {})
         vs_floor = _ratio(r, floor, "time_s")
         if r.get("floor_time_ratio_trials"):
             vs_floor += f" ({min(r['floor_time_ratio_trials']):.2f}-{max(r['floor_time_ratio_trials']):.2f})"
-        lines.append(f"| {r['E']} | {r['S']} | {r['d']} | {r['dtype']} | {r['impl']} | {_fmt_time(r)} | "
-                     f"{vs_floor} | {_ratio(r, ds, 'time_s')} | {_fmt_mem(r)} | "
-                     f"{_ratio(r, floor, 'peak_bytes')} |")
+        line = (f"| {r['E']} | {r['S']} | {r['d']} | {r['dtype']} | {r['impl']} | {_fmt_time(r)} | "
+                f"{vs_floor} | {_ratio(r, ds, 'time_s')} | {_ratio(r, core, 'time_s')} | {_fmt_mem(r)} | "
+                f"{_ratio(r, floor, 'peak_bytes')} |")
+        lines.append(line + (f" {r.get('syncs_per_step', '-')} |" if gpu else ""))
     return "\n".join(lines)
 
 
@@ -317,8 +373,17 @@ def _median_trials(runs: dict[str, list[dict]]) -> list[dict]:
         r = dict(ok[len(ok) // 2]) if ok else dict(trials[-1])
         if ok:
             r["peak_bytes"] = int(statistics.median(t["peak_bytes"] for t in ok))
+            if all("cpu_time_s" in t for t in ok):
+                r["cpu_time_s"] = statistics.median(t["cpu_time_s"] for t in ok)
+        core = runs.get("moe_scale")
+        if core and impl != "moe_scale":  # the core path's time over this one's, trial by trial
+            pairs = [(c, t) for c, t in zip(core, trials) if c.get("status") == "ok" and t.get("status") == "ok"]
+            r["core_over_this_time_trials"] = [c["time_s"] / t["time_s"] for c, t in pairs]
+            if all("cpu_time_s" in c and "cpu_time_s" in t for c, t in pairs):
+                r["core_over_this_cpu_time_trials"] = [c["cpu_time_s"] / t["cpu_time_s"] for c, t in pairs]
         if len(trials) > 1:
             r["trial_times_s"] = [t.get("time_s") for t in trials]
+            r["trial_cpu_times_s"] = [t.get("cpu_time_s") for t in trials]
             r["trial_peak_bytes"] = [t.get("peak_bytes") for t in trials]
             if floor and impl != "floor":
                 r["floor_time_ratio_trials"] = [
@@ -329,9 +394,202 @@ def _median_trials(runs: dict[str, list[dict]]) -> list[dict]:
     return out
 
 
+# ----------------------------------------------------------------------------- GPU mode
+
+# GPU-sized rows: (E, S, d); SwiGLU experts with hidden size h = 2d (`_gpu_hidden`).
+GPU_ROWS = [(8, 16384, 1024), (64, 65536, 1024), (256, 65536, 1024)]
+GPU_IMPLS = ["floor", "moe_scale", "titan"]
+
+
+def _gpu_hidden(d: int) -> int:
+    return 2 * d
+
+
+def _gpu_build(impl: str, E: int, S: int, d: int, dtype):
+    """(step, layer-or-None) for one GPU implementation: a forward + backward on one input."""
+    import torch
+    import torch.nn.functional as F
+
+    dev, h = "cuda", _gpu_hidden(d)
+    torch.manual_seed(0)
+    x = torch.randn(S, d, dtype=dtype, device=dev, requires_grad=True)
+    grad_out = torch.randn(S, d, dtype=dtype, device=dev)
+
+    def param(*shape, fan_in):
+        return (torch.randn(*shape, device=dev) * fan_in**-0.5).to(dtype).requires_grad_()
+
+    if impl in ("moe_scale", "floor"):
+        from moe_scale import MoELayer
+
+        layer = MoELayer(d, E, k=K, dropless=True, activation="swiglu", d_hidden=h, backend="core",
+                         aux_loss=dict(switch=0.01)).to(dev, dtype)
+
+        def layer_step():
+            y, stats = layer(x)
+            torch.autograd.backward([y, stats.aux_loss], [grad_out, None])
+
+        if impl == "moe_scale":
+            return layer_step
+        # The floor: the router GEMM and the three expert GEMMs (with the SwiGLU between them)
+        # on the counts the layer routes this input to, nothing else.
+        with torch.no_grad():
+            counts_E = layer(x)[1].tokens_per_expert_E
+        offs = torch.cumsum(counts_E, 0, dtype=torch.int32)
+        M = K * S
+        w_gate = param(d, E, fan_in=d)
+        w1, w3, w2 = param(E, d, h, fan_in=d), param(E, d, h, fan_in=d), param(E, h, d, fan_in=h)
+        x_M = torch.randn(M, d, dtype=dtype, device=dev, requires_grad=True)
+        g_logits = torch.randn(S, E, dtype=dtype, device=dev)
+        g_y = torch.randn(M, d, dtype=dtype, device=dev)
+        del layer
+
+        def floor_step():
+            logits = x @ w_gate
+            a = F.silu(torch._grouped_mm(x_M, w1, offs=offs)) * torch._grouped_mm(x_M, w3, offs=offs)
+            torch.autograd.backward([logits, torch._grouped_mm(a, w2, offs=offs)], [g_logits, g_y])
+
+        return floor_step
+
+    if impl == "titan":
+        # torchtitan-style dropless token choice: softmax over the router logits, top-k scores
+        # as combine weights, per-expert counts by a scatter-add on the device, tokens
+        # permuted by a stable argsort, three `_grouped_mm` calls on the device offsets, the
+        # weighted outputs scattered back (index_add). No value leaves the device. (torchtitan
+        # also pads each expert's rows to an aligned multiple; not done here.)
+        w_gate = param(d, E, fan_in=d)
+        w1, w3, w2 = param(E, d, h, fan_in=d), param(E, d, h, fan_in=d), param(E, h, d, fan_in=h)
+
+        def titan_step():
+            scores = torch.softmax((x @ w_gate).float(), -1)
+            top_scores, top_idx = scores.topk(K, -1)
+            flat = top_idx.reshape(-1)
+            counts = torch.zeros(E, dtype=torch.int32, device=dev).scatter_add_(
+                0, flat, torch.ones_like(flat, dtype=torch.int32))
+            offs = torch.cumsum(counts, 0, dtype=torch.int32)
+            order = torch.argsort(flat, stable=True)
+            token = order // K
+            x_M = x.index_select(0, token)
+            a = F.silu(torch._grouped_mm(x_M, w1, offs=offs)) * torch._grouped_mm(x_M, w3, offs=offs)
+            y_M = torch._grouped_mm(a, w2, offs=offs) * top_scores.reshape(-1)[order, None].to(dtype)
+            y = torch.zeros_like(x).index_add(0, token, y_M)
+            y.backward(grad_out)
+
+        return titan_step
+
+    raise ValueError(f"unknown GPU implementation {impl} (GPU mode runs {GPU_IMPLS})")
+
+
+def _cuda_median_seconds(step, warmup: int, repeats: int) -> float:
+    import torch
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def count_host_syncs(step) -> int:
+    """Host syncs of one call of `step`: the warnings `torch.cuda.set_sync_debug_mode("warn")`
+    raises for each synchronizing CUDA call (item, tolist, nonzero, copies to the host, ...)."""
+    import warnings
+
+    import torch
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    return sum("synchroniz" in str(w.message).lower() for w in caught)
+
+
+def _gpu_measure(impl: str, E: int, S: int, d: int, dtype_name: str, warmup: int, repeats: int) -> dict:
+    import gc
+
+    import torch
+
+    result = {"impl": impl, "variant": impl, "E": E, "S": S, "d": d, "h": _gpu_hidden(d), "dtype": dtype_name}
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step = None
+    try:
+        step = _gpu_build(impl, E, S, d, getattr(torch, dtype_name))
+        step()  # first call: kernel selection and allocator growth, outside the sync count
+        syncs = count_host_syncs(step)
+        time_s = _cuda_median_seconds(step, warmup, repeats)
+        result.update(status="ok", time_s=time_s, peak_bytes=torch.cuda.max_memory_allocated() - base,
+                      syncs_per_step=syncs)
+    except torch.OutOfMemoryError as err:
+        result.update(status="oom", error=str(err)[:300])
+    except Exception as err:  # an implementation that fails on a shape is reported, not fatal
+        result.update(status="error", error=f"{type(err).__name__}: {err}"[:300])
+    finally:
+        step = None
+        gc.collect()
+        torch.cuda.empty_cache()
+    return result
+
+
+def _write_json(out: Path, meta: dict, rows: list[dict]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(json.dumps({**meta, "when": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows}, indent=1))
+    tmp.replace(out)
+
+
+def gpu_main(args) -> int:
+    """`--device cuda`: every row and implementation in this process, the JSON rewritten after each."""
+    try:
+        import torch
+    except ImportError:
+        print("moe_layer.py --device cuda needs torch", file=sys.stderr)
+        return 2
+    if not torch.cuda.is_available():
+        print("moe_layer.py --device cuda: no CUDA device here; nothing measured "
+              "(the CPU benchmark is `python benchmarks/moe_layer.py`)", file=sys.stderr)
+        return 2
+    if not hasattr(torch, "_grouped_mm"):
+        print(f"moe_layer.py --device cuda: torch {torch.__version__} has no torch._grouped_mm", file=sys.stderr)
+        return 2
+    torch.backends.cuda.matmul.allow_tf32 = False
+    impls = [i for i in args.impls.split(",") if i in GPU_IMPLS] if args.impls != ",".join(IMPLS) else GPU_IMPLS
+    dtypes = args.dtypes.split(",") if args.dtypes_given else ["bfloat16"]
+    out = Path(args.out if args.out_given else Path(__file__).parent / "results" / "moe_layer_cuda.json")
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "k": K, "dropless": True,
+            "activation": "swiglu", "warmup": args.warmup, "repeats": args.repeats}
+    results: list[dict] = []
+    for E, S, d in parse_rows(args.rows, GPU_ROWS):
+        for dtype in dtypes:
+            for impl in impls:
+                r = _gpu_measure(impl, E, S, d, dtype, max(args.warmup, 3), max(args.repeats, 10))
+                t = f"{r['time_s'] * 1e3:9.3f} ms" if r.get("status") == "ok" else r.get("status", "?").upper()
+                m = (f"{r['peak_bytes'] / 2**20:9.0f} MiB  {r['syncs_per_step']} syncs" if r.get("status") == "ok"
+                     else r.get("error", "")[:120])
+                print(f"  {impl:10s} E={E:5d} S={S:6d} d={d:5d} {dtype:9s} {t}  {m}", file=sys.stderr, flush=True)
+                results.append(r)
+                _write_json(out, meta, results)  # row by row: a crash keeps what was measured
+    print(_table(results))
+    print(f"\nwrote {out}", file=sys.stderr)
+    return 0
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--worker", nargs=5, metavar=("IMPL", "E", "S", "D", "DTYPE"))
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: the GPU mode (see the module docstring), bfloat16 unless --dtypes is given")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--impls", default=",".join(IMPLS))
@@ -346,6 +604,8 @@ def main():
                    help="processes per implementation and row, interleaved; the median is reported "
                         "and the range of the per-trial ratio to the floor")
     p.add_argument("--timeout", type=int, default=900, help="seconds per implementation and row")
+    p.add_argument("--threads", type=int, default=0,
+                   help="intra-op threads of every worker (torch.set_num_threads); 0: torch's default")
     p.add_argument("--mem-limit-gb", type=float, default=20.0)
     p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
                    help="every worker (floor and peers alike) keeps freed host memory (see module docstring)")
@@ -357,12 +617,21 @@ def main():
                         "default: the same input every step")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "moe_layer.json"))
     args = p.parse_args()
+    args.dtypes_given = any(a.startswith("--dtypes") for a in sys.argv[1:])
+    args.out_given = any(a.startswith("--out") for a in sys.argv[1:])
+    if args.device == "cuda":
+        return gpu_main(args)
     if args.worker:
         impl, E, S, d, dtype = args.worker
         _worker(impl, int(E), int(S), int(d), dtype, args.warmup, args.repeats, int(args.mem_limit_gb * 2**30),
-                args.keep_freed_memory, args.vary_input, args.never_mmap, args.min_seconds)
+                args.keep_freed_memory, args.vary_input, args.never_mmap, args.min_seconds, args.threads)
         return
     results = []
+    out = Path(args.out)
+    meta = {"k": K, "capacity_factor": CAPACITY_FACTOR, "keep_freed_memory": args.keep_freed_memory,
+            "never_mmap": args.never_mmap, "trials": args.trials, "vary_input": args.vary_input,
+            "warmup": args.warmup, "repeats": args.repeats, "min_seconds": args.min_seconds,
+            "threads": args.threads, "impls": args.impls, "loadavg_before": _loadavg()}
     for E, S, d in parse_rows(args.rows, QUICK_ROWS if args.quick else ROWS):
         for dtype in args.dtypes.split(","):
             impls = impls_for_row(args.impls, E)
@@ -370,20 +639,17 @@ def main():
             for _ in range(args.trials):  # implementations interleaved within each trial
                 for impl in impls:
                     r = _run_one(impl, E, S, d, dtype, args)
-                    print(f"  {impl:15s} E={E:5d} S={S:6d} d={d:4d} {dtype:9s} {_fmt_time(r):>10s} ms  "
+                    cpu_ms = f"{r['cpu_time_s'] * 1e3:10,.1f} ms CPU" if r.get("status") == "ok" else ""
+                    print(f"  {impl:15s} E={E:5d} S={S:6d} d={d:4d} {dtype:9s} {_fmt_time(r):>10s} ms  {cpu_ms}  "
                           f"{_fmt_mem(r):>8s} MiB", file=sys.stderr, flush=True)
                     runs[impl].append(r)
             results += _median_trials(runs)
+            # row by row: a run cut short (a timeout, a crash) keeps the rows it measured
+            _write_json(out, {**meta, "loadavg_after": _loadavg(), "complete": False}, results)
+    _write_json(out, {**meta, "loadavg_after": _loadavg(), "complete": True}, results)
     print(_table(results))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"k": K, "capacity_factor": CAPACITY_FACTOR, "keep_freed_memory": args.keep_freed_memory,
-                               "never_mmap": args.never_mmap,
-                               "trials": args.trials, "vary_input": args.vary_input, "warmup": args.warmup,
-                               "repeats": args.repeats, "min_seconds": args.min_seconds,
-                               "when": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": results}, indent=1))
     print(f"\nwrote {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

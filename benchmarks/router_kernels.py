@@ -1,9 +1,10 @@
-"""Softmax top-k router, forward + backward on CPU: fused kernels vs the eager ATen path.
+"""Softmax top-k router, forward + backward on CPU: the CPU backend's fused kernels vs the core path.
 
-Times `topk_softmax_router` (the chunked router of the `topk` / `switch` layers: logits GEMM,
-top-k, softmax, log-sum-exp, probability column sums, and the logit gradient with its two
-GEMMs) with `MOE_SCALE_CPU_KERNELS=auto` (the kernels of moe/csrc/router_kernels.cpp) and
-`=eager`, each in its own process, interleaved, median of the timed steps per process and the
+Times the softmax top-k of the `topk` / `switch` layers (logits GEMM, top-k, softmax,
+log-sum-exp, probability column sums, and the logit gradient with its two GEMMs) as the CPU
+backend runs it (`moe_scale.moe.cpu.router.fused_softmax_topk`, moe/cpu/csrc/router_kernels.cpp;
+mode "fused") and as the core path runs it (`moe_scale.moe.routing.softmax_topk`; mode
+"eager"), each in its own process, interleaved, median of the timed steps per process and the
 median over trials. Every process calls `keep_freed_host_memory()` first, as the layer
 benchmark does.
 
@@ -15,31 +16,41 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-MODES = ("auto", "eager")
+MODES = ("auto", "eager")  # the CPU backend's fused router, the core path's
 
 
-def _worker(E: int, S: int, d: int, dtype_name: str, k: int, warmup: int, repeats: int) -> None:
+def _worker(E: int, S: int, d: int, dtype_name: str, k: int, warmup: int, repeats: int, mode: str) -> None:
+    import importlib
+
     import torch
     from moe_layer import median_step_seconds  # benchmarks/ is on sys.path: this file runs as a script
     from moe_scale.distributed.host_memory import keep_freed_host_memory
-    from moe_scale.moe.cpu_kernels import kernels_for
-    from moe_scale.moe.topk_softmax import topk_softmax_router
+    from moe_scale.moe.cpu.kernels import kernels_for
+    from moe_scale.moe.routing import softmax_topk
+
+    cpu_router = importlib.import_module("moe_scale.moe.cpu.router")
 
     keep_freed_host_memory()
     dtype = getattr(torch, dtype_name)
     torch.manual_seed(0)
     x = torch.randn(S, d, dtype=dtype, requires_grad=True)
     w = (0.02 * torch.randn(d, E, dtype=dtype)).requires_grad_()
-    fused = kernels_for(x) is not None
+    fused = mode == "auto" and kernels_for(x) is not None
+
+    def route():
+        if fused:
+            weight, _, prob_sum, lse_sq, _ = cpu_router.fused_softmax_topk(x, w, k, True)
+            return weight, prob_sum, lse_sq
+        weight, _, prob_sum, lse = softmax_topk(x, w, k, True)
+        return weight, prob_sum, (lse * lse).sum()
 
     def step():
-        weight, _, prob_sum, lse_sq, _ = topk_softmax_router(x, w, k, True)
+        weight, prob_sum, lse_sq = route()
         (weight.sum() + 1e-3 * prob_sum.sum() + 1e-3 * lse_sq).backward()
 
     time_s = median_step_seconds(step, warmup, repeats)
@@ -48,10 +59,9 @@ def _worker(E: int, S: int, d: int, dtype_name: str, k: int, warmup: int, repeat
 
 def _run(mode: str, args, dtype: str) -> dict:
     E, S, d = args.shape
-    env = dict(os.environ, MOE_SCALE_CPU_KERNELS=mode)
     cmd = [sys.executable, __file__, "--worker", str(E), str(S), str(d), dtype, "--k", str(args.k),
-           "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+           "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--mode", mode]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
 
 
@@ -64,11 +74,12 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--worker", nargs=4, metavar=("E", "S", "D", "DTYPE"))
+    p.add_argument("--mode", choices=MODES, default="auto", help=argparse.SUPPRESS)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "router_kernels.json"))
     args = p.parse_args()
     if args.worker:
         E, S, d, dtype = args.worker
-        _worker(int(E), int(S), int(d), dtype, args.k, args.warmup, args.repeats)
+        _worker(int(E), int(S), int(d), dtype, args.k, args.warmup, args.repeats, args.mode)
         return
     args.shape = tuple(int(v) for v in args.shape.split(":"))
     rows = []

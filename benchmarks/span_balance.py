@@ -1,7 +1,7 @@
 """How the compiled span loop shares the experts between threads, fwd+bwd of the expert MLP on CPU.
 
 `csrc/mlp_kernels.cpp` runs one group of experts per intra-op thread and the layer waits for
-the slowest. `_Blocks` makes the groups (moe/grouped_mlp.py):
+the slowest. `_Blocks` makes the groups (moe/cpu/grouped_mlp.py):
 
 - contiguous: neighbouring experts, about 1/threads of the rows each (bucketed spans need it);
 - balanced: a partition of the experts by row count (exact for two groups);
@@ -49,14 +49,17 @@ def main():
     args = p.parse_args()
 
     from moe_scale.distributed.host_memory import keep_freed_host_memory
-    from moe_scale.moe import grouped_mlp
+    import importlib
+
+    grouped_mlp = importlib.import_module("moe_scale.moe.cpu.grouped_mlp")
+    from moe_scale.moe import cpu
     from moe_scale.moe.experts import GroupedExperts
 
     keep_freed_host_memory()
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     d = 128
-    experts = GroupedExperts(8, d, 4 * d, "relu", method="loop").to(dtype)
+    experts = GroupedExperts(8, d, 4 * d, "relu", fused=cpu.expert_mlp).to(dtype)  # the CPU backend
     rows = []
     print(f"| routing | threads | {' | '.join(f'{v} ms' for v in VARIANTS)} | heaviest group rows (contiguous, balanced, split) |")
     print("|---|---|" + "---|" * len(VARIANTS) + "---|")
@@ -74,7 +77,7 @@ def main():
                 steps = []
                 for i in range(args.steps + 3):
                     t0 = time.perf_counter()
-                    experts(x, counts).backward(grad)
+                    experts(x, torch.tensor(counts)).backward(grad)
                     steps.append(time.perf_counter() - t0)
                 times[variant].append(statistics.median(steps[3:]))
         row = {"routing": name, "counts": counts, "dtype": args.dtype, "threads": torch.get_num_threads(),

@@ -7,11 +7,14 @@ matters most next to the GEMMs), `keep_freed_host_memory()` as in moe_layer.py:
   shape, a sum over 8192 floats) right after a layer step (forward and backward), against the
   same ops repeated in a loop of their own. After a step the expert GEMMs have streamed tens
   of MiB through the caches, and every op meets cold code and data.
-- the dispatch plan: `plan_dispatch` of the layer's routing with the compiled pass
-  (csrc/dispatch_kernels.cpp) and on the eager ATen path, each repeated in a loop.
+- the dispatch plan: `plan_dispatch` of the layer's routing (the core path's static-shape
+  plan, the same on every backend), repeated in a loop.
 - the fixed cost of a step: forward + backward of the same layer with 1024 tokens and experts
-  of hidden size 2, where the GEMMs are next to nothing (the compiled expert loop still runs:
-  it takes 1024 x 2 rows > 8 experts x d).
+  of hidden size 2, where the GEMMs are next to nothing, with `backend="core"` and, where the
+  CPU kernels run, `backend="cpu"` (the compiled expert loop runs: it takes 1024 x 2 rows > 8
+  experts x d).
+
+The layer of the first two is built with `backend="auto"` (cpu where the kernels run).
 
     python benchmarks/step_overheads.py
     python benchmarks/step_overheads.py --dtype float32
@@ -41,7 +44,7 @@ def main():
 
     from moe_scale import MoELayer
     from moe_scale.distributed.host_memory import keep_freed_host_memory
-    from moe_scale.moe import dispatch
+    from moe_scale.moe import cpu, dispatch
 
     keep_freed_host_memory()
     E, S, d, dtype = 8, 4096, 128, getattr(torch, args.dtype)
@@ -75,29 +78,27 @@ def main():
     with torch.no_grad():
         routing = layer.router(x.detach())
     capacity = layer.capacity(S)
-    plan_us, compiled = {}, dispatch.kernels_for
-    for mode in ("compiled", "eager"):
-        dispatch.kernels_for = compiled if mode == "compiled" else (lambda *t, **kw: None)
-        times = []
-        for _ in range(args.steps * 5):
-            t0 = time.perf_counter()
-            dispatch.plan_dispatch(routing, capacity)
-            times.append(time.perf_counter() - t0)
-        plan_us[mode] = _median_us(times[args.steps:])
-    dispatch.kernels_for = compiled
-    result["dispatch_plan_us"] = plan_us
+    times = []
+    for _ in range(args.steps * 5):
+        t0 = time.perf_counter()
+        dispatch.plan_dispatch(routing, capacity, layer.cfg.drop_policy)
+        times.append(time.perf_counter() - t0)
+    result["backend"] = layer.backend.name
+    result["dispatch_plan_us"] = _median_us(times[args.steps:])
 
     tiny_x = torch.randn(1024, d, dtype=dtype, requires_grad=True)
     tiny_grad = torch.randn(1024, d, dtype=dtype)
-    tiny = MoELayer(d, E, k=2, capacity_factor=1.25, activation="relu", aux_loss=dict(switch=0.01),
-                    d_hidden=2).to(dtype)
-    times = []
-    for i in range(args.steps * 5):
-        t0 = time.perf_counter()
-        y, stats = tiny(tiny_x)
-        torch.autograd.backward([y, stats.aux_loss], [tiny_grad, None])
-        times.append(time.perf_counter() - t0)
-    result["step_1024_tokens_hidden_2_us"] = _median_us(times[args.steps:])
+    result["step_1024_tokens_hidden_2_us"] = {}
+    for backend in ("core", "cpu") if cpu.available() else ("core",):
+        tiny = MoELayer(d, E, k=2, capacity_factor=1.25, activation="relu", aux_loss=dict(switch=0.01),
+                        d_hidden=2, backend=backend).to(dtype)
+        times = []
+        for i in range(args.steps * 5):
+            t0 = time.perf_counter()
+            y, stats = tiny(tiny_x)
+            torch.autograd.backward([y, stats.aux_loss], [tiny_grad, None])
+            times.append(time.perf_counter() - t0)
+        result["step_1024_tokens_hidden_2_us"][backend] = _median_us(times[args.steps:])
     print(json.dumps(result, indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
