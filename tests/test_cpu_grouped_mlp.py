@@ -5,50 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 import torch.utils._python_dispatch
-from torch import nn
 
 from moe_scale.moe import GroupedExperts
 from moe_scale.moe.cpu import grouped_mlp
+from tests.test_grouped_gemm import _linear_reference, _run_reference
 
 
 def _span_mlp(experts: GroupedExperts, x, counts, method):
     return grouped_mlp.grouped_mlp(x, *experts.weights(x.dtype), list(counts), method, experts.activation)
-
-
-def _linear_reference(experts: GroupedExperts):
-    """The same experts as nn.Linear modules: lin1 (+ gate lin3 for SwiGLU), lin2."""
-    bias = experts.b1 is not None
-    mods = []
-    for e in range(experts.num_experts):
-        lin1 = nn.Linear(experts.d_model, experts.d_hidden, bias=bias).double()
-        lin2 = nn.Linear(experts.d_hidden, experts.d_model, bias=bias).double()
-        lin3 = nn.Linear(experts.d_model, experts.d_hidden, bias=False).double() if experts.w3 is not None else None
-        with torch.no_grad():
-            lin1.weight.copy_(experts.w1[e].t())
-            lin2.weight.copy_(experts.w2[e].t())
-            if bias:
-                lin1.bias.copy_(experts.b1[e])
-                lin2.bias.copy_(experts.b2[e])
-            if lin3 is not None:
-                lin3.weight.copy_(experts.w3[e].t())
-        mods.append((lin1, lin2, lin3))
-    return mods
-
-
-def _run_reference(mods, activation, x_Md, counts):
-    outs = []
-    for (lin1, lin2, lin3), x in zip(mods, torch.split(x_Md, counts)):
-        h = lin1(x)
-        if activation == "relu":
-            h = F.relu(h)
-        elif activation == "gelu":
-            h = F.gelu(h)
-        else:
-            h = F.silu(h) * lin3(x)
-        outs.append(lin2(h))
-    return torch.cat(outs)
 
 
 @pytest.mark.parametrize("counts", [[4, 0, 7, 1, 3], [2, 5, 0, 4]])

@@ -5,24 +5,8 @@ from __future__ import annotations
 import pytest
 
 from moe_scale.train.checkpoint import MANIFEST, CheckpointError, verify_checkpoint
-from moe_scale.train.config import load_config
-from moe_scale.train.trainer import Trainer
-from tests.trainer_utils import CONFIGS, cli, tiny
-
-DEBUG = str(CONFIGS / "lm_debug.yaml")
-
-
-def _trainer(tmp_path, *extra):
-    return Trainer(load_config(DEBUG, tiny(tmp_path / "run", *extra)))
-
-
-@pytest.fixture
-def saved(tmp_path):
-    t = _trainer(tmp_path)
-    t.train_step()
-    path = t.save_checkpoint()
-    t.metrics.close()
-    return path
+from tests.test_checkpoint import DEBUG, _trainer, saved  # noqa: F401 - the fixture of a saved one-step run
+from tests.trainer_utils import cli, tiny
 
 
 def test_truncated_checkpoint_gives_a_clear_error(saved, tmp_path):
