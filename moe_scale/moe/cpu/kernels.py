@@ -9,8 +9,8 @@
                                  compiled ahead of time (oneDNN JIT-compiles and keeps a kernel
                                  per GEMM shape), ReLU and its backward fused in
 
-The build is keyed by the sources, the CPU's flags and the torch version, so checkouts of
-different code and machines of different CPUs never load each other's build. A build left
+The build is keyed by the sources (their folder and contents), the CPU's flags and the torch
+version, so two checkouts, or machines of different CPUs, never share or load each other's build. A build left
 locked by a killed process is taken over once nothing in its build folder has changed for
 `STALE_LOCK_SECONDS` (a live build writes an object file every few seconds to minutes); a lock
 held by a live build is waited on for at most `LOCK_WAIT_SECONDS`, after which the layer warns
@@ -53,7 +53,9 @@ def has_avx512() -> bool:
 
 
 def build_name() -> str:
-    digest = hashlib.sha1()
+    """Keyed by the sources' folder and contents, the CPU's flags and torch: two checkouts never
+    share a build folder (each load rewrites its build file with its own paths)."""
+    digest = hashlib.sha1(str(CSRC.resolve()).encode())
     for name in sorted(p.name for p in CSRC.iterdir()):
         digest.update(name.encode())
         digest.update((CSRC / name).read_bytes())
