@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from moe_scale.distributed.launch import join_with_progress
 from moe_scale.train import checkpoint as ckpt_mod
 from moe_scale.train.checkpoint import (
     Checkpointer,
@@ -186,10 +187,7 @@ def test_experts_are_keyed_by_global_index_across_ep_sizes(tmp_path):
              for r in range(2)]
     for p in procs:
         p.start()
-    for p in procs:
-        p.join(timeout=120)
-        if p.is_alive():
-            p.kill()
+    join_with_progress(procs, timeout=120)
     assert [p.exitcode for p in procs] == [0, 0]
     assert sorted(results.get(timeout=5) for _ in range(2)) == [(0, True), (1, True)]  # EP=1 loaded at EP=2
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import socket
-import subprocess
 import sys
 
 import pytest
 import torch
 import torch.distributed as dist
 
+from moe_scale.distributed.launch import run_with_progress
 from tests.trainer_utils import CONFIGS, REPO, checkpoint_tensors, cli_env, read_jsonl, tiny
 
 pytest.importorskip("deepspeed")
@@ -97,7 +97,7 @@ def test_deepspeed_launcher_two_cpu_processes(tmp_path):
     cmd = [str(REPO / "launcher" / "deepspeed.sh"), str(CONFIGS / "lm_cpu_deepspeed.yaml"),
            *tiny(run, "parallel.dist_backend=gloo", "train.max_steps=6", "train.eval_every=6")]
     env = cli_env(NUM_GPUS="2", MASTER_PORT=str(_free_port()), PYTHON=sys.executable)
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_with_progress(cmd, 300, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = read_jsonl(run / "metrics.jsonl")
     assert [r["step"] for r in rows if "loss" in r] == [5, 6] and any("val_loss" in r for r in rows)

@@ -12,7 +12,7 @@ import time
 import pytest
 import yaml
 
-from moe_scale.distributed.launch import RankFailure, run_local
+from moe_scale.distributed.launch import RankFailure, run_local, run_with_progress
 from moe_scale.train.runtime import launcher_ranks
 from tests.trainer_utils import CONFIGS, REPO, cli_env, read_jsonl, tiny
 
@@ -74,7 +74,7 @@ def test_accelerate_multi_cpu_launch_runs_two_ranks(tmp_path):
            "-m", "moe_scale.cli", "train", str(CONFIGS / "lm_cpu_multirank.yaml"),
            *tiny(run, "train.max_steps=5", "data.batch_size=4")]
     env = cli_env(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    proc = run_with_progress(cmd, 240, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
     assert rows[-1]["tokens_seen"] == 5 * 4 * 32 * 2  # steps x batch x seq_len x 2 ranks
@@ -108,3 +108,12 @@ def test_run_local_stops_ranks_that_make_no_progress():
     with pytest.raises(RankFailure, match="no progress"):
         run_local(_one_rank_sleeps, 2, timeout=3.0)
     assert time.monotonic() - started < 25
+
+
+def test_run_with_progress_follows_cpu_time_not_wall_time():
+    busy = [sys.executable, "-c", "import time\nend = time.monotonic() + 4\nwhile time.monotonic() < end: pass"]
+    assert run_with_progress(busy, 2.0).returncode == 0  # 4 s of work against a 2 s stall timeout
+    started = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_with_progress([sys.executable, "-c", "import time; time.sleep(60)"], 2.0)
+    assert time.monotonic() - started < 30

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import time
 
@@ -12,6 +11,7 @@ from torch import nn
 
 from moe_scale.train.config import load_config
 from moe_scale.train.trainer import Trainer, TrainingDiverged
+from moe_scale.distributed.launch import run_with_progress
 from tests.trainer_utils import CONFIGS, HF_CACHE, REPO, checkpoint_tensors, cli_env, read_jsonl, tiny
 
 
@@ -111,14 +111,13 @@ def test_dense_model_trains(tmp_path):
 def _torchrun(nproc, *args, timeout=240):
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--rdzv-backend=c10d",
            "--rdzv-endpoint=localhost:0", *args]
-    return subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=timeout)
+    return run_with_progress(cmd, timeout, cwd=REPO, env=cli_env())
 
 
 def _torchrun_script(nproc, config, *overrides, timeout=240):
     """launcher/torchrun.sh: one node, rendezvous on localhost:0 (a free port)."""
     env = cli_env(NPROC_PER_NODE=str(nproc), PYTHON=sys.executable)
-    return subprocess.run([str(REPO / "launcher" / "torchrun.sh"), config, *overrides], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return run_with_progress([str(REPO / "launcher" / "torchrun.sh"), config, *overrides], timeout, cwd=REPO, env=env)
 
 
 def test_ddp_on_two_processes_equals_one_process_with_the_whole_batch(tmp_path):
@@ -128,9 +127,8 @@ def test_ddp_on_two_processes_equals_one_process_with_the_whole_batch(tmp_path):
     # and so amplifies float summation-order differences) does not decide the comparison.
     common = ["moe.dropless=true", "moe.aux_loss.switch=0", "train.deterministic=true", "train.max_steps=4",
               "train.eval_every=4", "optim.eps=1e-5"]
-    one = subprocess.run([sys.executable, "-m", "moe_scale.cli", "train", str(CONFIGS / "lm_debug.yaml"),
-                          *tiny(tmp_path / "one", "data.batch_size=8", *common)],
-                         cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=240)
+    one = run_with_progress([sys.executable, "-m", "moe_scale.cli", "train", str(CONFIGS / "lm_debug.yaml"),
+                             *tiny(tmp_path / "one", "data.batch_size=8", *common)], 240, cwd=REPO, env=cli_env())
     assert one.returncode == 0, one.stderr[-3000:]
     two = _torchrun_script(2, str(CONFIGS / "lm_debug.yaml"),
                            *tiny(tmp_path / "two", "data.batch_size=4", "parallel.dist_backend=gloo", *common))

@@ -14,6 +14,8 @@ os.environ["WANDB_MODE"] = "offline"
 
 import torch  # noqa: E402
 
+from moe_scale.distributed.launch import run_with_progress  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 HF_CACHE = Path(tempfile.gettempdir()) / "moe_scale_test_datasets_cache"
@@ -43,8 +45,8 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 
 def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "moe_scale.cli", *args], cwd=REPO, env=env or cli_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    """The CLI in a fresh interpreter; `timeout` is how long it may go without progress (CPU time)."""
+    return run_with_progress([sys.executable, "-m", "moe_scale.cli", *args], timeout, cwd=REPO, env=env or cli_env())
 
 
 def popen_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:

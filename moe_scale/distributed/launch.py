@@ -16,6 +16,7 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
+import subprocess
 import tempfile
 import time
 import traceback
@@ -117,37 +118,71 @@ HARD_TIMEOUT_FACTOR = 6
 _PROGRESS_CPU_SECONDS = 0.5
 
 
-def _cpu_seconds(procs) -> float | None:
-    """User + system CPU time of the live rank processes (Linux /proc), or None where unknown."""
-    total = 0.0
+def process_tree_cpu_seconds(pids: list[int]) -> float | None:
+    """User + system CPU time of the processes `pids`, their live descendants and the children
+    they have reaped (Linux /proc), or None where it cannot be read."""
     try:
         ticks = os.sysconf("SC_CLK_TCK")
-        for p in procs:
-            if p.is_alive():
-                with open(f"/proc/{p.pid}/stat") as f:
+        parent, times = {}, {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
                     fields = f.read().rsplit(")", 1)[1].split()
-                total += (int(fields[11]) + int(fields[12])) / ticks
+            except OSError:  # exited while we looked
+                continue
+            pid = int(entry)
+            parent[pid] = int(fields[1])
+            times[pid] = sum(int(v) for v in fields[11:15])  # utime stime cutime cstime
     except (OSError, ValueError, IndexError):
         return None
-    return total
+    roots, total = set(pids), 0
+    for pid, t in times.items():
+        p = pid
+        while p > 1 and p not in roots:
+            p = parent.get(p, 0)
+        if p in roots:
+            total += t
+    return total / ticks
+
+
+class ProgressClock:
+    """Expires after `timeout` seconds in which the process trees of `pids` used less than
+    `_PROGRESS_CPU_SECONDS` of CPU time, or after `HARD_TIMEOUT_FACTOR * timeout` in all (wall
+    time alone where /proc cannot be read)."""
+
+    def __init__(self, pids: list[int], timeout: float):
+        self.pids, self.timeout = pids, timeout
+        self.start = self.last_progress = time.monotonic()
+        self.cpu_mark = process_tree_cpu_seconds(pids)
+
+    def expired(self) -> bool:
+        now = time.monotonic()
+        cpu = process_tree_cpu_seconds(self.pids)
+        if cpu is not None and self.cpu_mark is not None and cpu - self.cpu_mark >= _PROGRESS_CPU_SECONDS:
+            self.last_progress, self.cpu_mark = now, cpu
+        return now - self.last_progress > self.timeout or now - self.start > HARD_TIMEOUT_FACTOR * self.timeout
+
+
+def join_with_progress(procs, timeout: float) -> None:
+    """Join multiprocessing processes, killing those still alive once `ProgressClock` expires."""
+    clock = ProgressClock([p.pid for p in procs], timeout)
+    while any(p.is_alive() for p in procs) and not clock.expired():
+        for p in procs:
+            p.join(timeout=0.5)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
 
 
 def _collect(procs, results, timeout: float) -> dict[int, tuple[bool, Any]]:
     """Wait for one (ok, value-or-traceback) per rank; dead or stalled ranks become failures."""
     outcomes: dict[int, tuple[bool, Any]] = {}
     dead_since: dict[int, float] = {}
-    start = last_progress = time.monotonic()
-    cpu_mark = _cpu_seconds(procs)
-
-    def waiting() -> bool:
-        nonlocal last_progress, cpu_mark
-        now = time.monotonic()
-        cpu = _cpu_seconds(procs)
-        if cpu is not None and cpu_mark is not None and cpu - cpu_mark >= _PROGRESS_CPU_SECONDS:
-            last_progress, cpu_mark = now, cpu
-        return now - last_progress < timeout and now - start < HARD_TIMEOUT_FACTOR * timeout
-
-    while len(outcomes) < len(procs) and waiting():
+    clock = ProgressClock([p.pid for p in procs], timeout)
+    while len(outcomes) < len(procs) and not clock.expired():
         try:
             rank, ok, payload = results.get(timeout=0.5)
             outcomes[rank] = (ok, payload)
@@ -164,3 +199,20 @@ def _collect(procs, results, timeout: float) -> dict[int, tuple[bool, Any]]:
     for r in range(len(procs)):
         outcomes.setdefault(r, (False, f"no result and no progress for {timeout:.0f}s (hang?)"))
     return outcomes
+
+
+def run_with_progress(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """`subprocess.run(cmd, capture_output=True, text=True, **kwargs)` where `timeout` is how long
+    the command's process tree may go without using CPU time (see `run_local`), at most
+    `HARD_TIMEOUT_FACTOR * timeout` in all; raises `subprocess.TimeoutExpired` past it."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs) as proc:
+        clock = ProgressClock([proc.pid], timeout)
+        while True:
+            try:
+                out, err = proc.communicate(timeout=1.0)
+                return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+            except subprocess.TimeoutExpired:
+                if clock.expired():
+                    proc.kill()
+                    out, err = proc.communicate()
+                    raise subprocess.TimeoutExpired(cmd, timeout, out, err) from None
