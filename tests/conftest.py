@@ -23,3 +23,16 @@ def wandb_run(tmp_path_factory):
 
     wandb.teardown()  # stops wandb's service process, which writes the run file in the background
     return run_dir
+
+
+# The per-test time limits are hang guards, not speed checks: multi-process tests detect a hang
+# themselves when their ranks stop using CPU time (moe_scale.distributed.launch.ProgressClock),
+# so a loaded machine may take several times their idle duration without failing.
+HANG_GUARD_FACTOR = 3
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        marker = item.get_closest_marker("timeout")
+        if marker is not None and marker.args:
+            item.add_marker(pytest.mark.timeout(marker.args[0] * HANG_GUARD_FACTOR), append=False)
