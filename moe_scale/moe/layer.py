@@ -21,7 +21,7 @@ from moe_scale.moe.config import MoEConfig
 from moe_scale.moe.dispatch import DispatchPlan, combine, permute, plan_dispatch, served_tokens
 from moe_scale.moe.experts import FusedExpertMLP, GroupedExperts, SharedExperts
 from moe_scale.moe.losses import BalanceWindow, aux_losses, weighted_names, weighted_total
-from moe_scale.moe.routing import ROUTERS, FusedSoftmaxTopK, RouterStats, capacity_for
+from moe_scale.moe.routing import ROUTERS, RouterStats, capacity_for
 
 
 @dataclass
@@ -70,14 +70,12 @@ class MoEStats:
 
 @dataclass(frozen=True)
 class ComputeBackend:
-    """Fused implementations of two steps of the layer, chosen once when the layer is built.
+    """A fused implementation of a step of the layer, chosen once when the layer is built.
 
-    softmax_topk   the softmax top-k router (switch, topk), or None for the core's plain ops
     expert_mlp     the expert MLP, or None for the core's grouped GEMMs
     """
 
     name: str
-    softmax_topk: FusedSoftmaxTopK | None = None
     expert_mlp: FusedExpertMLP | None = None
 
 
@@ -89,7 +87,7 @@ def resolve_backend(name: str) -> ComputeBackend:
 
     if name == "auto" and not cpu.available():
         return ComputeBackend("core")
-    return ComputeBackend("cpu", softmax_topk=cpu.softmax_topk, expert_mlp=cpu.expert_mlp)
+    return ComputeBackend("cpu", expert_mlp=cpu.expert_mlp)
 
 
 class MoELayer(nn.Module):
@@ -114,7 +112,7 @@ class MoELayer(nn.Module):
         self.cfg = cfg = MoEConfig(d_model=d_model, num_experts=num_experts, **options)
         self.backend = resolve_backend(cfg.backend)
         self.router_spec = ROUTERS[cfg.router]
-        self.router = self.router_spec.build(cfg, self.backend.softmax_topk)
+        self.router = self.router_spec.build(cfg)
         self.experts = GroupedExperts(
             num_experts, d_model, cfg.d_hidden, cfg.activation, bias=cfg.expert_bias, method=cfg.grouped_gemm,
             fused=self.backend.expert_mlp,

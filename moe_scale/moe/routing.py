@@ -34,9 +34,6 @@ from moe_scale.moe.grouped_gemm import group_ends, grouped_linear
 if TYPE_CHECKING:
     from moe_scale.moe.config import MoEConfig
 
-# (x_Sd, w_dE, k, renormalize) -> (weight_N, index_Sk, prob_sum_E, lse_sq_sum, top1_count_E | None),
-# or None where it does not apply: a backend's fused softmax top-k (moe/cpu/router.py).
-FusedSoftmaxTopK = Callable[[Tensor, Tensor, int, bool], tuple | None]
 
 
 @dataclass
@@ -262,8 +259,6 @@ class TopKRouter(nn.Module):
     sequence_balance  compute DeepSeek-V3's sequence-wise balance loss (`RouterStats.seq_balance`)
     jitter            multiply the router input by U(1-eps, 1+eps) in training (Switch)
     random_second     keep the 2nd expert with probability min(1, 2*g2) in training (GShard)
-    fused             a backend's fused softmax top-k (same function), or None for plain ops;
-                      used for plain softmax routing only
     """
 
     def __init__(
@@ -280,7 +275,6 @@ class TopKRouter(nn.Module):
         topk_groups: int = 0,
         bias_balancing: bool = False,
         sequence_balance: bool = False,
-        fused: FusedSoftmaxTopK | None = None,
     ):
         super().__init__()
         _check_k(k, num_experts)
@@ -293,7 +287,7 @@ class TopKRouter(nn.Module):
         self.renormalize = (k > 1 or score_func == "sigmoid") if renormalize is None else renormalize
         self.jitter, self.random_second, self.route_scale = jitter, random_second, route_scale
         self.num_groups, self.topk_groups = (num_groups, topk_groups) if num_groups > 1 else (0, 0)
-        self.fused, self.sequence_balance = fused, sequence_balance
+        self.sequence_balance = sequence_balance
         self.w_gate = nn.Parameter(torch.empty(d_model, num_experts))
         nn.init.normal_(self.w_gate, std=d_model**-0.5)
         self.register_buffer("expert_bias_E", torch.zeros(num_experts) if bias_balancing else None)
@@ -314,16 +308,7 @@ class TopKRouter(nn.Module):
         if self.training and self.jitter > 0:
             x_Sd = x_Sd * torch.empty_like(x_Sd).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         S, E = x_Sd.shape[0], self.num_experts
-        fused = None
-        if self.fused is not None and self.plain_softmax:
-            fused = self.fused(x_Sd, self.w_gate, self.k, self.renormalize)
-        share_SE = None
-        if fused is not None:
-            weight_N, index_Sk, prob_sum_E, lse_sq_sum, top1_count_E = fused
-            weight_Sk = weight_N.view(self.k, S).t()
-            z_loss = lse_sq_sum / max(S, 1)
-            top1_E = _top1_fraction(index_Sk, E) if top1_count_E is None else top1_count_E / max(S, 1)
-        elif self.plain_softmax:
+        if self.plain_softmax:
             weight_Sk, index_Sk, prob_sum_E, lse_S = softmax_topk(x_Sd, self.w_gate, self.k, self.renormalize)
             z_loss, top1_E = _z_loss(lse_S), _top1_fraction(index_Sk, E)
         else:
@@ -524,7 +509,7 @@ def capacity_for(num_tokens: int, num_experts: int, k: float, capacity_factor: f
 class RouterSpec:
     """What the layer and the config need to know of one routing policy.
 
-    build      MoEConfig (and a backend's fused softmax top-k, or None) -> the router module
+    build      MoEConfig -> the router module
     stats      the RouterStats fields it fills (a loss that needs another is refused)
     inputs     the keyword inputs its forward takes beyond x_Sd (token_ids, positions,
                expert_losses, capacity)
@@ -533,7 +518,7 @@ class RouterSpec:
     fixed_k    the only k it supports, or None
     """
 
-    build: Callable[[MoEConfig, FusedSoftmaxTopK | None], nn.Module]
+    build: Callable[[MoEConfig], nn.Module]
     stats: frozenset[str]
     inputs: tuple[str, ...] = ()
     options: frozenset[str] = frozenset()
@@ -544,47 +529,47 @@ _ALL_STATS = frozenset({"importance_E", "load_E", "prob_mean_E", "top1_frac_E", 
 
 ROUTERS: dict[str, RouterSpec] = {
     "noisy_topk": RouterSpec(
-        build=lambda cfg, fused: NoisyTopKRouter(cfg.d_model, cfg.num_experts, cfg.k),
+        build=lambda cfg: NoisyTopKRouter(cfg.d_model, cfg.num_experts, cfg.k),
         stats=_ALL_STATS,
     ),
     "switch": RouterSpec(
-        build=lambda cfg, fused: TopKRouter(cfg.d_model, cfg.num_experts, k=1, renormalize=False,
-                                            jitter=cfg.jitter, fused=fused),
+        build=lambda cfg: TopKRouter(cfg.d_model, cfg.num_experts, k=1, renormalize=False,
+                                            jitter=cfg.jitter),
         stats=frozenset({"importance_E", "prob_mean_E", "top1_frac_E", "z_loss"}),
         options=frozenset({"jitter"}),
         fixed_k=1,
     ),
     "topk": RouterSpec(
-        build=lambda cfg, fused: TopKRouter(
+        build=lambda cfg: TopKRouter(
             cfg.d_model, cfg.num_experts, k=cfg.k, renormalize=cfg.renormalize, jitter=cfg.jitter,
             random_second=cfg.random_second, score_func=cfg.score_func, route_scale=cfg.route_scale,
             num_groups=cfg.num_groups, topk_groups=cfg.topk_groups, bias_balancing=cfg.bias_update_rate > 0,
-            sequence_balance=cfg.aux_loss.seq > 0, fused=fused),
+            sequence_balance=cfg.aux_loss.seq > 0),
         stats=frozenset({"importance_E", "prob_mean_E", "top1_frac_E", "z_loss", "seq_balance"}),
         inputs=("num_sequences",),
         options=frozenset({"jitter", "random_second", "renormalize", "score_func", "route_scale", "num_groups",
                            "topk_groups", "bias_update_rate"}),
     ),
     "expert_choice": RouterSpec(
-        build=lambda cfg, fused: ExpertChoiceRouter(cfg.d_model, cfg.num_experts),
+        build=lambda cfg: ExpertChoiceRouter(cfg.d_model, cfg.num_experts),
         stats=frozenset({"prob_mean_E", "z_loss"}),
         inputs=("capacity",),
     ),
     "hash": RouterSpec(
-        build=lambda cfg, fused: HashRouter(cfg.num_experts),
+        build=lambda cfg: HashRouter(cfg.num_experts),
         stats=frozenset(),
         inputs=("token_ids", "positions"),
         fixed_k=1,
     ),
     "hierarchical": RouterSpec(
-        build=lambda cfg, fused: HierarchicalRouter(
+        build=lambda cfg: HierarchicalRouter(
             cfg.d_model, cfg.hierarchical_groups, cfg.num_experts // cfg.hierarchical_groups,
             k_groups=cfg.hierarchical_k_groups, k_experts=cfg.k),
         stats=frozenset({"importance_E", "load_E", "top1_frac_E", "z_loss"}),
         options=frozenset({"hierarchical_groups", "hierarchical_k_groups"}),
     ),
     "min_loss": RouterSpec(
-        build=lambda cfg, fused: MinLossRouter(cfg.num_experts),
+        build=lambda cfg: MinLossRouter(cfg.num_experts),
         stats=frozenset({"top1_frac_E"}),
         inputs=("expert_losses",),
         fixed_k=1,

@@ -1,13 +1,11 @@
-"""The CPU kernel backend: fused C++ kernels (csrc/) for two parts of the layer on CPU tensors.
+"""The CPU kernel backend: fused C++ kernels (csrc/) for the expert MLP on CPU tensors.
 
-    softmax_topk   the softmax top-k router in chunks, keeping at most one `[S, E]` tensor
-                   (router.py; csrc/router_kernels.cpp)
     expert_mlp     the expert MLP's span loop, one group of experts per thread, with a native
                    bf16 GEMM on AVX512-BF16 CPUs (grouped_mlp.py; csrc/mlp_kernels.cpp,
                    bf16_gemm.cpp, activation_kernels.cpp)
 
-A layer built with `backend="cpu"` (or "auto" where `kernels.available()`) hands these two
-steps to this package; everything else, and every tensor that is not a float32 / bfloat16 CPU
+A layer built with `backend="cpu"` (or "auto" where `kernels.available()`) hands this step to
+this package; everything else, and every tensor that is not a float32 / bfloat16 CPU
 tensor or is being traced by torch.compile, runs the core path, which is the reference the
 tests hold these kernels to. The counts are read on the host here: CPU tensors have no device
 to sync with.
@@ -21,11 +19,8 @@ from torch import Tensor
 from moe_scale.moe.cpu import grouped_mlp
 from moe_scale.moe.cpu.kernels import available, kernels_for
 from moe_scale.moe.cpu.layouts import choose_layout
-from moe_scale.moe.cpu.router import fused_softmax_topk
 
-__all__ = ["available", "expert_mlp", "softmax_topk"]
-
-softmax_topk = fused_softmax_topk
+__all__ = ["available", "expert_mlp"]
 
 
 def expert_mlp(experts, x_Md: Tensor, counts_E: Tensor) -> Tensor | None:

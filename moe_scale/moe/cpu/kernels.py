@@ -1,8 +1,5 @@
 """Building and loading the CPU kernels (csrc/), compiled with the host's compiler on first use.
 
-    csrc/router_kernels.cpp      softmax top-k router: per logit row held in L1, top-k, softmax,
-                                 log-sum-exp and column sums (forward), the logit gradient
-                                 (backward); with up to 16 experts the router's GEMMs too
     csrc/activation_kernels.cpp  in-place ReLU and its backward on the raw bit patterns
     csrc/mlp_kernels.cpp         the expert MLP's span loop, one group of experts per thread
     csrc/bf16_gemm.cpp           the span loop's bfloat16 GEMMs on CPUs with AVX512-BF16,
@@ -31,7 +28,7 @@ from types import ModuleType
 import torch
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ["module.cpp", "router_kernels.cpp", "activation_kernels.cpp", "mlp_kernels.cpp", "bf16_gemm.cpp"]
+SOURCES = ["module.cpp", "activation_kernels.cpp", "mlp_kernels.cpp", "bf16_gemm.cpp"]
 GEMM_ENV = "MOE_SCALE_BF16_GEMM"
 _GEMM_MODES = ("native", "aten")
 LOCK_WAIT_SECONDS = 600.0

@@ -5,19 +5,6 @@
 
 #include <torch/extension.h>
 
-torch::Tensor router_forward(torch::Tensor logits, std::optional<torch::Tensor> prob_out, torch::Tensor weight,
-                             torch::Tensor top_idx, torch::Tensor lse, int64_t k, bool renormalize);
-void router_backward(torch::Tensor prob, torch::Tensor g_prob, torch::Tensor lse, double g_lse_sq, torch::Tensor idx,
-                     torch::Tensor weight, std::optional<torch::Tensor> g_weight, bool renormalize,
-                     torch::Tensor grad_out, bool from_logits);
-std::vector<torch::Tensor> router_forward_gemm(const torch::Tensor& x, const torch::Tensor& w, int64_t k,
-                                               bool renormalize);
-std::vector<torch::Tensor> router_backward_gemm(const torch::Tensor& x, const torch::Tensor& w,
-                                                const torch::Tensor& prob, const torch::Tensor& g_prob,
-                                                const torch::Tensor& lse, double g_lse_sq, const torch::Tensor& idx,
-                                                const torch::Tensor& weight,
-                                                const std::optional<torch::Tensor>& g_weight, bool renormalize,
-                                                bool need_x, bool need_w);
 void relu_(torch::Tensor x);
 void relu_backward_(torch::Tensor grad, torch::Tensor out);
 std::vector<torch::Tensor> mlp_forward(const torch::Tensor& x, const torch::Tensor& w1, const torch::Tensor& w2,
@@ -37,10 +24,6 @@ void bf16_mm_t(torch::Tensor out, const torch::Tensor& g, const torch::Tensor& w
 void bf16_wgrad(torch::Tensor out, const torch::Tensor& u, const torch::Tensor& v);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("router_forward", &router_forward, "fused softmax top-k router forward");
-  m.def("router_backward", &router_backward, "fused softmax top-k router backward");
-  m.def("router_forward_gemm", &router_forward_gemm, "fused router with its GEMM, few experts");
-  m.def("router_backward_gemm", &router_backward_gemm, "fused router backward with its GEMMs, few experts");
   m.def("relu_", &relu_, "in-place ReLU");
   m.def("relu_backward_", &relu_backward_, "in-place ReLU backward");
   // The span loop runs ATen ops on several threads; a Python dispatch mode (propagated to them
