@@ -44,12 +44,12 @@ from moe_scale.distributed.parallelize import (
     materialize_experts,
     parallelize,
 )
-from moe_scale.moe import MoELayer, MoEStats
+from moe_scale.moe import MoELayer
 from moe_scale.train.backends import DeepSpeedBackend, ExpertLayout, FSDPBackend, TorchBackend, deepspeed_config
 from moe_scale.train.balancing import ExpertBiasBalancer
 from moe_scale.train.checkpoint import Checkpointer, ExpertSharding, latest_checkpoint, list_checkpoints
 from moe_scale.train.config import Config, ConfigError, save_config
-from moe_scale.train.metrics import MetricsLogger, moe_summary
+from moe_scale.train.metrics import MetricsLogger, MoEAccumulator, moe_summary
 from moe_scale.train.optim import build_optimizer, lr_at, param_groups
 from moe_scale.train.preflight import check_same_config, dataset_errors, preflight
 from moe_scale.train.runtime import Runtime, init_runtime, seed_everything
@@ -120,59 +120,6 @@ class StepResult:
     stepped: bool
     tokens: int
     seconds: float
-
-
-class MoEAccumulator:
-    """Per-layer MoE counts summed over micro-steps until the next log, kept on the device
-    (no host sync per step); `packed()` flattens them for one all-reduce."""
-
-    def __init__(self, num_layers: int, num_experts: int, ep_size: int, ep_rank: int, bytes_per_row: int,
-                 device: torch.device):
-        self.L, self.E, self.device = num_layers, num_experts, device
-        local_E = torch.zeros(num_experts, dtype=torch.bool, device=device)
-        local_E[ep_rank * num_experts // ep_size : (ep_rank + 1) * num_experts // ep_size] = True
-        self.remote_E = ~local_E
-        self.bytes_per_row = bytes_per_row
-        self.aux_names: list[str] = []
-        self.reset()
-
-    def reset(self) -> None:
-        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=self.device)  # noqa: E731
-        self.tokens_LE, self.routed_LE = zeros(self.L, self.E), zeros(self.L, self.E)
-        self.dropped_L, self.assign_L = zeros(self.L), zeros(self.L)
-        self.a2a_bytes = zeros(())
-        self.aux = zeros(len(self.aux_names))
-        self.calls = 0
-
-    def add(self, stats: list[MoEStats]) -> None:
-        if not stats:
-            return
-        if not self.aux_names:  # every layer of a model reports the same losses
-            self.aux_names = sorted(stats[0].aux_losses)
-            self.aux = torch.zeros(len(self.aux_names), dtype=torch.float64, device=self.device)
-        self.calls += 1
-        for i, s in enumerate(stats):
-            tokens_E = s.tokens_per_expert_E.detach().double()
-            self.tokens_LE[i] += tokens_E
-            self.routed_LE[i] += s.routed_per_expert_E.detach().double()
-            self.dropped_L[i] += s.num_dropped.detach().double()
-            self.assign_L[i] += s.num_assignments
-            # rows that leave this EP rank: dispatch + combine, forward + backward
-            self.a2a_bytes += 4 * self.bytes_per_row * tokens_E[self.remote_E].sum()
-            for j, name in enumerate(self.aux_names):
-                self.aux[j] += s.aux_losses[name].detach().double() / len(stats)
-
-    def packed(self) -> torch.Tensor:
-        return torch.cat([self.tokens_LE.flatten(), self.routed_LE.flatten(), self.dropped_L, self.assign_L,
-                          self.a2a_bytes.reshape(1), self.aux])
-
-    def unpack(self, packed: torch.Tensor, world_size: int):
-        """Summed-over-ranks counts as numpy arrays, all-to-all bytes, and aux-loss means over ranks."""
-        L, E = self.L, self.E
-        tokens, routed, dropped, assign, a2a, aux = packed.cpu().split([L * E, L * E, L, L, 1, len(self.aux_names)])
-        aux_means = {f"aux/{n}": float(v) / max(self.calls, 1) / world_size for n, v in zip(self.aux_names, aux)}
-        return (tokens.reshape(L, E).numpy(), routed.reshape(L, E).numpy(), dropped.numpy(), assign.numpy(),
-                float(a2a), aux_means)
 
 
 class Trainer:
