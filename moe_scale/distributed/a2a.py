@@ -177,8 +177,7 @@ class FlatExchange:
         R = self.size
         # The one host read of the exchange: split sizes both ways and the received headers.
         host = torch.cat([_rows(send_RH, header), _rows(recv_RH, header), recv_RH[:, :header].reshape(-1)]).tolist()
-        headers = [host[2 * R + i * header: 2 * R + (i + 1) * header] for i in range(R)]
-        return recv_RH, FlatPlan(host[:R], host[R:2 * R], headers)
+        return recv_RH, FlatPlan(host[:R], host[R:2 * R], _rows_of(host[2 * R:], header))
 
     def forward(self, x: Tensor, plan: FlatPlan) -> Tensor:
         """Rows sorted by destination rank -> rows sorted by source rank."""
@@ -234,13 +233,12 @@ class HierarchicalExchange:
         host = torch.cat([send_NL.reshape(-1), mid_LN.reshape(-1), recv_NL.reshape(-1),
                           recv_RH[:, :header].reshape(-1)]).tolist()
         R = N * L
-        nested = lambda flat, cols: [flat[i * cols:(i + 1) * cols] for i in range(len(flat) // cols)]  # noqa: E731
-        send_h, mid_h, recv_h = nested(host[:R], L), nested(host[R:2 * R], N), nested(host[2 * R:3 * R], L)
+        send_h, mid_h, recv_h = _rows_of(host[:R], L), _rows_of(host[R:2 * R], N), _rows_of(host[2 * R:3 * R], L)
         plan = HierarchicalPlan(
             send_NL=send_h,
             mid_LN=mid_h,
             recv_NL=recv_h,
-            recv_headers=nested(host[3 * R:], header),
+            recv_headers=_rows_of(host[3 * R:], header),
             by_local=BlockTranspose(send_NL, sum(host[:R])),
             by_node=BlockTranspose(mid_LN, sum(host[R:2 * R])),
         )
@@ -263,6 +261,11 @@ class HierarchicalExchange:
         y = plan.by_node.reverse(y)
         y = exchange(y, self.intra, _col_sums(plan.send_NL), _row_sums(plan.mid_LN), self.counters)
         return plan.by_local.reverse(y)
+
+
+def _rows_of(flat: list[int], cols: int) -> list[list[int]]:
+    """A flat host list as rows of `cols` entries."""
+    return [flat[i:i + cols] for i in range(0, len(flat), cols)]
 
 
 def _row_sums(table: list[list[int]]) -> list[int]:

@@ -10,13 +10,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_scale.moe.autocast import autocast_disabled
-from moe_scale.moe.grouped_gemm import group_ends, grouped_linear, row_groups
+from moe_scale.moe.grouped_gemm import group_ends, grouped_linear, row_groups, rows_in_groups
 
 ACTIVATIONS = ("relu", "gelu", "swiglu")
 
 # (experts, x_Md, counts_E) -> y_Md, or None where it does not apply: a backend's fused expert
 # MLP (moe/cpu/__init__.py).
 FusedExpertMLP = Callable[["GroupedExperts", Tensor, Tensor], Tensor | None]
+
+
+def activate(activation: str, h: Tensor, gate: Tensor | None = None) -> Tensor:
+    """The experts' nonlinearity: relu(h), gelu(h) or, for SwiGLU, silu(h) * gate."""
+    if activation == "relu":
+        return F.relu(h)
+    if activation == "gelu":
+        return F.gelu(h)
+    return F.silu(h) * gate
 
 
 class GroupedExperts(nn.Module):
@@ -61,13 +70,6 @@ class GroupedExperts(nn.Module):
             if b is not None:
                 b.uniform_(-bound, bound)
 
-    def _act(self, h: Tensor, gate: Tensor | None) -> Tensor:
-        if self.activation == "relu":
-            return F.relu(h)
-        if self.activation == "gelu":
-            return F.gelu(h)
-        return F.silu(h) * gate
-
     def forward(self, x_Md: Tensor, counts_E: Tensor) -> Tensor:
         """x_Md: rows sorted by expert, `counts_E[e]` (a device tensor) rows for local expert e
         first; rows past their sum belong to no expert and come out zero. -> `[M, d]` in x's dtype."""
@@ -92,9 +94,9 @@ class GroupedExperts(nn.Module):
         expert_M = row_groups(ends_E, x_Md.shape[0]) if b1 is not None else None
         if b1 is not None:
             h = h + b1.index_select(0, expert_M)
-        y = grouped_linear(self._act(h, gate), w2, ends_E, self.method)
+        y = grouped_linear(activate(self.activation, h, gate), w2, ends_E, self.method)
         if b2 is not None:
-            in_group = (torch.arange(x_Md.shape[0], device=x_Md.device) < ends_E[-1:])[:, None]
+            in_group = rows_in_groups(ends_E, x_Md.shape[0])
             y = y + torch.where(in_group, b2.index_select(0, expert_M), 0)
         return y
 
@@ -129,9 +131,5 @@ class SharedExperts(nn.Module):
                 w.uniform_(-bound, bound)
 
     def forward(self, x_Sd: Tensor) -> Tensor:
-        h = x_Sd @ self.w1
-        if self.activation == "swiglu":
-            h = F.silu(h) * (x_Sd @ self.w3)
-        else:
-            h = F.relu(h) if self.activation == "relu" else F.gelu(h)
-        return h @ self.w2
+        gate = x_Sd @ self.w3 if self.w3 is not None else None
+        return activate(self.activation, x_Sd @ self.w1, gate) @ self.w2

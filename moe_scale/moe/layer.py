@@ -20,7 +20,7 @@ from moe_scale.moe.comm import LocalComm
 from moe_scale.moe.config import MoEConfig
 from moe_scale.moe.dispatch import DispatchPlan, combine, permute, plan_dispatch, served_tokens
 from moe_scale.moe.experts import FusedExpertMLP, GroupedExperts, SharedExperts
-from moe_scale.moe.losses import BalanceWindow, aux_losses, weighted_names, weighted_total
+from moe_scale.moe.losses import LOSS_NAMES, BalanceWindow, aux_losses, weighted_names, weighted_total
 from moe_scale.moe.routing import ROUTERS, RouterStats, capacity_for
 
 
@@ -52,8 +52,8 @@ class MoEStats:
     @cached_property
     def aux_losses(self) -> dict[str, Tensor]:
         num_experts = self.tokens_per_expert_E.shape[0]
-        rest = aux_losses(self.router_stats, num_experts, only=None)
-        return {**rest, **self.weighted_losses}
+        unweighted = LOSS_NAMES - set(self.weighted_losses)  # the weighted ones are computed already
+        return {**self.weighted_losses, **aux_losses(self.router_stats, num_experts, only=unweighted)}
 
     @cached_property
     def num_unrouted(self) -> Tensor:

@@ -47,6 +47,7 @@ class AuxLossWeights:
 # The RouterStats fields each loss is computed from.
 _NEEDS = {"importance": {"importance_E"}, "load": {"load_E"}, "switch": {"prob_mean_E", "top1_frac_E"},
           "z": {"z_loss"}, "seq": {"seq_balance"}}
+LOSS_NAMES = frozenset(_NEEDS)
 
 
 def check_supported(weights: AuxLossWeights, available: set[str] | frozenset[str], router_name: str) -> None:
