@@ -9,7 +9,7 @@ import torch.utils._python_dispatch
 
 from moe_scale.moe import GroupedExperts
 from moe_scale.moe.cpu import grouped_mlp
-from tests.test_grouped_gemm import _linear_reference, _run_reference
+from tests.test_grouped_gemm import _assert_expert_grads_match, _linear_reference, _run_reference
 
 
 def _span_mlp(experts: GroupedExperts, x, counts, method):
@@ -48,15 +48,7 @@ def test_grouped_experts_equal_per_expert_linear(activation, bias, method, count
     x.grad = None
     (ref * up).sum().backward()
     torch.testing.assert_close(x_grad, x.grad, rtol=1e-12, atol=1e-12)
-    pairs = [("w1", 0, "weight"), ("w2", 1, "weight")]
-    pairs += [("b1", 0, "bias"), ("b2", 1, "bias")] if bias else []
-    pairs += [("w3", 2, "weight")] if activation == "swiglu" else []
-    for name, which, attr in pairs:
-        got = getattr(experts, name).grad
-        for e, m in enumerate(mods):
-            want = getattr(m[which], attr).grad
-            want = want.t() if attr == "weight" else want
-            torch.testing.assert_close(got[e], want, rtol=1e-12, atol=1e-12, msg=lambda s, n=name, e=e: f"{n}[{e}]: {s}")
+    _assert_expert_grads_match(experts, mods, rtol=1e-12, atol=1e-12)
 
 
 class _CountGEMMs(torch.utils._python_dispatch.TorchDispatchMode):
@@ -181,15 +173,7 @@ def test_expert_parallel_span_loop_equals_per_expert_linear(activation, bias, bu
     tol = dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(y.double(), ref, **tol)
     torch.testing.assert_close(x.grad.double(), x64.grad, **tol)
-    pairs = [("w1", 0, "weight"), ("w2", 1, "weight")]
-    pairs += [("b1", 0, "bias"), ("b2", 1, "bias")] if bias else []
-    pairs += [("w3", 2, "weight")] if activation == "swiglu" else []
-    for name, which, attr in pairs:
-        got = getattr(experts, name).grad.double()
-        for e, m in enumerate(mods):
-            want = getattr(m[which], attr).grad
-            want = want.t() if attr == "weight" else want
-            torch.testing.assert_close(got[e], want, **tol, msg=lambda s, n=name, e=e: f"{n}[{e}]: {s}")
+    _assert_expert_grads_match(experts, mods, **tol)
 
 
 def test_expert_groups_follow_the_threads_unless_experts_are_fewer(monkeypatch):
