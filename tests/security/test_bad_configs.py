@@ -148,7 +148,7 @@ def test_ranks_with_different_configs_are_stopped():
     for p in procs:
         p.start()
     try:
-        results = dict(out.get(timeout=240) for _ in procs)  # two interpreter starts: ~5 s idle, ~30 s on a loaded 2-core box
+        results = dict(out.get(timeout=240) for _ in procs)  # two interpreter starts, on a machine that may be loaded
     finally:
         for p in procs:
             p.join(timeout=30)
