@@ -50,13 +50,13 @@ def _use_the_old_sync() -> None:
                 p.grad = torch.zeros_like(p)
         if self.world > 1:
             for p in self.expert:
-                dist.all_reduce(p.grad, group=self.layout.edp_group)
+                dist.all_reduce(p.grad, group=self.mesh.edp_group)
                 p.grad.div_(self.world)
         grads = [p.grad.detach().float() for p in self.dense + self.expert if p.grad is not None]
         dense = [p.grad.detach().float() for p in self.dense if p.grad is not None]
         expert_sq = torch.stack([g.pow(2).sum() for g in grads[len(dense):]]).sum()
-        if self.layout.ep_size > 1:
-            dist.all_reduce(expert_sq, group=self.layout.ep_group)
+        if self.mesh.ep_size > 1:
+            dist.all_reduce(expert_sq, group=self.mesh.ep_group)
         self._norm = (torch.stack([g.pow(2).sum() for g in dense]).sum() + expert_sq).sqrt()
         return self._norm
 

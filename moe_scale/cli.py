@@ -11,7 +11,8 @@ import traceback
 
 def _train(args: argparse.Namespace) -> int:
     from moe_scale.train.checkpoint import CheckpointError
-    from moe_scale.train.config import ConfigError, load_config
+    from moe_scale.train.config import load_config
+    from moe_scale.validation import ConfigError
     from moe_scale.train.runtime import close_runtime
     from moe_scale.train.trainer import Trainer
 
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f}")
         return 0
     from moe_scale.train.checkpoint import CheckpointError
-    from moe_scale.train.config import ConfigError
+    from moe_scale.validation import ConfigError
 
     try:
         return {"train": _train, "plan": _plan, "report": _report, "generate": _generate}[args.command](args)

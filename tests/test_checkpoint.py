@@ -17,7 +17,8 @@ from moe_scale.train.checkpoint import (
     list_checkpoints,
     verify_checkpoint,
 )
-from moe_scale.train.config import ConfigError, load_config
+from moe_scale.train.config import load_config
+from moe_scale.validation import ConfigError
 from moe_scale.train.trainer import Trainer
 from tests.trainer_utils import CONFIGS, checkpoint_tensors, cli, popen_cli, read_jsonl, tiny
 

@@ -122,7 +122,7 @@ def test_every_collective_of_a_run_is_on_the_run_device(tmp_path, backend):
         "moe_scale/distributed/mesh.py:_agree",  # mesh building
         "moe_scale/train/trainer.py:evaluate",  # evaluation
         "moe_scale/train/trainer.py:_log",  # metrics
-        "moe_scale/train/trainer.py:_any_rank",  # the finite-step check
+        "moe_scale/train/trainer.py:train_step",  # the finite-step check
         "moe_scale/train/checkpoint.py:save",  # checkpointing
         "moe_scale/train/checkpoint.py:_verify",  # resume
     }

@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from moe_scale.train.backends import deepspeed_config
-from moe_scale.train.config import Config, ConfigError, load_config, parse_override, save_config
+from moe_scale.train.config import Config, load_config, parse_override, save_config
+from moe_scale.validation import ConfigError
 from tests.trainer_utils import CONFIGS, cli
 
 SHIPPED = sorted(CONFIGS.glob("*.yaml"))

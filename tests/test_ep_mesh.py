@@ -12,9 +12,9 @@ from moe_scale.moe import MoELayer
 
 
 def test_config_and_layout_validation():
-    with pytest.raises(ValueError, match="ep_size must be >= 1"):
+    with pytest.raises(ValueError, match="parallel.ep_size must be >= 1"):
         ParallelConfig(ep_size=0)
-    with pytest.raises(ValueError, match="a2a must be one of"):
+    with pytest.raises(ValueError, match="parallel.a2a must be one of"):
         ParallelConfig(a2a="2d")
     with pytest.raises(ValueError, match=r"ep_size=3 must divide the world size 4; use one of \[1, 2, 4\]"):
         check_layout(4, 3, 4)

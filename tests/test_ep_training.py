@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from moe_scale.distributed.determinism import rank_seed, set_deterministic
-from moe_scale.distributed.grad_sync import allreduce_expert_grads, allreduce_grads, wrap_ddp
+from moe_scale.distributed.determinism import rank_seed, seed_everything
+from moe_scale.distributed.grad_sync import expert_grad_sync, wrap_ddp
 from moe_scale.distributed.launch import run_local
 from moe_scale.distributed.mesh import build_mesh
 from moe_scale.distributed.parallelize import is_expert_param, parallelize
@@ -61,19 +61,18 @@ def _train_reference(model):
     return model
 
 
-def _train_ep(model, mesh, use_ddp: bool):
-    ddp = wrap_ddp(model, mesh) if use_ddp else model
+def _train_ep(model, mesh):
+    ddp = wrap_ddp(model, mesh)
+    sync = expert_grad_sync(model, mesh)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     xs, ys = _batches()
     shard = slice(mesh.rank * TOKENS_PER_RANK, (mesh.rank + 1) * TOKENS_PER_RANK)
     for x, y in zip(xs, ys):
         opt.zero_grad()
         _loss(ddp, x[shard], y[shard]).backward()
-        if use_ddp:
-            allreduce_expert_grads(model, mesh)
-        else:
-            allreduce_grads(model, mesh)
+        sync.finish()
         opt.step()
+    sync.remove()
     return model
 
 
@@ -84,14 +83,13 @@ def _steps_main(rank: int, world: int) -> list[str]:
     mesh = build_mesh(ep_size=2)
     block = mesh.local_experts(E)
     failures = []
-    for use_ddp in (True, False):
-        model = _train_ep(parallelize(copy.deepcopy(initial), mesh), mesh, use_ddp)
-        for (name, p), p_ref in zip(model.named_parameters(), reference.parameters()):
-            want = p_ref[block.start : block.stop] if is_expert_param(p) else p_ref
-            if not torch.allclose(p, want, rtol=1e-5, atol=1e-6):
-                failures.append(f"rank {rank} ddp={use_ddp} {name}: max diff {(p - want).abs().max().item():.3g}")
-        moved = (model.moe.experts.w1 - initial.moe.experts.w1[block.start : block.stop]).abs().max()
-        assert moved > 1e-3, "the experts did not train"
+    model = _train_ep(parallelize(copy.deepcopy(initial), mesh), mesh)
+    for (name, p), p_ref in zip(model.named_parameters(), reference.parameters()):
+        want = p_ref[block.start : block.stop] if is_expert_param(p) else p_ref
+        if not torch.allclose(p, want, rtol=1e-5, atol=1e-6):
+            failures.append(f"rank {rank} {name}: max diff {(p - want).abs().max().item():.3g}")
+    moved = (model.moe.experts.w1 - initial.moe.experts.w1[block.start : block.stop]).abs().max()
+    assert moved > 1e-3, "the experts did not train"
     return failures
 
 
@@ -103,12 +101,13 @@ def test_ep2_x_edp2_steps_equal_one_process_full_batch():
 
 
 def _deterministic_main(rank: int, world: int, jitter_arrivals: bool) -> list[torch.Tensor]:
-    set_deterministic(1234)
+    seed_everything(1234, deterministic=True, warn_only=False)
     model = TinyMoEModel(router="noisy_topk", k=2, capacity_factor=1.0, aux_loss=dict(load=0.1))
     torch.manual_seed(rank_seed(1234, rank))
     mesh = build_mesh(ep_size=2)
     model = parallelize(model, mesh)
     ddp = wrap_ddp(model, mesh)
+    sync = expert_grad_sync(model, mesh)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     xs, ys = _batches()
     shard = slice(rank * TOKENS_PER_RANK, (rank + 1) * TOKENS_PER_RANK)
@@ -120,7 +119,7 @@ def _deterministic_main(rank: int, world: int, jitter_arrivals: bool) -> list[to
         opt.zero_grad()
         pred, aux = ddp(x[shard])
         (nn.functional.mse_loss(pred, y[shard]) + aux).backward()
-        allreduce_expert_grads(model, mesh)
+        sync.finish()
         outputs.append(pred.detach())
         outputs += [p.grad.clone() for p in model.parameters()]
         opt.step()

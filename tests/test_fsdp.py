@@ -13,7 +13,8 @@ import torch
 
 from moe_scale.distributed.launch import run_local
 from moe_scale.moe import GroupedExperts
-from moe_scale.train.config import ConfigError, load_config
+from moe_scale.train.config import load_config
+from moe_scale.validation import ConfigError
 from moe_scale.train.runtime import Runtime
 from moe_scale.train.trainer import Trainer
 from tests.trainer_utils import CONFIGS, tiny

@@ -75,7 +75,8 @@ def test_the_run_keeps_its_tokenizer_on_resume(tmp_path, jsonl):
 
 
 def test_a_given_tokenizer_json_is_copied_into_the_run_and_checked_against_the_vocabulary(tmp_path, jsonl):
-    from moe_scale.train.config import ConfigError, load_config
+    from moe_scale.train.config import load_config
+    from moe_scale.validation import ConfigError
     from moe_scale.train.trainer import Trainer
 
     small = BPETokenizer.train([jsonl.read_text()], vocab_size=280)

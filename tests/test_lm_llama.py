@@ -157,7 +157,7 @@ def test_builds_on_the_meta_device():
 
 
 def test_config_errors_name_the_key():
-    from moe_scale.train.config import ConfigError
+    from moe_scale.validation import ConfigError
 
     with pytest.raises(ConfigError, match="model.n_kv_heads=3 must divide model.n_heads=4"):
         LMConfig(n_heads=4, n_kv_heads=3)

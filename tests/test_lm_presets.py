@@ -61,7 +61,8 @@ def test_compiled_blocks_train_like_eager_blocks(tmp_path):
 
 
 def test_selective_checkpointing_modes_in_the_plan_and_the_config():
-    from moe_scale.train.config import ConfigError, TrainConfig
+    from moe_scale.train.config import TrainConfig
+    from moe_scale.validation import ConfigError
 
     def activations(mode: str) -> float:
         return plan(load_config(CONFIGS / "olmoe_gpu.yaml", [f"train.activation_checkpointing={mode}"])).activation_bytes

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 
 from moe_scale.cli import main
-from moe_scale.train.config import ConfigError, load_config
+from moe_scale.train.config import load_config
+from moe_scale.validation import ConfigError
 from moe_scale.train.plan import plan
-from moe_scale.train.trainer import build_model
+from moe_scale.models.lm.task import build_model
 from tests.trainer_utils import CONFIGS
 
 

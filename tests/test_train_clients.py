@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from moe_scale.distributed.launch import run_local
-from moe_scale.train.config import ConfigError, load_config
+from moe_scale.train.config import load_config
+from moe_scale.validation import ConfigError
 from moe_scale.train.runtime import Runtime
 from moe_scale.train.trainer import REPORT_FILE, Trainer
 from tests.trainer_utils import CONFIGS, read_jsonl
@@ -76,7 +77,7 @@ def _ep_rank(rank, world, run_dir):
     cfg = load_config(CONFIGS / "multimodel_debug.yaml", [*MM_TINY, f"train.run_dir={run_dir}", "parallel.ep_size=2",
                                                           "train.max_steps=4"])
     trainer = Trainer(cfg, Runtime(rank, world, rank, torch.device("cpu")))
-    assert trainer.layout.ep_size == 2
+    assert trainer.mesh.ep_size == 2
     before = _eval_losses(trainer)
     trainer.train_step()  # a training step runs through DDP (unused modality nets) and the all-to-all
     trainer.metrics.close()

@@ -38,6 +38,13 @@ def all_reduce(t: torch.Tensor, device: torch.device, op=ReduceOp.SUM, group=Non
     return t
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` holds on any rank (the same answer on every rank); `flag` in one process."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    return bool(all_reduce(torch.tensor(float(flag)), device, op=ReduceOp.MAX).item())
+
+
 def all_reduce_async(t: torch.Tensor, device: torch.device, group=None):
     """Start a sum of `t` (already on `device`, reduced in place) over `group`; returns the work handle."""
     if t.device != device:

@@ -67,6 +67,11 @@ class AllToAllComm:
             self.exchange = FlatExchange(group, self.counters)
             self.ep_size = self.exchange.size
 
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes this rank sent to the others so far, forward and backward (`counters`)."""
+        return self.counters.bytes_sent
+
     @classmethod
     def from_mesh(cls, mesh, num_local_experts: int) -> "AllToAllComm":
         if mesh.a2a == "hierarchical":

@@ -10,10 +10,11 @@ batch. DeepSpeed makes the same choice (`_reduce_expert_gradients` divides by th
 data-parallel size).
 
     ddp = wrap_ddp(model, mesh)              # dense grads: averaged over the world in backward
-    loss.backward()
-    allreduce_expert_grads(model, mesh)     # expert grads: summed over EDP, divided by W
+    sync = expert_grad_sync(model, mesh)     # expert grads: summed over EDP, divided by W
+    loss.backward()                          # both reductions start during backward
+    sync.finish()
 
-`ExpertGradBuckets` does the expert half during backward instead: the expert gradients are
+`ExpertGradBuckets` does the expert half during backward: the expert gradients are
 packed into buckets (in the reverse order of the parameters, roughly the order backward
 produces them) and a bucket's all-reduce starts as soon as its last gradient is accumulated,
 so the reduction of late layers overlaps the backward of early ones, as DDP does for the
@@ -30,9 +31,9 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.nn.parallel import DistributedDataParallel
 
-from moe_scale.distributed.collectives import all_reduce, all_reduce_async
+from moe_scale.distributed.collectives import all_reduce_async
 from moe_scale.distributed.mesh import MoEMesh
-from moe_scale.distributed.parallelize import expert_param_names, is_expert_param
+from moe_scale.distributed.parallelize import expert_param_names
 
 
 def wrap_ddp(model: nn.Module, mesh: MoEMesh, **ddp_kwargs) -> DistributedDataParallel:
@@ -41,39 +42,20 @@ def wrap_ddp(model: nn.Module, mesh: MoEMesh, **ddp_kwargs) -> DistributedDataPa
     return DistributedDataParallel(model, process_group=mesh.dp_group, **ddp_kwargs)
 
 
-def _reduce(params: list[nn.Parameter], group, scale: float) -> None:
-    """Sum the grads of `params` over `group` and multiply by `scale` (missing grads count as 0)."""
-    if not params:
-        return
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
-    for p in params:
-        by_dtype.setdefault(p.grad.dtype, []).append(p)
-    for bucket in by_dtype.values():
-        grads = [p.grad for p in bucket]
-        flat = _flatten_dense_tensors(grads)
-        if dist.get_world_size(group) > 1:
-            flat = all_reduce(flat, flat.device, group=group)
-        flat.mul_(scale)
-        for g, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
-            g.copy_(reduced)
+def expert_grad_sync(model: nn.Module, mesh: MoEMesh) -> "ExpertGradBuckets":
+    """The expert half of the gradient rule for `model`'s expert parameters on `mesh`.
 
-
-@torch.no_grad()
-def allreduce_expert_grads(model: nn.Module, mesh: MoEMesh) -> None:
-    """Expert grads: sum over the EDP group, divide by the data-parallel world size."""
-    params = [p for p in model.parameters() if p.requires_grad and is_expert_param(p)]
-    _reduce(params, mesh.edp_group, 1.0 / dist.get_world_size(mesh.dp_group))
-
-
-@torch.no_grad()
-def allreduce_grads(model: nn.Module, mesh: MoEMesh) -> None:
-    """Both reductions without DDP: dense grads averaged over the world, experts as above."""
-    dense = [p for p in model.parameters() if p.requires_grad and not is_expert_param(p)]
-    _reduce(dense, mesh.dp_group, 1.0 / dist.get_world_size(mesh.dp_group))
-    allreduce_expert_grads(model, mesh)
+    The buckets run on a group of their own even when the EDP group is the whole world: DDP's
+    bucket all-reduces run on the default group during the same backward, and on one group two
+    streams of collectives could pair up differently on different ranks (a bucket ready on one
+    rank, its parameter unused on another).
+    """
+    names = expert_param_names(model)
+    params = [p for n, p in model.named_parameters() if n in names and p.requires_grad]
+    edp = mesh.edp_group
+    if edp is None or edp is dist.group.WORLD:
+        edp = dist.new_group(list(range(dist.get_world_size())))
+    return ExpertGradBuckets(params, edp, 1.0 / dist.get_world_size(mesh.dp_group))
 
 
 class ExpertGradBuckets:

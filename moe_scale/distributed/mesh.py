@@ -31,32 +31,7 @@ from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from moe_scale.distributed.collectives import all_gather, device_for
-
-A2A_MODES = ("flat", "hierarchical")
-
-
-@dataclass
-class ParallelConfig:
-    """Expert-parallel options of a job.
-
-    ep_size          ranks that share one copy of all experts (1 = every rank holds all)
-    ranks_per_node   processes per node; None reads LOCAL_WORLD_SIZE (torchrun) or assumes
-                     a single node. Only the hierarchical all-to-all uses it.
-    a2a              "flat" (one all-to-all over the EP group) or "hierarchical" (within a node,
-                     then across nodes, as Tutel's 2DH; same result, fewer inter-node messages)
-    """
-
-    ep_size: int = 1
-    ranks_per_node: int | None = None
-    a2a: str = "flat"
-
-    def __post_init__(self):
-        if self.ep_size < 1:
-            raise ValueError(f"ep_size must be >= 1, got {self.ep_size}")
-        if self.ranks_per_node is not None and self.ranks_per_node < 1:
-            raise ValueError(f"ranks_per_node must be >= 1, got {self.ranks_per_node}")
-        if self.a2a not in A2A_MODES:
-            raise ValueError(f"a2a must be one of {A2A_MODES}, got {self.a2a!r}")
+from moe_scale.distributed.config import A2A_MODES, ParallelConfig
 
 
 @dataclass
@@ -70,13 +45,24 @@ class MoEMesh:
     ranks_per_node: int
     ep_rank: int
     edp_rank: int
-    ep_group: ProcessGroup
-    edp_group: ProcessGroup
-    dp_group: ProcessGroup
-    device_mesh: DeviceMesh
+    ep_group: ProcessGroup | None
+    edp_group: ProcessGroup | None
+    dp_group: ProcessGroup | None
+    device_mesh: DeviceMesh | None
     ep_intra_group: ProcessGroup | None = None
     ep_inter_group: ProcessGroup | None = None
     a2a: str = "flat"
+
+    @classmethod
+    def data_parallel(cls) -> "MoEMesh":
+        """ep_size = 1: every rank holds every expert, so there is no EP group and the EDP group
+        is the whole world (None in one process, where nothing is reduced)."""
+        world = dist.group.WORLD if dist.is_initialized() else None
+        size = dist.get_world_size() if dist.is_initialized() else 1
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        return cls(rank=rank, world_size=size, ep_size=1, edp_size=size,
+                   ranks_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", size)), ep_rank=0, edp_rank=rank,
+                   ep_group=None, edp_group=world, dp_group=world, device_mesh=None)
 
     @property
     def ep_nodes(self) -> int:

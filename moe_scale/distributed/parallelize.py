@@ -28,7 +28,6 @@ model's own init under the run's seed, identically on every rank. A model built 
 from __future__ import annotations
 
 import contextlib
-import zlib
 from collections.abc import Iterator
 
 import torch
@@ -36,6 +35,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from moe_scale.distributed.comm import AllToAllComm
+from moe_scale.distributed.determinism import expert_seed
 from moe_scale.distributed.mesh import MoEMesh, check_experts
 from moe_scale.moe.config import MoEConfig
 from moe_scale.moe.experts import GroupedExperts
@@ -111,11 +111,6 @@ def experts_on_meta() -> Iterator[ExpertInit]:
             yield init
     finally:
         nn.Module.register_parameter = register
-
-
-def expert_seed(init_seed: int, layer_name: str, expert: int) -> int:
-    """The seed of global expert `expert` of the `GroupedExperts` at module path `layer_name`."""
-    return (init_seed * 1_000_003 + zlib.crc32(layer_name.encode()) * 65_537 + expert) % 2**63
 
 
 def parallelize(model: nn.Module, mesh: MoEMesh, *, device: torch.device | str = "cpu", init_seed: int = 0,

@@ -2,6 +2,7 @@
 
     dispatch(x_Nd, counts_E) -> x_local, local_counts_E, handle
     combine(y_local, handle) -> y_Nd
+    bytes_sent                       bytes sent to other processes so far (the one traffic counter)
 
 x_Nd `[N, d]` holds this process's rows sorted by global expert, `counts_E[e]` (a device
 tensor) rows for expert e first and rows that no expert computes after them; x_local
@@ -22,6 +23,9 @@ class ExpertComm(Protocol):
 
     def combine(self, y_local: Tensor, handle: Any) -> Tensor: ...
 
+    @property
+    def bytes_sent(self) -> int: ...
+
 
 class LocalComm:
     """All experts live in this process: the exchange is the identity."""
@@ -31,3 +35,7 @@ class LocalComm:
 
     def combine(self, y_local: Tensor, handle: None) -> Tensor:
         return y_local
+
+    @property
+    def bytes_sent(self) -> int:
+        return 0

@@ -10,6 +10,7 @@ from moe_scale.moe.experts import ACTIVATIONS
 from moe_scale.moe.grouped_gemm import METHODS
 from moe_scale.moe.losses import AuxLossWeights, check_supported
 from moe_scale.moe.routing import ROUTERS, SCORE_FUNCS
+from moe_scale.validation import check_choice
 
 BACKENDS = ("auto", "core", "cpu")
 BALANCE_SCOPES = ("micro_batch", "global")
@@ -88,11 +89,11 @@ class MoEConfig:
         if self.d_hidden is None:
             self.d_hidden = 4 * self.d_model
         _positive(d_model=self.d_model, num_experts=self.num_experts, d_hidden=self.d_hidden, k=self.k)
-        _choice("router", self.router, tuple(ROUTERS))
-        _choice("activation", self.activation, ACTIVATIONS)
-        _choice("drop_policy", self.drop_policy, DROP_POLICIES)
-        _choice("grouped_gemm", self.grouped_gemm, METHODS)
-        _choice("backend", self.backend, BACKENDS)
+        check_choice("router", self.router, tuple(ROUTERS))
+        check_choice("activation", self.activation, ACTIVATIONS)
+        check_choice("drop_policy", self.drop_policy, DROP_POLICIES)
+        check_choice("grouped_gemm", self.grouped_gemm, METHODS)
+        check_choice("backend", self.backend, BACKENDS)
         spec = ROUTERS[self.router]
         if self.k > self.num_experts:
             raise ValueError(f"k={self.k} exceeds num_experts={self.num_experts}; lower k or add experts")
@@ -107,8 +108,8 @@ class MoEConfig:
                 raise ValueError(f"{option} applies to the {users} router(s), not {self.router!r}; "
                                  f"leave it at {default!r}")
         check_supported(self.aux_loss, spec.stats, self.router)
-        _choice("score_func", self.score_func, SCORE_FUNCS)
-        _choice("balance_scope", self.balance_scope, BALANCE_SCOPES)
+        check_choice("score_func", self.score_func, SCORE_FUNCS)
+        check_choice("balance_scope", self.balance_scope, BALANCE_SCOPES)
         if not (self.route_scale > 0 and math.isfinite(self.route_scale)):
             raise ValueError(f"route_scale must be a positive number, got {self.route_scale}")
         if not (self.bias_update_rate >= 0 and math.isfinite(self.bias_update_rate)):
@@ -160,8 +161,3 @@ def _positive(**values: int) -> None:
     for name, value in values.items():
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
-
-
-def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")

@@ -19,45 +19,27 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from moe_scale.distributed.collectives import all_reduce, broadcast_
-from moe_scale.distributed.grad_sync import ExpertGradBuckets
+from moe_scale.distributed.collectives import all_reduce, any_rank, broadcast_
+from moe_scale.distributed.grad_sync import expert_grad_sync, wrap_ddp
+from moe_scale.distributed.mesh import MoEMesh
 from moe_scale.distributed.parallelize import expert_param_names
+from moe_scale.train.optim import set_lr
 
 
-@dataclass
-class ExpertLayout:
-    """The process groups the trainer needs from the expert-parallel layout.
-
-    ep_group / edp_group are None in one process. ep_size = 1 means every rank holds every
-    expert and the EDP group is the whole world.
-    """
-
-    ep_size: int = 1
-    ep_rank: int = 0
-    ep_group: Any = None
-    edp_group: Any = None
-    device_mesh: Any = None
-
-    @classmethod
-    def data_parallel(cls) -> "ExpertLayout":
-        return cls(edp_group=dist.group.WORLD if dist.is_initialized() else None)
-
-
-def _split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter], set[str]]:
+def _split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(dense, expert) trainable parameters."""
     experts = expert_param_names(model)
     dense, expert = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (expert if name in experts else dense).append(p)
-    return dense, expert, experts
+    return dense, expert
 
 
 class TorchBackend:
@@ -69,39 +51,30 @@ class TorchBackend:
     The norm and the clipping are foreach kernels over all gradients at once.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, layout: ExpertLayout,
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, mesh: MoEMesh,
                  device: torch.device, grad_clip: float, find_unused_parameters: bool = False):
-        self.module, self.optimizer, self.layout, self.grad_clip = model, optimizer, layout, grad_clip
+        self.module, self.optimizer, self.mesh, self.grad_clip = model, optimizer, mesh, grad_clip
         self.device = device
-        self.dense, self.expert, expert_names = _split_params(model)
+        self.dense, self.expert = _split_params(model)
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.expert_sync = None
         if self.world > 1:
-            DDP._set_params_and_buffers_to_ignore_for_model(model, sorted(expert_names))
             # find_unused_parameters: a step that leaves some parameters without gradient (the
             # MultiModel's other modality nets in joint training) would otherwise hang DDP.
-            self.model = DDP(model, device_ids=[device] if device.type == "cuda" else None,
-                             find_unused_parameters=find_unused_parameters)
+            self.model = wrap_ddp(model, mesh, device_ids=[device] if device.type == "cuda" else None,
+                                  find_unused_parameters=find_unused_parameters)
             self._broadcast_experts()
-            # A group of its own: DDP's bucket all-reduces run on the default group during the same
-            # backward, and on one group two streams of collectives could pair up differently on
-            # different ranks (a bucket ready on one rank, its parameter unused on another).
-            edp = layout.edp_group
-            if edp is None or edp is dist.group.WORLD:
-                edp = dist.new_group(list(range(self.world)))
-            self.expert_sync = ExpertGradBuckets(self.expert, edp, 1.0 / self.world)
+            self.expert_sync = expert_grad_sync(model, mesh)
         else:
             self.model = model
 
     def _broadcast_experts(self) -> None:
         """Replicas of an expert start equal (DDP only broadcasts the parameters it owns)."""
-        group = self.layout.edp_group
+        group = self.mesh.edp_group
         src = dist.get_global_rank(group, 0) if group is not dist.group.WORLD else 0
         with torch.no_grad():
             for p in self.expert:
                 broadcast_(p.data, src=src, group=group)
-
-    requires_finite_loss = False  # a non-finite step is caught by the norm and skipped whole
 
     def accumulate(self, last: bool):
         if self.expert_sync is not None:
@@ -127,8 +100,8 @@ class TorchBackend:
             return torch.stack(torch._foreach_norm(grads)).float().square().sum().to(self.device)
 
         dense_sq, expert_sq = sq(self.dense), sq(self.expert)
-        if self.layout.ep_size > 1:  # each EP rank holds different experts
-            expert_sq = all_reduce(expert_sq, self.device, group=self.layout.ep_group)
+        if self.mesh.ep_size > 1:  # each EP rank holds different experts
+            expert_sq = all_reduce(expert_sq, self.device, group=self.mesh.ep_group)
         return (dense_sq + expert_sq).sqrt()
 
     def step(self, lr: float, skip: bool) -> tuple[bool, float]:
@@ -137,8 +110,7 @@ class TorchBackend:
         if not skip:
             if self.grad_clip > 0:
                 torch.nn.utils.clip_grads_with_norm_(self.dense + self.expert, self.grad_clip, norm, foreach=True)
-            for g in self.optimizer.param_groups:
-                g["lr"] = lr * g.get("lr_scale", 1.0)
+            set_lr(self.optimizer, lr)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return not skip, float(norm)
@@ -151,8 +123,6 @@ class FSDPBackend:
     world, experts over their EDP group, then scaled here to EDP sum / world). Every gradient element lives on
     exactly one rank, so the global norm is one all-reduce of the local sums of squares.
     """
-
-    requires_finite_loss = False
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, grad_clip: float,
                  ep_size: int = 1):
@@ -189,8 +159,7 @@ class FSDPBackend:
             if self.grad_clip > 0:
                 coef = torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0)
                 torch._foreach_mul_(self._local_grads(), coef)
-            for g in self.optimizer.param_groups:
-                g["lr"] = lr * g.get("lr_scale", 1.0)
+            set_lr(self.optimizer, lr)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return not skip, float(norm)
@@ -270,7 +239,7 @@ class DeepSpeedBackend:
     The engine reduces gradients (ZeRO-1/2 partition optimizer state, ZeRO-2 gradients too),
     clips them (`gradient_clipping` = optim.grad_clip) and steps at the accumulation boundary;
     `engine.step()` is called after every micro-batch, as DeepSpeed expects. The global norm
-    is only known after the step, so inf/nan is caught on the loss instead: the trainer
+    is only known after the step, so inf/nan is caught on the loss instead: `backward`
     back-propagates a zero loss for a micro-batch whose loss is not finite on some rank (the
     engine's hooks and buckets still run, nothing is added), and that step runs with lr = 0:
     the parameters do not change (AdamW's moment estimates do see the other micro-batches).
@@ -281,8 +250,6 @@ class DeepSpeedBackend:
     (`allreduce=False`, `group_name="ep_size_N"`, optimizer group of that name) over their
     EDP group, divided by the world size as the torch backend does.
     """
-
-    requires_finite_loss = True
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any],
                  ep_size: int = 1):
@@ -297,6 +264,10 @@ class DeepSpeedBackend:
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
+        if any_rank(not bool(torch.isfinite(loss.detach())), loss.device):
+            # The engine cannot drop accumulated gradients: back-propagate zero instead (its hooks
+            # and buckets still run, nothing is added); the trainer then skips the step.
+            loss = sum(p.sum() for p in self.module.parameters()) * 0.0
         self.engine.backward(loss, scale_wrt_gas=False)  # the trainer already divided by grad_accum
         if not last:
             self.engine.step()  # not a boundary: only advances the engine's micro-step count
@@ -305,8 +276,7 @@ class DeepSpeedBackend:
         return None
 
     def step(self, lr: float, skip: bool) -> tuple[bool, float]:
-        for g in self.optimizer.param_groups:
-            g["lr"] = (0.0 if skip else lr) * g.get("lr_scale", 1.0)
+        set_lr(self.optimizer, 0.0 if skip else lr)
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         return not skip, float(norm) if norm is not None else float("nan")

@@ -17,13 +17,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moe_scale.distributed.collectives import all_reduce
 from moe_scale.moe import MoELayer, MoEStats
 from moe_scale.moe.losses import BalanceWindow
 
 
 def _sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
-    dist.all_reduce(t)
-    return t
+    return all_reduce(t, t.device)
 
 
 class ExpertBiasBalancer:
@@ -54,7 +54,7 @@ class ExpertBiasBalancer:
             return
         if applied:
             if dist.is_initialized() and dist.get_world_size() > 1:
-                dist.all_reduce(self.load_LE)
+                self.load_LE = all_reduce(self.load_LE, self.load_LE.device)
             for layer, load_E in zip(self.layers, self.load_LE):
                 layer.update_expert_bias(load_E)
         self.load_LE.zero_()

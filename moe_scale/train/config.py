@@ -31,20 +31,10 @@ from typing import Any
 import torch
 import yaml
 
+from moe_scale.distributed.config import ParallelConfig
 from moe_scale.moe.config import MoEConfig
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message names the key and the fix."""
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    _check(value in allowed, f"{key} must be one of {list(allowed)}, got {value!r}")
+from moe_scale.train.tasks import get_task
+from moe_scale.validation import ConfigError, check, check_choice
 
 
 def _moe_section() -> type:
@@ -89,13 +79,13 @@ class OptimConfig:
     expert_weight_decay: float | None = None
 
     def __post_init__(self):
-        _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
-        _check(0 <= self.min_lr <= self.lr, f"optim.min_lr must be in [0, optim.lr={self.lr}], got {self.min_lr}")
-        _check(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
-        _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
-        _check(all(0 <= b < 1 for b in self.betas), f"optim.betas must be in [0, 1), got {list(self.betas)}")
-        _check(self.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip}")
-        _check(self.expert_lr_scale > 0, f"optim.expert_lr_scale must be > 0, got {self.expert_lr_scale}")
+        check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        check(0 <= self.min_lr <= self.lr, f"optim.min_lr must be in [0, optim.lr={self.lr}], got {self.min_lr}")
+        check(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        check(all(0 <= b < 1 for b in self.betas), f"optim.betas must be in [0, 1), got {list(self.betas)}")
+        check(self.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip}")
+        check(self.expert_lr_scale > 0, f"optim.expert_lr_scale must be > 0, got {self.expert_lr_scale}")
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -133,62 +123,18 @@ class TrainConfig:
     max_skipped_steps: int = 10
 
     def __post_init__(self):
-        _check(self.max_steps >= 1, f"train.max_steps must be >= 1, got {self.max_steps}")
-        _check(self.grad_accum >= 1, f"train.grad_accum must be >= 1, got {self.grad_accum}")
-        _check(self.eval_every >= 0, f"train.eval_every must be >= 0 (0 = only at the end), got {self.eval_every}")
-        _check(self.eval_batches >= 1, f"train.eval_batches must be >= 1, got {self.eval_batches}")
-        _choice("train.precision", self.precision, PRECISIONS)
+        check(self.max_steps >= 1, f"train.max_steps must be >= 1, got {self.max_steps}")
+        check(self.grad_accum >= 1, f"train.grad_accum must be >= 1, got {self.grad_accum}")
+        check(self.eval_every >= 0, f"train.eval_every must be >= 0 (0 = only at the end), got {self.eval_every}")
+        check(self.eval_batches >= 1, f"train.eval_batches must be >= 1, got {self.eval_batches}")
+        check_choice("train.precision", self.precision, PRECISIONS)
         self.activation_checkpointing = {"true": "full", "false": "none"}.get(
             self.activation_checkpointing.lower(), self.activation_checkpointing)
-        _choice("train.activation_checkpointing", self.activation_checkpointing, CHECKPOINTING)
-        _choice("train.device", self.device, DEVICES)
-        _check(bool(self.run_dir), "train.run_dir must be a directory path")
-        _check(self.num_threads >= 0, f"train.num_threads must be >= 0 (0 = torch's default), got {self.num_threads}")
-        _check(self.max_skipped_steps >= 1, f"train.max_skipped_steps must be >= 1, got {self.max_skipped_steps}")
-
-
-BACKENDS = ("torch", "fsdp", "deepspeed")
-DIST_BACKENDS = ("auto", "gloo", "nccl")
-FSDP_PRECISIONS = ("fp32", "bf16")
-A2A_MODES = ("flat", "hierarchical")
-
-
-@dataclass
-class ParallelConfig:
-    """How ranks split the work. World size comes from the launcher (RANK / WORLD_SIZE).
-
-    backend      torch: DDP for dense params + expert-data-parallel all-reduce for experts;
-                 fsdp: FSDP2 `fully_shard`, dense params over the world, experts over their
-                 expert-data-parallel group (parameters, gradients and AdamW state sharded);
-                 deepspeed: `deepspeed.initialize` with MoE parameter groups
-    ep_size      expert-parallel group size; must divide moe.num_experts and the world size
-    a2a          flat or hierarchical all-to-all (within nodes, then across; same result)
-    dist_backend auto: nccl on CUDA, gloo on CPU
-    fsdp_precision  fsdp only: fp32, or bf16 (bf16 parameters in forward/backward, gradients
-                    reduced and kept in float32, float32 master weights)
-    """
-
-    backend: str = "torch"
-    ep_size: int = 1
-    a2a: str = "flat"
-    dist_backend: str = "auto"
-    deepspeed_config: str | None = None
-    timeout_s: int = 600
-    fsdp_precision: str = "fp32"
-
-    def __post_init__(self):
-        _choice("parallel.backend", self.backend, BACKENDS)
-        _choice("parallel.dist_backend", self.dist_backend, DIST_BACKENDS)
-        _choice("parallel.fsdp_precision", self.fsdp_precision, FSDP_PRECISIONS)
-        _check(self.fsdp_precision == "fp32" or self.backend == "fsdp",
-               f"parallel.fsdp_precision={self.fsdp_precision} applies to parallel.backend=fsdp only; "
-               f"use train.precision=bf16 for autocast under parallel.backend={self.backend}")
-        _choice("parallel.a2a", self.a2a, A2A_MODES)
-        _check(self.ep_size >= 1, f"parallel.ep_size must be >= 1, got {self.ep_size}")
-        _check(self.timeout_s >= 1, f"parallel.timeout_s must be >= 1, got {self.timeout_s}")
-        if self.backend == "deepspeed":
-            _check(self.deepspeed_config is not None,
-                   "parallel.backend=deepspeed needs parallel.deepspeed_config (e.g. configs/deepspeed/zero2.json)")
+        check_choice("train.activation_checkpointing", self.activation_checkpointing, CHECKPOINTING)
+        check_choice("train.device", self.device, DEVICES)
+        check(bool(self.run_dir), "train.run_dir must be a directory path")
+        check(self.num_threads >= 0, f"train.num_threads must be >= 0 (0 = torch's default), got {self.num_threads}")
+        check(self.max_skipped_steps >= 1, f"train.max_skipped_steps must be >= 1, got {self.max_skipped_steps}")
 
 
 @dataclass
@@ -205,9 +151,9 @@ class CheckpointConfig:
     save_final: bool = True
 
     def __post_init__(self):
-        _check(self.every >= 0, f"checkpoint.every must be >= 0 (0 = only at the end), got {self.every}")
-        _check(self.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {self.keep_last}")
-        _check(bool(self.resume), "checkpoint.resume must be auto, never or a checkpoint path")
+        check(self.every >= 0, f"checkpoint.every must be >= 0 (0 = only at the end), got {self.every}")
+        check(self.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {self.keep_last}")
+        check(bool(self.resume), "checkpoint.resume must be auto, never or a checkpoint path")
 
 
 @dataclass
@@ -228,8 +174,8 @@ class LoggingConfig:
     wandb_name: str | None = None
 
     def __post_init__(self):
-        _check(self.every >= 1, f"logging.every must be >= 1, got {self.every}")
-        _check(self.load_every >= 1, f"logging.load_every must be >= 1, got {self.load_every}")
+        check(self.every >= 1, f"logging.every must be >= 1, got {self.every}")
+        check(self.load_every >= 1, f"logging.load_every must be >= 1, got {self.load_every}")
 
 
 @dataclass
@@ -244,17 +190,15 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self):
-        from moe_scale.train.tasks import get_task
-
-        _check(self.optim.warmup_steps < self.train.max_steps or self.train.max_steps == 1,
-               f"optim.warmup_steps={self.optim.warmup_steps} must be below train.max_steps={self.train.max_steps}")
-        get_task(self.model.name).check(self)
+        check(self.optim.warmup_steps < self.train.max_steps or self.train.max_steps == 1,
+              f"optim.warmup_steps={self.optim.warmup_steps} must be below train.max_steps={self.train.max_steps}")
+        get_task(self.model.name).check_config(self)
 
     def check_moe(self) -> None:
         """The `moe` section builds a valid layer of width model.d_model, and ep_size divides its experts."""
         self.moe_config()
-        _check(self.moe.num_experts % self.parallel.ep_size == 0,
-               f"parallel.ep_size={self.parallel.ep_size} must divide moe.num_experts={self.moe.num_experts}")
+        check(self.moe.num_experts % self.parallel.ep_size == 0,
+              f"parallel.ep_size={self.parallel.ep_size} must divide moe.num_experts={self.moe.num_experts}")
 
     def moe_config(self) -> MoEConfig:
         """The `MoEConfig` of the model's MoE layers, checked as the layer would check it."""
@@ -268,20 +212,9 @@ class Config:
         return _plain(dataclasses.asdict(self))
 
 
-def __getattr__(name: str) -> Any:
-    """`ModelConfig` / `DataConfig`: the LM's sections under their former names (they moved next to
-    the model, which imports this module, hence the late import)."""
-    if name in ("ModelConfig", "DataConfig"):
-        from moe_scale.models.lm.config import LMConfig, LMDataConfig
-
-        return LMConfig if name == "ModelConfig" else LMDataConfig
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 def _default_section(section: str) -> Any:
-    """The default client's (lm) `model:` or `data:` section, imported late: it lives next to the model."""
-    from moe_scale.train.tasks import get_task
-
+    """The default client's (lm) `model:` or `data:` section."""
     task = get_task("lm")
     return task.model_section() if section == "model" else task.data_section()
 
@@ -398,8 +331,6 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
 
 
 def from_dict(raw: dict) -> Config:
-    from moe_scale.train.tasks import get_task
-
     if not isinstance(raw, dict):
         raise ConfigError(f"the config must be a mapping of sections, got {raw!r}")
     model = raw.get("model", {})

@@ -5,8 +5,9 @@ per log step) and `expert_load.jsonl` (per-layer tokens per expert) in the run d
 always; wandb when `logging.wandb` is on, imported lazily and following `WANDB_MODE`.
 
 MoE statistics are summaries, never one key per expert: per layer the fraction of assignments
-dropped and max/mean expert load, overall the dead experts (none routed to them in the
-interval), the aux losses and all-to-all bytes; the full `[layers, experts]` load goes to the
+dropped and max/mean expert load, overall the dead experts (none routed to them), the aux
+losses (all of these over the logging step's micro-batches on every rank) and the all-to-all
+bytes per step over the interval; the full `[layers, experts]` load goes to the
 JSONL file and to wandb as a heatmap image.
 
 `render_report(run_dir)` draws PNGs from the JSONL files with matplotlib, no wandb needed.
@@ -14,6 +15,7 @@ JSONL file and to wandb as a heatmap image.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -27,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from moe_scale.moe import MoEStats
+from moe_scale.moe import MoELayer, MoEStats
 
 METRICS_FILE = "metrics.jsonl"
 LOAD_FILE = "expert_load.jsonl"
@@ -287,26 +289,40 @@ def _save(fig, path: Path) -> Path:
 
 
 class MoEAccumulator:
-    """Per-layer MoE counts summed over micro-steps until the next log, kept on the device
-    (no host sync per step); `packed()` flattens them for one all-reduce."""
+    """Per-layer MoE counts of the logging steps, kept on the device until the log (no host sync
+    per step); `packed()` flattens them for one all-reduce.
 
-    def __init__(self, num_layers: int, num_experts: int, ep_size: int, ep_rank: int, bytes_per_row: int,
-                 device: torch.device):
-        self.L, self.E, self.device = num_layers, num_experts, device
-        local_E = torch.zeros(num_experts, dtype=torch.bool, device=device)
-        local_E[ep_rank * num_experts // ep_size : (ep_rank + 1) * num_experts // ep_size] = True
-        self.remote_E = ~local_E
-        self.bytes_per_row = bytes_per_row
+    The layers' statistics are read on the micro-batches of logging steps only (the trainer
+    calls `add` there), so the lazily computed ones (unweighted aux losses, unrouted tokens)
+    cost nothing on the other steps. The all-to-all traffic is the layers' own counter
+    (`ExpertComm.bytes_sent`, host numbers) over the whole interval, evaluation excluded.
+    """
+
+    def __init__(self, layers: list[MoELayer], device: torch.device):
+        self.layers, self.L, self.device = layers, len(layers), device
+        self.E = layers[0].cfg.num_experts if layers else 0
         self.aux_names: list[str] = []
         self.reset()
+
+    def _bytes_sent(self) -> int:
+        return sum(layer.comm.bytes_sent for layer in self.layers)
 
     def reset(self) -> None:
         zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=self.device)  # noqa: E731
         self.tokens_LE, self.routed_LE = zeros(self.L, self.E), zeros(self.L, self.E)
         self.dropped_L, self.assign_L = zeros(self.L), zeros(self.L)
-        self.a2a_bytes = zeros(())
         self.aux = zeros(len(self.aux_names))
         self.calls = 0
+        self._bytes_at_reset, self._bytes_excluded = self._bytes_sent(), 0
+
+    @contextlib.contextmanager
+    def traffic_excluded(self):
+        """All-to-all bytes sent inside this block (evaluation) do not count as training traffic."""
+        before = self._bytes_sent()
+        try:
+            yield
+        finally:
+            self._bytes_excluded += self._bytes_sent() - before
 
     def add(self, stats: list[MoEStats]) -> None:
         if not stats:
@@ -316,19 +332,18 @@ class MoEAccumulator:
             self.aux = torch.zeros(len(self.aux_names), dtype=torch.float64, device=self.device)
         self.calls += 1
         for i, s in enumerate(stats):
-            tokens_E = s.tokens_per_expert_E.detach().double()
-            self.tokens_LE[i] += tokens_E
+            self.tokens_LE[i] += s.tokens_per_expert_E.detach().double()
             self.routed_LE[i] += s.routed_per_expert_E.detach().double()
             self.dropped_L[i] += s.num_dropped.detach().double()
             self.assign_L[i] += s.num_assignments
-            # rows that leave this EP rank: dispatch + combine, forward + backward
-            self.a2a_bytes += 4 * self.bytes_per_row * tokens_E[self.remote_E].sum()
             for j, name in enumerate(self.aux_names):
                 self.aux[j] += s.aux_losses[name].detach().double() / len(stats)
 
     def packed(self) -> torch.Tensor:
+        sent = float(self._bytes_sent() - self._bytes_at_reset - self._bytes_excluded)
+        a2a = torch.tensor([sent], dtype=torch.float64, device=self.device)
         return torch.cat([self.tokens_LE.flatten(), self.routed_LE.flatten(), self.dropped_L, self.assign_L,
-                          self.a2a_bytes.reshape(1), self.aux])
+                          a2a, self.aux])
 
     def unpack(self, packed: torch.Tensor, world_size: int):
         """Summed-over-ranks counts as numpy arrays, all-to-all bytes, and aux-loss means over ranks."""

@@ -26,7 +26,9 @@ from dataclasses import dataclass
 import torch
 
 from moe_scale.distributed.parallelize import expert_param_names
-from moe_scale.train.config import Config, ConfigError
+from moe_scale.train.config import Config
+from moe_scale.train.tasks import get_task
+from moe_scale.validation import ConfigError
 
 GiB = 1024**3
 
@@ -55,8 +57,9 @@ class Plan:
 
 def count_params(cfg: Config) -> tuple[int, int]:
     """(dense, expert) parameter counts of the configured model, built on the meta device."""
-    from moe_scale.train.trainer import build_model
-
+    build_model = get_task(cfg.model.name).build_model
+    if build_model is None:
+        raise ConfigError(f"model.name={cfg.model.name} takes its shape from the data; moe-scale plan cannot size it")
     with torch.device("meta"):
         model = build_model(cfg)
     experts = expert_param_names(model)

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from moe_scale.train.config import Config, ConfigError
+from moe_scale.train.config import Config
+from moe_scale.validation import ConfigError
 from moe_scale.train.runtime import Runtime, launcher_ranks
 
 GiB = 1024**3

@@ -1,4 +1,4 @@
-"""Where this process runs: rank, world, device, process group, seeds.
+"""Where this process runs: rank, world, device, process group.
 
 Launchers are recognised by their environment: torchrun, the deepspeed launcher and SLURM +
 torchrun set RANK / WORLD_SIZE / LOCAL_RANK; mpirun (accelerate's MULTI_CPU path) sets
@@ -88,15 +88,6 @@ def init_runtime(device: str = "auto", dist_backend: str = "auto", timeout_s: in
         dist.init_process_group(process_group_backend(dist_backend, dev), rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s),
                                 device_id=dev if dev.type == "cuda" else None)
     return Runtime(dist.get_rank(), dist.get_world_size(), local_rank, dev)
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    """Seed torch's CPU and CUDA generators; in deterministic mode also pick deterministic kernels."""
-    torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
 
 
 def close_runtime() -> None:

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from torch import Tensor, nn
 
 from moe_scale.moe import MoEStats
+from moe_scale.validation import ConfigError
 
 TASKS = {
     "lm": "moe_scale.models.lm.task",
@@ -80,19 +81,21 @@ class TaskDef:
     """A registered client.
 
     model_section, data_section   dataclasses of the `model:` and `data:` sections
-    build(cfg, rank, world)       -> Task (rank and world: this process's share of the data)
-    check(cfg)                    cross-section checks; raises ConfigError
+    build(cfg, runtime)           -> Task (the runtime gives this process's share of the data)
+    check_config(cfg)             cross-section checks; raises ConfigError
+    build_model(cfg)              -> the model alone, without data (`moe-scale plan` builds it on
+                                  the meta device); None where the model's shape comes from
+                                  the data
     """
 
     model_section: type
     data_section: type
     build: Callable[..., Task]
-    check: Callable[[Any], None]
+    check_config: Callable[[Any], None]
+    build_model: Callable[[Any], nn.Module] | None = None
 
 
 def get_task(name: str) -> TaskDef:
-    from moe_scale.train.config import ConfigError
-
     if name not in TASKS:
         raise ConfigError(f"model.name must be one of {list(TASKS)}, got {name!r}")
     return importlib.import_module(TASKS[name]).TASK

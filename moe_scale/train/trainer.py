@@ -33,9 +33,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moe_scale.distributed.collectives import all_reduce
-from moe_scale.distributed.mesh import ParallelConfig as MeshConfig
-from moe_scale.distributed.mesh import build_mesh
+from moe_scale.distributed.collectives import all_reduce, any_rank
+from moe_scale.distributed.determinism import rank_seed, seed_everything
+from moe_scale.distributed.mesh import MoEMesh, build_mesh
 from moe_scale.distributed.parallelize import (
     expert_param_names,
     ExpertInit,
@@ -45,14 +45,15 @@ from moe_scale.distributed.parallelize import (
     parallelize,
 )
 from moe_scale.moe import MoELayer
-from moe_scale.train.backends import DeepSpeedBackend, ExpertLayout, FSDPBackend, TorchBackend, deepspeed_config
+from moe_scale.train.backends import DeepSpeedBackend, FSDPBackend, TorchBackend, deepspeed_config
 from moe_scale.train.balancing import ExpertBiasBalancer
 from moe_scale.train.checkpoint import Checkpointer, ExpertSharding, latest_checkpoint, list_checkpoints
-from moe_scale.train.config import Config, ConfigError, save_config
+from moe_scale.train.config import Config, save_config
+from moe_scale.validation import ConfigError
 from moe_scale.train.metrics import MetricsLogger, MoEAccumulator, moe_summary
 from moe_scale.train.optim import build_optimizer, lr_at, param_groups
 from moe_scale.train.preflight import check_same_config, dataset_errors, preflight
-from moe_scale.train.runtime import Runtime, init_runtime, seed_everything
+from moe_scale.train.runtime import Runtime, init_runtime
 from moe_scale.train.tasks import get_task
 
 
@@ -60,18 +61,11 @@ class TrainingDiverged(RuntimeError):
     """Too many consecutive steps had a non-finite loss or gradient."""
 
 
-def build_model(cfg: Config) -> nn.Module:
-    """The LM of `cfg` (for `moe-scale plan`); the trainer builds every client through its task."""
-    from moe_scale.models.lm.task import build_model as build_lm
-
-    return build_lm(cfg)
-
-
 REPORT_FILE = "final_metrics.json"
 
 
 def expert_parallel(model: nn.Module, cfg: Config, rt: Runtime,
-                    init: ExpertInit | None = None) -> tuple[nn.Module, ExpertLayout, ExpertSharding | None]:
+                    init: ExpertInit | None = None) -> tuple[nn.Module, MoEMesh, ExpertSharding | None]:
     """Integration point with expert parallelism.
 
     The model's experts come on the meta device (`experts_on_meta`); this rank's are made on
@@ -85,22 +79,20 @@ def expert_parallel(model: nn.Module, cfg: Config, rt: Runtime,
     ep = cfg.parallel.ep_size
     if ep == 1:
         materialize_experts(model, init, device=rt.device, init_seed=cfg.train.seed)
-        return model, ExpertLayout.data_parallel(), None
+        return model, MoEMesh.data_parallel(), None
     if rt.world_size % ep:
         raise ConfigError(f"parallel.ep_size={ep} must divide the world size {rt.world_size}")
-    mesh = build_mesh(MeshConfig(ep_size=ep, a2a=cfg.parallel.a2a), device_type=rt.device.type)
+    mesh = build_mesh(cfg.parallel, device_type=rt.device.type)
     model = parallelize(model, mesh, device=rt.device, init_seed=cfg.train.seed, init=init)
-    layout = ExpertLayout(ep_size=ep, ep_rank=mesh.ep_rank, ep_group=mesh.ep_group, edp_group=mesh.edp_group,
-                          device_mesh=mesh.device_mesh)
-    return model, layout, ExpertSharding(mesh.device_mesh, expert_param_names(model))
+    return model, mesh, ExpertSharding(mesh.device_mesh, expert_param_names(model))
 
 
-def shard_fsdp(model: nn.Module, layout: ExpertLayout, rt: Runtime, bf16: bool) -> nn.Module:
+def shard_fsdp(model: nn.Module, mesh: MoEMesh, rt: Runtime, bf16: bool) -> nn.Module:
     """`parallel.backend: fsdp`: dense parameters sharded over the world, experts over their EDP group."""
     from torch.distributed.device_mesh import init_device_mesh
 
     world = init_device_mesh(rt.device.type, (rt.world_size,), mesh_dim_names=("dp",))
-    experts = layout.device_mesh["edp"] if layout.device_mesh is not None else world
+    experts = mesh.device_mesh["edp"] if mesh.device_mesh is not None else world
     return apply_fsdp(model, world, experts, bf16=bf16)
 
 
@@ -139,7 +131,7 @@ class Trainer:
 
         with dataset_errors(cfg), experts_on_meta() as init:  # expert weights: only this rank's, made below
             self.task = get_task(cfg.model.name).build(cfg, rt)
-        model, self.layout, sharding = expert_parallel(self.task.model, cfg, rt, init)
+        model, self.mesh, sharding = expert_parallel(self.task.model, cfg, rt, init)
         model = model.to(rt.device)
         model.activation_checkpointing = t.activation_checkpointing
         if t.compile:
@@ -151,31 +143,26 @@ class Trainer:
             t.precision == "auto" and rt.device.type == "cuda" and torch.cuda.is_bf16_supported())
         fsdp = p.backend == "fsdp" and rt.distributed
         if fsdp:
-            model = shard_fsdp(model, self.layout, rt, bf16=p.fsdp_precision == "bf16")
+            model = shard_fsdp(model, self.mesh, rt, bf16=p.fsdp_precision == "bf16")
             if sharding is not None:
-                sharding.ep_major_mesh = ep_major_mesh(self.layout.device_mesh)
+                sharding.ep_major_mesh = ep_major_mesh(self.mesh.device_mesh)
         o = cfg.optim
         groups = param_groups(model, o.lr, o.weight_decay, o.expert_lr_scale, o.expert_weight_decay)
         optimizer = build_optimizer(groups, o, rt.device)
         if p.backend == "deepspeed":
             ds = deepspeed_config(p.deepspeed_config, micro_batch=cfg.data.batch_size, grad_accum=t.grad_accum,
                                   grad_clip=o.grad_clip, bf16=self.bf16, world_size=rt.world_size)
-            self.backend = DeepSpeedBackend(model, optimizer, ds, self.layout.ep_size)
+            self.backend = DeepSpeedBackend(model, optimizer, ds, self.mesh.ep_size)
         elif fsdp:
-            self.backend = FSDPBackend(model, optimizer, rt.device, o.grad_clip, self.layout.ep_size)
+            self.backend = FSDPBackend(model, optimizer, rt.device, o.grad_clip, self.mesh.ep_size)
         else:
-            self.backend = TorchBackend(model, optimizer, self.layout, rt.device, o.grad_clip,
+            self.backend = TorchBackend(model, optimizer, self.mesh, rt.device, o.grad_clip,
                                         find_unused_parameters=self.task.find_unused_parameters)
         self.model: nn.Module = self.backend.module
         self.optimizer = self.backend.optimizer
-        torch.manual_seed(t.seed + 1 + rt.rank)  # per-rank stream for dropout and router noise
+        torch.manual_seed(rank_seed(t.seed, rt.rank))  # per-rank stream for dropout and router noise
 
-        moe_layers = [m for m in self.model.modules() if isinstance(m, MoELayer)]
-        E = moe_layers[0].cfg.num_experts if moe_layers else 0
-        d_model = moe_layers[0].cfg.d_model if moe_layers else 0
-        elem = 2 if self.bf16 else 4
-        self.moe_acc = MoEAccumulator(len(moe_layers), E, self.layout.ep_size, self.layout.ep_rank,
-                                      d_model * elem, rt.device)
+        self.moe_acc = MoEAccumulator([m for m in self.model.modules() if isinstance(m, MoELayer)], rt.device)
         self.balancer = ExpertBiasBalancer(self.model, rt.device)
         self.step = 0
         self.skipped_steps = 0
@@ -235,10 +222,16 @@ class Trainer:
         return torch.autocast(self.rt.device.type, dtype=torch.bfloat16)
 
     def train_step(self) -> StepResult:
-        """One optimizer step over `grad_accum` micro-batches of this rank."""
+        """One optimizer step over `grad_accum` micro-batches of this rank.
+
+        The non-finite rule lives here: a step whose loss or gradient norm is inf/nan on any
+        rank is skipped on every rank (the backend's `step(skip=True)` makes no update; under
+        DeepSpeed its `backward` has already turned such a loss into zeros).
+        """
         t0 = time.perf_counter()
         self.model.train()
         accum = self.cfg.train.grad_accum
+        logs = self._logs_at(self.step + 1)
         loss_sum = torch.zeros((), device=self.rt.device)
         tokens = 0
         self.balancer.begin_step()
@@ -248,16 +241,11 @@ class Trainer:
             with self.backend.accumulate(last):
                 with self._autocast():
                     out = self.task.loss(self.backend.model, batch, self.rt.device)
-                loss, stats = out.loss, out.moe_stats
-                total = out.total / accum
-                if self.backend.requires_finite_loss and not self._finite_everywhere(total):
-                    # DeepSpeed cannot drop accumulated gradients: back-propagate zero instead (its
-                    # hooks still run) and let the step below skip the update.
-                    total = sum(p.sum() for p in self.model.parameters()) * 0.0
-                self.backend.backward(total, last=last)
-            self.moe_acc.add(stats)
-            self.balancer.add(stats)
-            loss_sum += loss.detach()
+                self.backend.backward(out.total / accum, last=last)
+            if logs:
+                self.moe_acc.add(out.moe_stats)
+            self.balancer.add(out.moe_stats)
+            loss_sum += out.loss.detach()
             tokens += out.tokens
             for k, v in out.extras.items():
                 total_count = self._extras.setdefault(k, [0.0, 0])
@@ -268,7 +256,7 @@ class Trainer:
         bad = not bool(torch.isfinite(loss_mean))
         if grad_norm is not None:
             bad = bad or not bool(torch.isfinite(grad_norm))
-        bad = self._any_rank(bad)
+        bad = any_rank(bad, self.rt.device)
         lr = lr_at(self.step, lr=self.cfg.optim.lr, min_lr=self.cfg.optim.min_lr,
                    warmup_steps=self.cfg.optim.warmup_steps, max_steps=self.cfg.train.max_steps)
         stepped, norm = self.backend.step(lr, skip=bad)
@@ -287,13 +275,10 @@ class Trainer:
                     f"lower optim.lr or check the data")
         return StepResult(self.step, float(loss_mean), norm, lr, stepped, tokens, time.perf_counter() - t0)
 
-    def _any_rank(self, flag: bool) -> bool:
-        if not self.rt.distributed:
-            return flag
-        return bool(all_reduce(torch.tensor(float(flag)), self.rt.device, op=dist.ReduceOp.MAX).item())
-
-    def _finite_everywhere(self, loss: torch.Tensor) -> bool:
-        return not self._any_rank(not bool(torch.isfinite(loss.detach())))
+    def _logs_at(self, step: int) -> bool:
+        """Whether `step` (1-based) writes metrics or the expert load."""
+        t, lg = self.cfg.train, self.cfg.logging
+        return step % lg.every == 0 or step % lg.load_every == 0 or step == t.max_steps
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -301,10 +286,11 @@ class Trainer:
         derives from it (bits per byte for the LM)."""
         self.model.eval()
         total = torch.zeros(2, dtype=torch.float64)
-        for batch in self.task.val_batches(self.cfg.train.eval_batches):
-            with self._autocast():
-                loss = self.task.loss(self.model, batch, self.rt.device).loss
-            total += torch.tensor([float(loss), 1.0], dtype=torch.float64)
+        with self.moe_acc.traffic_excluded():
+            for batch in self.task.val_batches(self.cfg.train.eval_batches):
+                with self._autocast():
+                    loss = self.task.loss(self.model, batch, self.rt.device).loss
+                total += torch.tensor([float(loss), 1.0], dtype=torch.float64)
         if self.rt.distributed:
             total = all_reduce(total, self.rt.device)
         return self.task.val_metrics(float(total[0] / total[1]))
@@ -316,10 +302,10 @@ class Trainer:
         Under expert parallelism every rank takes part (the MoE layers exchange tokens);
         otherwise rank 0 alone computes it.
         """
-        collective = self.layout.ep_size > 1
+        collective = self.mesh.ep_size > 1
         if not (collective or self.rt.is_main):
             return None
-        with self._autocast():
+        with self._autocast(), self.moe_acc.traffic_excluded():
             report = self.task.final_report(self.model, self.rt.device, collective)
         if report is None or not self.rt.is_main:
             return report

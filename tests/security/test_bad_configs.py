@@ -13,7 +13,8 @@ import torch
 
 from moe_scale.cli import main
 from moe_scale.train import checkpoint as ckpt_mod
-from moe_scale.train.config import ConfigError, load_config
+from moe_scale.train.config import load_config
+from moe_scale.validation import ConfigError
 from tests.trainer_utils import CONFIGS, tiny
 
 DEBUG = str(CONFIGS / "lm_debug.yaml")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from moe_scale.train.config import _check, _choice
+from moe_scale.validation import check, check_choice
 
 ARCHS = {
     "gpt2": {"position": "learned", "norm": "layernorm", "ffn_activation": "gelu"},
@@ -70,34 +70,34 @@ class LMConfig:
     tie_embeddings: bool = True
 
     def __post_init__(self):
-        _choice("model.name", self.name, ("lm",))
-        _choice("model.arch", self.arch, tuple(ARCHS))
+        check_choice("model.name", self.name, ("lm",))
+        check_choice("model.arch", self.arch, tuple(ARCHS))
         for key, value in ARCHS[self.arch].items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
-        _choice("model.position", self.position, POSITIONS)
-        _choice("model.norm", self.norm, NORMS)
-        _choice("model.ffn_activation", self.ffn_activation, FFN_ACTIVATIONS)
+        check_choice("model.position", self.position, POSITIONS)
+        check_choice("model.norm", self.norm, NORMS)
+        check_choice("model.ffn_activation", self.ffn_activation, FFN_ACTIVATIONS)
         for key in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
-            _check(getattr(self, key) >= 1, f"model.{key} must be >= 1, got {getattr(self, key)}")
-        _check(self.d_model % self.n_heads == 0,
-               f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
-               f"choose n_heads dividing d_model")
+            check(getattr(self, key) >= 1, f"model.{key} must be >= 1, got {getattr(self, key)}")
+        check(self.d_model % self.n_heads == 0,
+              f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
+              f"choose n_heads dividing d_model")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        _check(1 <= self.n_kv_heads <= self.n_heads and self.n_heads % self.n_kv_heads == 0,
-               f"model.n_kv_heads={self.n_kv_heads} must divide model.n_heads={self.n_heads} "
-               f"(grouped-query attention shares each key/value head among n_heads / n_kv_heads query heads)")
-        _check(self.position != "rope" or self.head_dim % 2 == 0,
-               f"model.position=rope needs an even head size, got d_model / n_heads = {self.head_dim}; "
-               f"change model.n_heads")
-        _check(self.rope_theta > 0, f"model.rope_theta must be > 0, got {self.rope_theta}")
-        _check(self.norm_eps > 0, f"model.norm_eps must be > 0, got {self.norm_eps}")
-        _check(self.d_ff is None or self.d_ff >= 1, f"model.d_ff must be >= 1 or null, got {self.d_ff}")
-        _check(0 <= self.n_dense_layers <= self.n_layers,
-               f"model.n_dense_layers must be in [0, model.n_layers={self.n_layers}], got {self.n_dense_layers}")
-        _check(self.moe_every >= 0, f"model.moe_every must be >= 0 (0 = dense model), got {self.moe_every}")
-        _check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
+        check(1 <= self.n_kv_heads <= self.n_heads and self.n_heads % self.n_kv_heads == 0,
+              f"model.n_kv_heads={self.n_kv_heads} must divide model.n_heads={self.n_heads} "
+              f"(grouped-query attention shares each key/value head among n_heads / n_kv_heads query heads)")
+        check(self.position != "rope" or self.head_dim % 2 == 0,
+              f"model.position=rope needs an even head size, got d_model / n_heads = {self.head_dim}; "
+              f"change model.n_heads")
+        check(self.rope_theta > 0, f"model.rope_theta must be > 0, got {self.rope_theta}")
+        check(self.norm_eps > 0, f"model.norm_eps must be > 0, got {self.norm_eps}")
+        check(self.d_ff is None or self.d_ff >= 1, f"model.d_ff must be >= 1 or null, got {self.d_ff}")
+        check(0 <= self.n_dense_layers <= self.n_layers,
+              f"model.n_dense_layers must be in [0, model.n_layers={self.n_layers}], got {self.n_dense_layers}")
+        check(self.moe_every >= 0, f"model.moe_every must be >= 0 (0 = dense model), got {self.moe_every}")
+        check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
 
     @property
     def head_dim(self) -> int:
@@ -154,16 +154,16 @@ class LMDataConfig:
     cache_dir: str | None = None
 
     def __post_init__(self):
-        _choice("data.tokenizer", self.tokenizer, TOKENIZERS)
-        _check(self.tokenizer_path is None or self.tokenizer == "bpe",
-               "data.tokenizer_path is a BPE tokenizer.json: set data.tokenizer=bpe, or drop data.tokenizer_path")
-        _check(self.bpe_max_documents is None or self.bpe_max_documents >= 1,
-               f"data.bpe_max_documents must be >= 1 or null, got {self.bpe_max_documents}")
-        _check(self.seq_len >= 1, f"data.seq_len must be >= 1, got {self.seq_len}")
-        _check(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
-        _check(0.0 < self.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
-        _check(self.max_documents is None or self.max_documents >= 2,
-               f"data.max_documents must be >= 2 (train and validation) or null, got {self.max_documents}")
-        _check(not self.data_files or self.dataset != "python-stdlib",
-               "data.data_files needs a builder in data.dataset (text, json, csv or parquet), "
-               "not the shipped python-stdlib corpus")
+        check_choice("data.tokenizer", self.tokenizer, TOKENIZERS)
+        check(self.tokenizer_path is None or self.tokenizer == "bpe",
+              "data.tokenizer_path is a BPE tokenizer.json: set data.tokenizer=bpe, or drop data.tokenizer_path")
+        check(self.bpe_max_documents is None or self.bpe_max_documents >= 1,
+              f"data.bpe_max_documents must be >= 1 or null, got {self.bpe_max_documents}")
+        check(self.seq_len >= 1, f"data.seq_len must be >= 1, got {self.seq_len}")
+        check(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
+        check(0.0 < self.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+        check(self.max_documents is None or self.max_documents >= 2,
+              f"data.max_documents must be >= 2 (train and validation) or null, got {self.max_documents}")
+        check(not self.data_files or self.dataset != "python-stdlib",
+              "data.data_files needs a builder in data.dataset (text, json, csv or parquet), "
+              "not the shipped python-stdlib corpus")

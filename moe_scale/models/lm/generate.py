@@ -80,7 +80,8 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
     from moe_scale.data.tokenizer import run_tokenizer
     from moe_scale.models.lm.task import build_model
     from moe_scale.train.checkpoint import Checkpointer, CheckpointError, latest_checkpoint
-    from moe_scale.train.config import ConfigError, load_config
+    from moe_scale.train.config import load_config
+    from moe_scale.validation import ConfigError
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():

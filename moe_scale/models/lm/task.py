@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 from torch import nn
 
@@ -17,7 +17,10 @@ from moe_scale.data.text import TextBlocks, load_documents, split_documents
 from moe_scale.data.tokenizer import TOKENIZER_FILE, BPETokenizer
 from moe_scale.models.lm.config import LMConfig, LMDataConfig
 from moe_scale.models.lm.model import MoELM, lm_loss
-from moe_scale.train.config import Config, ConfigError, _check
+from moe_scale.validation import ConfigError, check
+
+if TYPE_CHECKING:
+    from moe_scale.train.config import Config
 from moe_scale.train.tasks import TaskDef, TaskLoss
 
 
@@ -111,27 +114,27 @@ def bytes_per_token(tokenizer, docs, max_documents: int = 1000) -> float:
     return sum(len(t.encode("utf-8")) + 1 for t in texts) / max(tokens, 1)
 
 
-def check(cfg: Config) -> None:
+def check_config(cfg: Config) -> None:
     m, d = cfg.model, cfg.data
     if d.tokenizer == "byte":
-        _check(m.vocab_size >= 256, f"data.tokenizer=byte needs model.vocab_size >= 256, got {m.vocab_size}")
+        check(m.vocab_size >= 256, f"data.tokenizer=byte needs model.vocab_size >= 256, got {m.vocab_size}")
     else:
-        _check(m.vocab_size > 257, f"data.tokenizer=bpe needs model.vocab_size > 257 (256 byte tokens, the "
+        check(m.vocab_size > 257, f"data.tokenizer=bpe needs model.vocab_size > 257 (256 byte tokens, the "
                                    f"end-of-document token and merges), got {m.vocab_size}")
-    _check(d.seq_len <= m.max_seq_len,
-           f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}; "
-           f"raise model.max_seq_len or lower data.seq_len")
+    check(d.seq_len <= m.max_seq_len,
+          f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}; "
+          f"raise model.max_seq_len or lower data.seq_len")
     if m.moe_every:
         dense = f" minus model.n_dense_layers={m.n_dense_layers}" if m.n_dense_layers else ""
-        _check(m.num_moe_layers > 0,
-               f"model.moe_every={m.moe_every} > model.n_layers={m.n_layers}{dense} leaves no MoE layer; "
-               f"use model.moe_every=0 for a dense model")
-        _check(cfg.moe.router != "min_loss",
-               "moe.router=min_loss needs per-expert losses, which the LM does not compute; "
-               "choose another router (topk, switch, noisy_topk, expert_choice, hash, hierarchical)")
+        check(m.num_moe_layers > 0,
+              f"model.moe_every={m.moe_every} > model.n_layers={m.n_layers}{dense} leaves no MoE layer; "
+              f"use model.moe_every=0 for a dense model")
+        check(cfg.moe.router != "min_loss",
+              "moe.router=min_loss needs per-expert losses, which the LM does not compute; "
+              "choose another router (topk, switch, noisy_topk, expert_choice, hash, hierarchical)")
         cfg.check_moe()
     else:
-        _check(cfg.parallel.ep_size == 1, "parallel.ep_size > 1 needs MoE layers: set model.moe_every >= 1")
+        check(cfg.parallel.ep_size == 1, "parallel.ep_size > 1 needs MoE layers: set model.moe_every >= 1")
 
 
-TASK = TaskDef(LMConfig, LMDataConfig, LMTask, check)
+TASK = TaskDef(LMConfig, LMDataConfig, LMTask, check_config, build_model)

@@ -19,7 +19,7 @@ import dataclasses
 import functools
 import typing
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import numpy as np
 from torch import nn
@@ -30,7 +30,10 @@ from moe_scale.data.multimodel.tasks import TARGET_SPACES, Batch, Task, build_ta
 from moe_scale.models.multimodel.config import MultiModelConfig
 from moe_scale.models.multimodel.evaluate import evaluate
 from moe_scale.models.multimodel.model import MultiModel
-from moe_scale.train.config import Config, ConfigError, _check
+from moe_scale.validation import ConfigError, check
+
+if TYPE_CHECKING:
+    from moe_scale.train.config import Config
 from moe_scale.train.tasks import TaskDef, TaskLoss
 
 # Set from the data (vocabulary, task tokens, class heads) or from the `moe` section.
@@ -77,15 +80,15 @@ class MultiModelData:
 
     def __post_init__(self):
         unknown = [t for t in self.tasks if t not in STANDINS]
-        _check(not unknown, f"data.tasks: unknown task(s) {unknown}; choose from {list(STANDINS)}")
-        _check(len(set(self.tasks)) == len(self.tasks), f"data.tasks lists a task twice: {list(self.tasks)}")
+        check(not unknown, f"data.tasks: unknown task(s) {unknown}; choose from {list(STANDINS)}")
+        check(len(set(self.tasks)) == len(self.tasks), f"data.tasks lists a task twice: {list(self.tasks)}")
         n = len(self.tasks) or len(STANDINS)
-        _check(not self.weights or len(self.weights) == n,
-               f"data.weights needs one weight per task ({n}), got {len(self.weights)}")
-        _check(all(w >= 0 for w in self.weights) and (not self.weights or sum(self.weights) > 0),
-               f"data.weights must be >= 0 with a positive sum, got {list(self.weights)}")
-        _check(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
-        _check(self.eval_examples >= 1, f"data.eval_examples must be >= 1, got {self.eval_examples}")
+        check(not self.weights or len(self.weights) == n,
+              f"data.weights needs one weight per task ({n}), got {len(self.weights)}")
+        check(all(w >= 0 for w in self.weights) and (not self.weights or sum(self.weights) > 0),
+              f"data.weights must be >= 0 with a positive sum, got {list(self.weights)}")
+        check(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
+        check(self.eval_examples >= 1, f"data.eval_examples must be >= 1, got {self.eval_examples}")
 
 
 def model_config(cfg: Config, tasks: list[Task]) -> MultiModelConfig:
@@ -187,22 +190,22 @@ class MultiModelTask:
         self.batches_drawn = int(state["batches_drawn"])
 
 
-def check(cfg: Config) -> None:
+def check_config(cfg: Config) -> None:
     m = cfg.model
     sizes = {f.name: getattr(m, f.name) for f in fields(m) if f.name != "name"}
     try:
         MultiModelConfig.debug(**sizes)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"model: {err}") from None
-    _check(m.name == "multimodel", f"model.name must be multimodel here, got {m.name!r}")
-    _check(cfg.moe.aux_loss.switch == 0 and cfg.moe.aux_loss.z == 0,
-           "the MultiModel balances its experts with the importance and load losses (the paper's); "
-           "set moe.aux_loss.switch=0 and moe.aux_loss.z=0")
-    _check(cfg.moe.router != "min_loss", "moe.router=min_loss needs per-expert losses; the MultiModel has none")
+    check(m.name == "multimodel", f"model.name must be multimodel here, got {m.name!r}")
+    check(cfg.moe.aux_loss.switch == 0 and cfg.moe.aux_loss.z == 0,
+          "the MultiModel balances its experts with the importance and load losses (the paper's); "
+          "set moe.aux_loss.switch=0 and moe.aux_loss.z=0")
+    check(cfg.moe.router != "min_loss", "moe.router=min_loss needs per-expert losses; the MultiModel has none")
     if m.use_moe:
         cfg.check_moe()
     else:
-        _check(cfg.parallel.ep_size == 1, "parallel.ep_size > 1 needs MoE layers: set model.use_moe=true")
+        check(cfg.parallel.ep_size == 1, "parallel.ep_size > 1 needs MoE layers: set model.use_moe=true")
 
 
-TASK = TaskDef(MultiModelSection, MultiModelData, MultiModelTask, check)
+TASK = TaskDef(MultiModelSection, MultiModelData, MultiModelTask, check_config)

@@ -13,7 +13,7 @@ parallelism do not apply (parallel.ep_size must be 1; data parallelism works).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import numpy as np
 from torch import nn
@@ -23,7 +23,10 @@ from moe_scale.data.selector_sources import offline_qg
 from moe_scale.models.selector.config import GeneratorConfig, SelectorConfig
 from moe_scale.models.selector.metrics import diversity_report
 from moe_scale.models.selector.model import SelectorSeq2Seq
-from moe_scale.train.config import Config, ConfigError, _check
+from moe_scale.validation import ConfigError, check
+
+if TYPE_CHECKING:
+    from moe_scale.train.config import Config
 from moe_scale.train.tasks import TaskDef, TaskLoss
 
 
@@ -75,7 +78,7 @@ class SelectorData:
 
     def __post_init__(self):
         for key in ("train_sources", "targets_per_source", "test_sources", "batch_size", "min_freq"):
-            _check(getattr(self, key) >= 1, f"data.{key} must be >= 1, got {getattr(self, key)}")
+            check(getattr(self, key) >= 1, f"data.{key} must be >= 1, got {getattr(self, key)}")
 
 
 class SelectorTask:
@@ -151,14 +154,14 @@ class SelectorTask:
         self.batches_drawn, self.wins = int(state["batches_drawn"]), [int(w) for w in state["wins"]]
 
 
-def check(cfg: Config) -> None:
-    _check(cfg.model.name == "selector", f"model.name must be selector here, got {cfg.model.name!r}")
-    _check(cfg.parallel.ep_size == 1,
-           "the Selector's hard mixture routes whole examples inside one process; set parallel.ep_size=1")
+def check_config(cfg: Config) -> None:
+    check(cfg.model.name == "selector", f"model.name must be selector here, got {cfg.model.name!r}")
+    check(cfg.parallel.ep_size == 1,
+          "the Selector's hard mixture routes whole examples inside one process; set parallel.ep_size=1")
     try:
         cfg.model.configs(vocab_size=100)
     except ValueError as err:
         raise ConfigError(f"model: {err}") from None
 
 
-TASK = TaskDef(SelectorSection, SelectorData, SelectorTask, check)
+TASK = TaskDef(SelectorSection, SelectorData, SelectorTask, check_config)
