@@ -66,7 +66,8 @@ def _report(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
-    from moe_scale.models.lm.generate import generate, load_run
+    from moe_scale.models.lm.generate import generate
+    from moe_scale.train.runs import load_run
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer, _ = load_run(args.run_dir, device)

@@ -1,6 +1,6 @@
 """Sampling from a trained LM, with a KV cache: `moe-scale generate RUN_DIR --prompt "..."`.
 
-    model, tokenizer, cfg = load_run("runs/olmoe_debug", device="cpu")
+    model, tokenizer, cfg = load_run("runs/olmoe_debug", device="cpu")    # moe_scale.train.runs
     out = generate(model, prompt_BT, max_new_tokens=64, temperature=0.8, top_p=0.95)
 
 With the cache, the prompt runs once (prefill) and every later step feeds only the newest
@@ -11,8 +11,6 @@ identical results with and without the cache use a dropless configuration.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -70,30 +68,3 @@ def generate(model: MoELM, prompt_BT: Tensor, max_new_tokens: int, *, temperatur
         return tokens_BT, torch.stack(step_logits, dim=1) if step_logits else prompt_BT.new_zeros(0)
     return tokens_BT
 
-
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
-    """The model of RUN_DIR's newest checkpoint, its tokenizer and config: (MoELM, tokenizer, Config).
-
-    Reads RUN_DIR/config.yaml and the checkpoint through `train.checkpoint` (verified against its
-    manifest; experts saved under any expert-parallel size load whole).
-    """
-    from moe_scale.data.tokenizer import run_tokenizer
-    from moe_scale.models.lm.task import build_model
-    from moe_scale.train.checkpoint import Checkpointer, CheckpointError, latest_checkpoint
-    from moe_scale.train.config import load_config
-    from moe_scale.validation import ConfigError
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run_dir} holds no config.yaml: is it a run directory of moe-scale train?")
-    cfg = load_config(run_dir / "config.yaml")
-    if cfg.model.name != "lm":
-        raise ConfigError(f"moe-scale generate samples from the lm client; {run_dir} trained "
-                          f"model.name={cfg.model.name}")
-    root = run_dir / "checkpoints"
-    path = latest_checkpoint(root)
-    if path is None:
-        raise CheckpointError(f"{root} holds no complete checkpoint; train with checkpoint.save_final=true")
-    model = build_model(cfg)
-    Checkpointer(root).load(path, model, None, restore_rng_state=False)
-    return model.to(device).eval(), run_tokenizer(run_dir, cfg.data.tokenizer), cfg
