@@ -97,7 +97,7 @@ def stage_train(out: Path, limit: float, quick: bool) -> dict:
 def stage_cuda_tests(out: Path, limit: float, _quick) -> dict:
     if importlib.util.find_spec("pytest") is None:
         return {"status": "skipped", "reason": "pytest is not installed"}
-    rc, text = run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_cuda.py"],
+    rc, text = run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/moe/test_cuda.py"],
                    limit, out / "cuda_tests.log")
     counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|error)", text)}
     skips = re.findall(r"^SKIPPED \[\d+\] (.*)$", text, re.M)

@@ -9,7 +9,7 @@ import torch.utils._python_dispatch
 
 from moe_scale.moe import GroupedExperts
 from moe_scale.moe.cpu import grouped_mlp
-from tests.test_grouped_gemm import _assert_expert_grads_match, _linear_reference, _run_reference
+from tests.moe.test_grouped_gemm import _assert_expert_grads_match, _linear_reference, _run_reference
 
 
 def _span_mlp(experts: GroupedExperts, x, counts, method):

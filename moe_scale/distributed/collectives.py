@@ -9,7 +9,7 @@ on GPU runs, the CPU under gloo). Results come back on that device.
 Collectives of tensors that already live where the model lives (gradients, parameters, the
 tokens of the all-to-all in `comm.py` / `a2a.py`) need no move; those of gradients still come
 here so the rule stays one sentence: outside the token exchange, moe_scale calls tensor
-collectives only from this module (`tests/test_collective_devices.py` holds the code to it).
+collectives only from this module (`tests/distributed/test_collective_devices.py` holds the code to it).
 Object collectives (`all_gather_object`, ...) are left to torch, which picks their device from
 the group's backend.
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from moe_scale.train.checkpoint import MANIFEST, CheckpointError, verify_checkpoint
-from tests.test_checkpoint import DEBUG, _trainer, saved  # noqa: F401 - the fixture of a saved one-step run
+from tests.train.test_checkpoint import DEBUG, _trainer, saved  # noqa: F401 - the fixture of a saved one-step run
 from tests.trainer_utils import cli, tiny
 
 

@@ -20,7 +20,7 @@ import torch
 from moe_scale.moe import MoELayer
 from moe_scale.moe.grouped_gemm import grouped_mm_supported
 from tests.reference import reference_moe
-from tests.test_routing_reference import CASES, TIGHT, call_inputs, grads, make_layer
+from tests.moe.test_routing_reference import CASES, TIGHT, call_inputs, grads, make_layer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -198,7 +198,7 @@ def test_configs_fail_early_with_the_key():
 
 def test_model_trains_and_decodes_on_the_real_dataset_formats():
     """SQuAD (answer spans) and CNN/DM (long sources) batches from the local sample files."""
-    data = Path(__file__).parent / "data" / "selector"
+    data = Path(__file__).parents[1] / "data" / "selector"
     for examples in (load_squad_qg(path=data / "squad_tiny.json"), load_cnndm(path=data / "cnndm_tiny.jsonl")):
         vocab = Vocab.build([ex.source for ex in examples] + [ex.target for ex in examples], min_freq=2)
         batch = collate(examples, vocab)

@@ -10,7 +10,7 @@ from moe_scale.data.selector import (
 )
 from moe_scale.data.selector_sources import QUESTIONS, load_cnndm, load_squad_qg, offline_qg, squad_example
 
-DATA = Path(__file__).parent / "data" / "selector"
+DATA = Path(__file__).parent / "selector"
 
 
 def tagged(source, focus):

@@ -28,7 +28,7 @@ def test_every_shipped_config_loads(path):
     cfg = load_config(path)
     assert isinstance(cfg, Config)
     if cfg.parallel.deepspeed_config:
-        ds_path = Path(__file__).resolve().parents[1] / cfg.parallel.deepspeed_config
+        ds_path = Path(__file__).resolve().parents[2] / cfg.parallel.deepspeed_config
         ds = deepspeed_config(str(ds_path), micro_batch=cfg.data.batch_size, grad_accum=cfg.train.grad_accum,
                               grad_clip=cfg.optim.grad_clip, bf16=False, world_size=8)
         assert ds["zero_optimization"]["stage"] in (1, 2)

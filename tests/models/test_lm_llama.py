@@ -11,7 +11,7 @@ import torch
 from moe_scale.models.lm import LMConfig, MoELM, lm_loss
 from moe_scale.models.lm.model import CausalSelfAttention, make_norm
 from moe_scale.moe import MoEConfig, MoELayer
-from tests.test_lm import assert_causal
+from tests.models.test_lm import assert_causal
 
 
 def llama(n_layers=3, moe_every=1, n_dense_layers=1, num_shared_experts=1, **moe):

@@ -26,6 +26,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -40,7 +41,7 @@ def bound_bytes(dense_tensors: int) -> int:
 
 
 def _measure(mode: str) -> int:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = str(Path(__file__).resolve().parents[2])  # the repository, for `import tests`
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 17), OMP_NUM_THREADS="2")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     cmd = [sys.executable, os.path.abspath(__file__), mode]
