@@ -136,13 +136,14 @@ def test_native_products_reject_what_they_cannot_compute():
 
 
 def _mlp_grads(counts, activation, params, tuning: CPUTuning):
-    """[y, then the gradients], and whether the native GEMM ran (the fused node records it)."""
+    """[y, then the gradients], and the fused node that ran (it records the native GEMM choice
+    and the span schedule)."""
     x, w1, w2, w3, b1, b2, up = params
     leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w1, w2, w3, b1, b2)]
     y = grouped_mlp.grouped_mlp(*leaves, counts, "loop", activation, tuning)
-    ran_native = y.grad_fn.native_gemm
+    node = y.grad_fn
     grads = torch.autograd.grad(y, [t for t in leaves if t is not None], up)
-    return [y, *grads], ran_native
+    return [y, *grads], node
 
 
 def _reference(counts, activation, params):
@@ -186,9 +187,10 @@ def test_span_loop_with_native_gemm_is_as_exact_as_aten(activation, bias, groups
         torch.randn(E, d, dtype=BF16) if bias else None,
         torch.randn(sum(counts), d, dtype=BF16),
     ]
-    native, ran_native = _mlp_grads(counts, activation, params, replace(tuning, bf16_gemm="native"))
-    aten, ran_aten = _mlp_grads(counts, activation, params, replace(tuning, bf16_gemm="aten"))
-    assert ran_native and not ran_aten
+    native, native_node = _mlp_grads(counts, activation, params, replace(tuning, bf16_gemm="native"))
+    aten, aten_node = _mlp_grads(counts, activation, params, replace(tuning, bf16_gemm="aten"))
+    assert native_node.native_gemm and not aten_node.native_gemm
+    assert (native_node.gemms.schedule.num_parts > 0) == split
     ref = _reference(counts, activation, params)
     for got, other, want in zip(native, aten, ref):
         err = (got.double() - want).norm() / want.norm()

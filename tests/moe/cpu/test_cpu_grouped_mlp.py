@@ -149,6 +149,7 @@ def test_expert_parallel_span_loop_equals_per_expert_linear(activation, bias, bu
     up = torch.randn(sum(counts), 6)
 
     y = _span_mlp(experts, x, counts, "loop", tuning)
+    assert (y.grad_fn.gemms.schedule.num_parts >= 2) == split  # the tuning reached the schedule
     ref = _run_reference(mods, activation, x64, counts)
     (y * up).sum().backward()
     (ref * up.double()).sum().backward()
