@@ -63,6 +63,14 @@ class Span(NamedTuple):
     own_end: int
 
     @property
+    def gemm_rows(self) -> slice:
+        return slice(self.gemm_start, self.gemm_end)
+
+    @property
+    def own_rows(self) -> slice:
+        return slice(self.own_start, self.own_end)
+
+    @property
     def reaches_forward(self) -> bool:
         """Whether the GEMM rows run past the expert's own, into rows computed before it:
         its product goes to a new block, whose own rows the caller copies out."""
@@ -99,8 +107,9 @@ class _SpanSchedule:
     overwrite them. A span too close to its group's first row to reach back reaches forward
     instead and keeps only its own rows (the caller writes through a temporary); only when all
     the group's rows are fewer than a bucket is a span exact. Sums over rows (weight and bias
-    gradients) take the span's gradient rows with the foreign ones zeroed (`own_rows`). Groups
-    share no rows, so they can run at once (csrc/mlp_kernels.cpp runs one per thread).
+    gradients) take the span's gradient rows with the foreign ones zeroed
+    (`foreign_rows_zeroed`). Groups share no rows, so they can run at once
+    (csrc/mlp_kernels.cpp runs one per thread).
 
     `balance_max_blocks` and `split_min_rows` are `CPUTuning`'s.
     """
@@ -239,31 +248,30 @@ def _span_mm(a_span: Tensor, w: Tensor, bias: Tensor | None, out: Tensor, span: 
     own rows the caller copies to `out`."""
     if span.reaches_forward:
         return a_span @ w if bias is None else torch.addmm(bias, a_span, w)
-    rows = out[span.gemm_start : span.gemm_end]
     if bias is None:
-        return torch.mm(a_span, w, out=rows)
-    return torch.addmm(bias, a_span, w, out=rows)
+        return torch.mm(a_span, w, out=out[span.gemm_rows])
+    return torch.addmm(bias, a_span, w, out=out[span.gemm_rows])
 
 
 @contextmanager
-def own_rows(g: Tensor, span: Span) -> Iterator[Tensor]:
+def foreign_rows_zeroed(g: Tensor, span: Span) -> Iterator[Tensor]:
     """The span's GEMM rows of `g` with those outside the expert's own zero, for the body of
     the `with`. Sums over the span then count only the expert's rows (the foreign rows of the
     other operand are finite: zero times them adds nothing), and every weight-gradient GEMM
     keeps the span's bucketed shape. The foreign rows (fewer than a bucket) are zeroed in place
     and restored afterwards: copying them costs a fraction of copying the span."""
-    lo, s, end, hi = span.gemm_start, span.own_start, span.own_end, span.gemm_end
     if span.is_exact:
-        yield g[s:end]
+        yield g[span.own_rows]
         return
-    head, tail = g[lo:s].clone(), g[end:hi].clone()
-    g[lo:s].zero_()
-    g[end:hi].zero_()
+    head, tail = slice(span.gemm_start, span.own_start), slice(span.own_end, span.gemm_end)  # foreign rows
+    saved_head, saved_tail = g[head].clone(), g[tail].clone()
+    g[head].zero_()
+    g[tail].zero_()
     try:
-        yield g[lo:hi]
+        yield g[span.gemm_rows]
     finally:
-        g[lo:s] = head
-        g[end:hi] = tail
+        g[head] = saved_head
+        g[tail] = saved_tail
 
 
 class _ExpertGEMMs:
@@ -289,12 +297,11 @@ class _ExpertGEMMs:
             return act_(out) if act_ is not None else out
         out = a.new_empty(a.shape[0], w.shape[-1])
         for sp in self.schedule.spans:
-            block = _span_mm(a[sp.gemm_start : sp.gemm_end], w[sp.expert], None if bias is None else bias[sp.expert],
-                             out, sp)
+            block = _span_mm(a[sp.gemm_rows], w[sp.expert], None if bias is None else bias[sp.expert], out, sp)
             if act_ is not None:
                 act_(block)
             if sp.reaches_forward:
-                out[sp.own_start : sp.own_end] = block[: sp.own_end - sp.own_start]
+                out[sp.own_rows] = block[: sp.own_end - sp.own_start]
         return out
 
     def wgrad(self, a: Tensor, g: Tensor) -> Tensor:
@@ -305,8 +312,8 @@ class _ExpertGEMMs:
         out = a.new_empty(len(self.schedule.counts), a.shape[-1], g.shape[-1])
         self.zero_empty_experts(out)
         for sp in self.schedule.spans:
-            with own_rows(g, sp) as rows:
-                torch.mm(a[sp.gemm_start : sp.gemm_end].t(), rows, out=out[sp.expert])
+            with foreign_rows_zeroed(g, sp) as rows:
+                torch.mm(a[sp.gemm_rows].t(), rows, out=out[sp.expert])
         return out
 
     def zero_empty_experts(self, out_E: Tensor) -> None:
@@ -322,7 +329,7 @@ class _ExpertGEMMs:
         out = g.new_empty(len(self.schedule.counts), g.shape[-1])
         self.zero_empty_experts(out)
         for sp in self.schedule.spans:
-            torch.sum(g[sp.own_start : sp.own_end], 0, out=out[sp.expert])
+            torch.sum(g[sp.own_rows], 0, out=out[sp.expert])
         return out
 
 
@@ -477,9 +484,9 @@ class _FusedMLP(torch.autograd.Function):
     holding dW1 and dW2 at once (`grouped_mlp` picks it when M > E * d, where that is the
     smaller cost). With bucketed shapes (`_SpanSchedule`) every product of the backward runs
     over the expert's bucketed span, with the other experts' rows of the output gradient
-    zeroed (`own_rows`): their weight-gradient terms vanish and their input-gradient rows come
-    out zero, to be rewritten by their own expert later (or, for a span reaching forward, not
-    written at all). The hidden activations are saved per span (`[span, h]` each; the rows a
+    zeroed (`foreign_rows_zeroed`): their weight-gradient terms vanish and their
+    input-gradient rows come out zero, to be rewritten by their own expert later (or, for a
+    span reaching forward, not written at all). The hidden activations are saved per span (`[span, h]` each; the rows a
     bucketed span borrows from its neighbour are kept twice).
 
     With `compiled_loop` (float32 / bfloat16 on CPU) the same spans run in
@@ -507,13 +514,13 @@ class _FusedMLP(torch.autograd.Function):
         saved = []
         for sp in schedule.spans:
             e = sp.expert
-            x_e = x_Md[sp.gemm_start : sp.gemm_end]
+            x_e = x_Md[sp.gemm_rows]
             h = torch.mm(x_e, w1[e]) if b1 is None else torch.addmm(b1[e], x_e, w1[e])
             h3 = x_e @ w3[e] if w3 is not None else None
             a, t = _activate(h, h3, activation)
             block = _span_mm(a, w2[e], None if b2 is None else b2[e], y, sp)
             if sp.reaches_forward:
-                y[sp.own_start : sp.own_end] = block[: sp.own_end - sp.own_start]
+                y[sp.own_rows] = block[: sp.own_end - sp.own_start]
             saved += [a, None if t is a else t, h3]
         ctx.save_for_backward(x_Md, w1, w2, w3, *saved)
         return y
@@ -541,29 +548,29 @@ class _FusedMLP(torch.autograd.Function):
         g_x = x.new_empty(x.shape) if ctx.needs_input_grad[0] else None
         scratch_h = x.new_empty(schedule.longest, h)
         for i, sp in enumerate(schedule.spans):
-            e, lo, hi = sp.expert, sp.gemm_start, sp.gemm_end
+            e = sp.expert
             a, t, h3 = saved[3 * i : 3 * i + 3]
             t = a if t is None else t
             # Every product below runs on the whole (bucketed) span and stays exact: the other
             # experts' output-gradient rows are zero, so they add nothing to a weight gradient
             # and yield zero hidden gradients.
-            with own_rows(g_y, sp) as gy:
-                g_a = torch.mm(gy, w2[e].t(), out=scratch_h[: hi - lo])
+            with foreign_rows_zeroed(g_y, sp) as gy:
+                g_a = torch.mm(gy, w2[e].t(), out=scratch_h[: sp.gemm_end - sp.gemm_start])
                 torch.mm(a.t(), gy, out=g_w2[e])
                 if g_b2 is not None:
                     torch.sum(gy, 0, out=g_b2[e])
             g_h, g_h3 = _act_backward_(g_a, t, h3, act)
-            torch.mm(x[lo:hi].t(), g_h, out=g_w1[e])
+            torch.mm(x[sp.gemm_rows].t(), g_h, out=g_w1[e])
             if g_b1 is not None:
                 torch.sum(g_h, 0, out=g_b1[e])
             if g_h3 is not None:
-                torch.mm(x[lo:hi].t(), g_h3, out=g_w3[e])
+                torch.mm(x[sp.gemm_rows].t(), g_h3, out=g_w3[e])
             if g_x is not None:
                 g_x_rows = _span_mm(g_h, w1[e].t(), None, g_x, sp)
                 if g_h3 is not None:
                     g_x_rows.addmm_(g_h3, w3[e].t())
                 if sp.reaches_forward:
-                    g_x[sp.own_start : sp.own_end] = g_x_rows[: sp.own_end - sp.own_start]
+                    g_x[sp.own_rows] = g_x_rows[: sp.own_end - sp.own_start]
         return g_x, g_w1, g_w2, g_w3, g_b1, g_b2, None, None, None, None
 
 

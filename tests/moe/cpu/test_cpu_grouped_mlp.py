@@ -102,15 +102,15 @@ def test_bucketed_spans_use_few_row_counts_and_cover_every_row_once():
     assert covered == list(range(sum(counts)))
 
 
-def test_own_rows_zeroes_the_rows_of_other_experts_and_restores_them():
+def test_foreign_rows_zeroed_zeroes_the_rows_of_other_experts_and_restores_them():
     g = torch.arange(1.0, 9.0)[:, None]
-    with grouped_mlp.own_rows(g, Span(0, gemm_start=1, gemm_end=7, own_start=3, own_end=5)) as rows:
+    with grouped_mlp.foreign_rows_zeroed(g, Span(0, gemm_start=1, gemm_end=7, own_start=3, own_end=5)) as rows:
         assert rows.flatten().tolist() == [0.0, 0.0, 4.0, 5.0, 0.0, 0.0]
         assert rows.data_ptr() == g[1:7].data_ptr()
     assert g.flatten().tolist() == list(range(1, 9))
-    with grouped_mlp.own_rows(g, Span(0, 2, 4, 2, 4)) as rows:
+    with grouped_mlp.foreign_rows_zeroed(g, Span(0, 2, 4, 2, 4)) as rows:
         assert rows.data_ptr() == g[2:4].data_ptr()
-    with pytest.raises(KeyError), grouped_mlp.own_rows(g, Span(0, 0, 4, 2, 4)):
+    with pytest.raises(KeyError), grouped_mlp.foreign_rows_zeroed(g, Span(0, 0, 4, 2, 4)):
         raise KeyError  # restored on the way out of an error too
     assert g.flatten().tolist() == list(range(1, 9))
 

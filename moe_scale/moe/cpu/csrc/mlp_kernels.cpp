@@ -342,7 +342,8 @@ std::vector<at::Tensor> mlp_backward(const at::Tensor& g_y, const at::Tensor& x,
       if (g->defined()) (*g)[e].zero_();
   }
   at::Tensor g_x = need_x ? at::empty_like(x) : at::Tensor();
-  at::Tensor g_y_rw = g_y;  // zeroed and restored in place, span by span (see `own_rows`)
+  // zeroed and restored in place, span by span (see `foreign_rows_zeroed`)
+  at::Tensor g_y_rw = g_y;
   // The pieces of a split expert (on different threads) write float32 partial gradients,
   // summed into the expert's gradients (one rounding) once every group is done.
   int64_t parts = 0;
