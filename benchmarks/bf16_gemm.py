@@ -47,7 +47,7 @@ def main():
     args = p.parse_args()
     kernels = load_kernels()
     probe = torch.zeros(1, 2, 2, dtype=torch.bfloat16)
-    if kernels is None or not kernels.native_bf16_gemm(probe[0], probe):
+    if kernels is None or not kernels.can_run_native_bf16_gemm(probe[0], probe):
         raise SystemExit("the native bf16 GEMM is not built for this CPU (needs AVX512-BF16)")
     torch.set_num_threads(1)
     torch.manual_seed(0)

@@ -66,7 +66,7 @@ def main():
             raise SystemExit("the fused CPU kernels are not available here")
         dtype = getattr(torch, args.dtype)
         native = args.gemm == "native"
-        if native and not kernels.native_bf16_gemm(torch.zeros(1, 2, dtype=dtype), torch.zeros(1, 2, 2, dtype=dtype)):
+        if native and not kernels.can_run_native_bf16_gemm(torch.zeros(1, 2, dtype=dtype), torch.zeros(1, 2, 2, dtype=dtype)):
             print(-1)  # not available for this dtype / CPU
             return
         print(round(kib_per_shape(kernels, args.groups, 256, args.shapes, dtype, native)))

@@ -1,13 +1,13 @@
 """How the compiled span loop shares the experts between threads, fwd+bwd of the expert MLP on CPU.
 
 `csrc/mlp_kernels.cpp` runs one group of experts per intra-op thread and the layer waits for
-the slowest. `_Blocks` makes the groups (moe/cpu/grouped_mlp.py):
+the slowest. `_SpanSchedule` makes the groups (moe/cpu/grouped_mlp.py):
 
 - contiguous: neighbouring experts, about 1/threads of the rows each (bucketed spans need it);
 - balanced: a partition of the experts by row count (exact for two groups);
 - split: the balanced partition, then any excess over a group's share is cut off an expert
   and moved to another group, its weight gradients summed from float32 partials (here on
-  any excess; the layer splits only past `_SPLIT_MIN_ROWS`).
+  any excess; the layer splits only past `CPUTuning.split_min_rows`).
 
 Two routings of 8 experts x 8192 rows (d = 128, h = 512, ReLU): the counts of
 benchmarks/moe_layer.py's 8 x 4096 row (top-2 of 4096 tokens, 797-1085 rows an expert) and one
@@ -35,9 +35,11 @@ ROUTINGS = {
 VARIANTS = ("contiguous", "balanced", "split")
 
 
-def _configure(grouped_mlp, variant: str) -> None:
-    grouped_mlp._BALANCE_MAX_BLOCKS = 0 if variant == "contiguous" else 64
-    grouped_mlp._SPLIT_MIN_ROWS = 0 if variant == "split" else 10**9
+def _tuning(variant: str):
+    from moe_scale.moe.cpu import CPUTuning
+
+    return CPUTuning(balance_max_blocks=0 if variant == "contiguous" else CPUTuning.balance_max_blocks,
+                     split_min_rows=0 if variant == "split" else 10**9)
 
 
 def main():
@@ -49,10 +51,8 @@ def main():
     args = p.parse_args()
 
     from moe_scale.distributed.host_memory import keep_freed_host_memory
-    import importlib
-
-    grouped_mlp = importlib.import_module("moe_scale.moe.cpu.grouped_mlp")
     from moe_scale.moe import cpu
+    from moe_scale.moe.cpu import grouped_mlp
     from moe_scale.moe.experts import GroupedExperts
 
     keep_freed_host_memory()
@@ -70,15 +70,18 @@ def main():
         heaviest = {}
         for _ in range(args.trials):
             for variant in VARIANTS:
-                _configure(grouped_mlp, variant)
-                blocks = grouped_mlp._Blocks(tuple(counts), 0, torch.get_num_threads(), split=True)
-                heaviest[variant] = max(sum(hi - lo for _, lo, hi, _, _ in blocks.spans[a:b])
-                                        for a, b in zip(blocks.group_ptr, blocks.group_ptr[1:]))
+                tuning = _tuning(variant)
+                schedule = grouped_mlp._SpanSchedule(tuple(counts), 0, torch.get_num_threads(), split=True,
+                                                     balance_max_blocks=tuning.balance_max_blocks,
+                                                     split_min_rows=tuning.split_min_rows)
+                heaviest[variant] = max(sum(sp.gemm_end - sp.gemm_start for sp in schedule.spans[a:b])
+                                        for a, b in zip(schedule.group_ptr, schedule.group_ptr[1:]))
                 steps = []
-                for i in range(args.steps + 3):
-                    t0 = time.perf_counter()
-                    experts(x, torch.tensor(counts)).backward(grad)
-                    steps.append(time.perf_counter() - t0)
+                with cpu.use_tuning(tuning):
+                    for i in range(args.steps + 3):
+                        t0 = time.perf_counter()
+                        experts(x, torch.tensor(counts)).backward(grad)
+                        steps.append(time.perf_counter() - t0)
                 times[variant].append(statistics.median(steps[3:]))
         row = {"routing": name, "counts": counts, "dtype": args.dtype, "threads": torch.get_num_threads(),
                **{f"{v}_ms": round(statistics.median(times[v]) * 1e3, 2) for v in VARIANTS},

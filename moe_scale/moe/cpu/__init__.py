@@ -3,6 +3,8 @@
     expert_mlp     the expert MLP's span loop, one group of experts per thread, with a native
                    bf16 GEMM on AVX512-BF16 CPUs (grouped_mlp.py; csrc/mlp_kernels.cpp,
                    bf16_gemm.cpp, activation_kernels.cpp)
+    CPUTuning      how it runs: buckets, groups, splits, which loop and GEMM (tuning.py);
+                   `with use_tuning(...)` runs a block with another one
 
 A layer built with `backend="cpu"` (or "auto" where `kernels.available()`) hands this step to
 this package; everything else, and every tensor that is not a float32 / bfloat16 CPU
@@ -19,12 +21,14 @@ from torch import Tensor
 from moe_scale.moe.cpu import grouped_mlp
 from moe_scale.moe.cpu.kernels import available, kernels_for
 from moe_scale.moe.cpu.layouts import choose_layout
+from moe_scale.moe.cpu.tuning import CPUTuning, current_tuning, use_tuning
 
-__all__ = ["available", "expert_mlp"]
+__all__ = ["CPUTuning", "available", "current_tuning", "expert_mlp", "use_tuning"]
 
 
 def expert_mlp(experts, x_Md: Tensor, counts_E: Tensor) -> Tensor | None:
-    """`GroupedExperts.forward` on the span loop, or None where the kernels do not apply."""
+    """`GroupedExperts.forward` on the span loop, or None where the kernels do not apply:
+    x_Md `[M, d]` rows sorted by expert, counts_E `[E]` rows per expert; run with `current_tuning()`."""
     if kernels_for(x_Md) is None:
         return None
     counts = counts_E.tolist()

@@ -11,9 +11,16 @@ Two nodes rather than one so that autograd accumulates and frees dW2 before dW1 
 does for two plain GEMMs; for ReLU, `up` and `down` save the same `a` tensor, so the saved
 activations are exactly those of the bare GEMMs.
 
-Two exact layouts (see grouped_gemm.py): "loop" runs one GEMM per non-empty expert on its row
-block (`a` is `[M, h]`); "bmm" pads rows into `[E, C, d]` once and runs batched GEMMs (`a` is
-`[E, C, h]`, padded rows are zero).
+Two exact layouts (see layouts.py): "loop" runs one GEMM per non-empty expert on its span of
+rows (`a` is `[M, h]`); "bmm" pads rows into `[E, C, d]` once and runs batched GEMMs (`a` is
+`[E, C, h]`, padded rows are zero). Where the rows outnumber `E * d` the loop layout runs as
+one node instead (`_FusedMLP`), on the compiled span loop (csrc/mlp_kernels.cpp) where it
+applies. Every choice made here that a test or benchmark may pin is a field of `CPUTuning`
+(tuning.py).
+
+    Span            one expert's GEMM rows and its own rows
+    _SpanSchedule   the spans in the order they run, in groups that run one per thread
+    _ExpertGEMMs    the per-expert products over a schedule, in one layout
 """
 
 from __future__ import annotations
@@ -21,32 +28,64 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from types import ModuleType
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moe_scale.moe.cpu.kernels import kernels_for, native_bf16_gemm
+from moe_scale.moe.cpu.kernels import kernels_for, use_native_bf16_gemm
 from moe_scale.moe.cpu.layouts import PaddedLayout
+from moe_scale.moe.cpu.tuning import CPUTuning, current_tuning
 
 
-# Row bucket of the GEMM shapes in bf16 / fp16 on CPU (see `_Blocks`).
-_SHAPE_BUCKET = 64
+def shape_bucket(tuning: CPUTuning, device: torch.device, dtype: torch.dtype) -> int:
+    """The row bucket of the GEMM shapes, or 0 for exact row counts. By default rows are
+    bucketed where oneDNN runs the GEMMs (bf16 / fp16 on CPU): it JIT-compiles a kernel for
+    every new shape, and expert loads change every step, so without buckets a layer would
+    spend much of its step compiling."""
+    bucketed = tuning.bucket_rows
+    if bucketed is None:
+        bucketed = device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
+    return tuning.row_bucket if bucketed else 0
 
 
-def bucketed_shapes(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether GEMM row counts are bucketed when oneDNN runs them (bf16 / fp16 GEMMs on CPU):
-    it JIT-compiles a kernel for every new shape, and expert loads change every step, so
-    without buckets a layer would spend much of its step compiling. The compiled span loop's
-    own bf16 GEMM (csrc/bf16_gemm.cpp) needs no buckets."""
-    return device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
+class Span(NamedTuple):
+    """One expert's GEMMs over a block of the sorted rows: its own rows are
+    [own_start, own_end), its GEMMs run over [gemm_start, gemm_end), which holds them (more
+    rows when bucketed, see `_SpanSchedule`)."""
+
+    expert: int
+    gemm_start: int
+    gemm_end: int
+    own_start: int
+    own_end: int
+
+    @property
+    def gemm_rows(self) -> slice:
+        return slice(self.gemm_start, self.gemm_end)
+
+    @property
+    def own_rows(self) -> slice:
+        return slice(self.own_start, self.own_end)
+
+    @property
+    def reaches_forward(self) -> bool:
+        """Whether the GEMM rows run past the expert's own, into rows computed before it:
+        its product goes to a new block, whose own rows the caller copies out."""
+        return self.gemm_end > self.own_end
+
+    @property
+    def is_exact(self) -> bool:
+        return (self.gemm_start, self.gemm_end) == (self.own_start, self.own_end)
 
 
-class _Blocks:
-    """Row blocks of the sorted input, one per non-empty expert (or two, when split), in groups.
+class _SpanSchedule:
+    """The spans of the sorted input, one per non-empty expert (or more, when split), in the
+    order they run and in groups that run one per thread.
 
-    spans      (expert, lo, hi, start, end): the expert whose rows are [start, end) computes
-               over rows [lo, hi) (a superset), in the order given
+    spans      `Span`s, in the order given
     group_ptr  spans[group_ptr[g]:group_ptr[g + 1]] is group g: experts with about 1/groups
                of the rows each, whose spans stay inside the group's rows
     parts      per span, -1, or for a piece of a split expert the slot of its partial weight
@@ -56,52 +95,58 @@ class _Blocks:
     `bucket`) of a few dozen experts go to the groups by a balanced partition of their row
     counts (`_balanced_partition`; 8 experts of 797-1085 rows: neighbouring groups of 3997 and
     4195 rows, partitioned ones of 4026 and 4166). With `split`, a group still more than
-    `_SPLIT_MIN_ROWS` above its share hands the excess rows of its largest expert to the
+    `split_min_rows` above its share hands the excess rows of its largest expert to the
     lightest group (`_split_to_balance`): one hot expert can hold more rows than a thread's
     share. Bucketed spans need neighbours and are never split.
 
-    Without `bucket` every span is exact (lo, hi = start, end). With `bucket` (bf16 / fp16 on
-    CPU through oneDNN, see `bucketed_shapes`) no GEMM sees a row count outside a small fixed
-    set: a span has `roundup(count, bucket)` rows. Normally they end at the block's end: the extra rows at the
-    front belong to lower experts of the same group, whose own products run later (a group's
-    spans go from its last expert to its first) and overwrite them. A block too close to its
-    group's first row to reach back reaches forward instead (hi > end) and keeps only its own
-    rows (the caller writes through a temporary); only when all the group's rows are fewer
-    than a bucket is a block exact. Sums over rows (weight and bias gradients) take the span's
-    gradient rows with the foreign ones zeroed (`_Ops.own_rows`). Groups share no rows, so
-    they can run at once (csrc/mlp_kernels.cpp runs one per thread).
+    Without `bucket` every span is exact (its GEMM rows are its own rows). With `bucket`
+    (bf16 / fp16 on CPU through oneDNN, see `shape_bucket`) no GEMM sees a row count outside a
+    small fixed set: a span has `roundup(count, bucket)` rows. Normally they end at the
+    expert's last row: the extra rows at the front belong to lower experts of the same group,
+    whose own products run later (a group's spans go from its last expert to its first) and
+    overwrite them. A span too close to its group's first row to reach back reaches forward
+    instead and keeps only its own rows (the caller writes through a temporary); only when all
+    the group's rows are fewer than a bucket is a span exact. Sums over rows (weight and bias
+    gradients) take the span's gradient rows with the foreign ones zeroed
+    (`foreign_rows_zeroed`). Groups share no rows, so they can run at once
+    (csrc/mlp_kernels.cpp runs one per thread).
+
+    `balance_max_blocks` and `split_min_rows` are `CPUTuning`'s.
     """
 
-    def __init__(self, counts: tuple[int, ...], bucket: int = 0, groups: int = 1, split: bool = False):
+    def __init__(self, counts: tuple[int, ...], bucket: int = 0, groups: int = 1, split: bool = False,
+                 balance_max_blocks: int = CPUTuning.balance_max_blocks,
+                 split_min_rows: int = CPUTuning.split_min_rows):
         self.counts = counts
         self.parts: list[int] = []  # per span: -1, or the partial-gradient slot of a split expert's piece
-        exact, start = [], 0
+        blocks, start = [], 0
         for e, c in enumerate(counts):
             if c:
-                exact.append((e, start, start + c))
+                blocks.append((e, start, start + c))
             start += c
-        self.num_nonempty = len(exact)
+        self.num_nonempty = len(blocks)
         members: list[list[tuple[int, int, int]]] = [[] for _ in range(max(groups, 1))]
-        if bucket or len(members) == 1 or len(exact) > _BALANCE_MAX_BLOCKS:
+        if bucket or len(members) == 1 or len(blocks) > balance_max_blocks:
             # A block joins the group its middle row falls in: contiguous groups of ~start/groups rows.
-            for e, s, end in exact:
+            for e, s, end in blocks:
                 members[min(len(members) - 1, (s + end) * len(members) // (2 * start))].append((e, s, end))
         else:
-            members = _balanced_partition(exact, len(members))
+            members = _balanced_partition(blocks, len(members))
         part_of: dict[tuple[int, int], int] = {}
         if split and not bucket and len(members) > 1:
-            members, part_of = _split_to_balance(members)
-        self.spans, self.group_ptr = [], [0]
+            members, part_of = _split_to_balance(members, split_min_rows)
+        self.spans: list[Span] = []
+        self.group_ptr = [0]
         for group in (m for m in members if m):
             first, last = group[0][1], group[-1][2]
             for e, s, end in reversed(group):
                 rows = -(-(end - s) // bucket) * bucket if bucket else end - s
                 if end - first >= rows:
-                    self.spans.append((e, end - rows, end, s, end))
+                    self.spans.append(Span(e, end - rows, end, s, end))
                 elif s + rows <= last:
-                    self.spans.append((e, s, s + rows, s, end))
+                    self.spans.append(Span(e, s, s + rows, s, end))
                 else:
-                    self.spans.append((e, s, end, s, end))
+                    self.spans.append(Span(e, s, end, s, end))
                 self.parts.append(part_of.get((e, s), -1))
             self.group_ptr.append(len(self.spans))
 
@@ -117,13 +162,8 @@ class _Blocks:
 
     @property
     def longest(self) -> int:
-        """Rows of the longest span."""
-        return max((hi - lo for _, lo, hi, _, _ in self.spans), default=0)
-
-
-# Up to this many blocks the groups of exact spans are a balanced partition (`_balanced_partition`);
-# more blocks are small next to a group, and contiguous groups are as even as one block.
-_BALANCE_MAX_BLOCKS = 64
+        """GEMM rows of the longest span."""
+        return max((sp.gemm_end - sp.gemm_start for sp in self.spans), default=0)
 
 
 def _balanced_partition(blocks: list[tuple[int, int, int]], groups: int) -> list[list[tuple[int, int, int]]]:
@@ -153,82 +193,98 @@ def _balanced_partition(blocks: list[tuple[int, int, int]], groups: int) -> list
         members[g].append(i)
         loads[g] += rows[i]
     for _ in range(4 * len(blocks)):
-        hi, lo = loads.index(max(loads)), loads.index(min(loads))
-        gap, best = loads[hi] - loads[lo], None
-        for x, i in enumerate(members[hi]):
-            for y, j in enumerate([None, *members[lo]]):  # None: move block i alone
+        heavy, light = loads.index(max(loads)), loads.index(min(loads))
+        gap, best = loads[heavy] - loads[light], None
+        for x, i in enumerate(members[heavy]):
+            for y, j in enumerate([None, *members[light]]):  # None: move block i alone
                 shift = rows[i] - (0 if j is None else rows[j])
                 if abs(gap - 2 * shift) < (gap if best is None else best[0]):
                     best = (abs(gap - 2 * shift), x, y - 1, shift)
         if best is None:
             break
         _, x, y, shift = best
-        i = members[hi].pop(x)
+        i = members[heavy].pop(x)
         if y >= 0:
-            members[hi].append(members[lo].pop(y))
-        members[lo].append(i)
-        loads[hi] -= shift
-        loads[lo] += shift
+            members[heavy].append(members[light].pop(y))
+        members[light].append(i)
+        loads[heavy] -= shift
+        loads[light] += shift
     return [[blocks[i] for i in sorted(m)] for m in members]
 
 
-# A group more than this many rows above its share is evened out by splitting a block. A split
-# costs about what a hundred or more rows of work do (the piece packs its expert's weights
-# again, its weight gradients go through float32 partials), so small excesses are left alone
-# (benchmarks/span_balance.py measures both sides).
-_SPLIT_MIN_ROWS = 256
-
-
 def _split_to_balance(
-    members: list[list[tuple[int, int, int]]],
+    members: list[list[tuple[int, int, int]]], split_min_rows: int = CPUTuning.split_min_rows,
 ) -> tuple[list[list[tuple[int, int, int]]], dict[tuple[int, int], int]]:
-    """Equal rows per group by splitting blocks: while the heaviest group holds more than
-    `_SPLIT_MIN_ROWS` rows above its share, the tail of its largest block moves to the lightest
-    group. Returns the groups and {(expert, start): part} for every piece of a split expert
-    (its weight gradients are summed from per-piece partials, `mlp_backward`)."""
+    """Equal rows per group by splitting blocks (expert, start, end): while the heaviest group
+    holds more than `split_min_rows` rows above its share, the tail of its largest block moves
+    to the lightest group. Returns the groups and {(expert, start): part} for every piece of a
+    split expert (its weight gradients are summed from per-piece partials, `mlp_backward`)."""
     members = [list(m) for m in members]
     loads = [sum(end - s for _, s, end in m) for m in members]
     share = -(-sum(loads) // len(loads))
     split_experts: set[int] = set()
     for _ in range(2 * len(members)):
-        hi, lo = loads.index(max(loads)), loads.index(min(loads))
-        move = min(loads[hi] - share, share - loads[lo])
-        if loads[hi] - share <= _SPLIT_MIN_ROWS or move <= 0:
+        heavy, light = loads.index(max(loads)), loads.index(min(loads))
+        move = min(loads[heavy] - share, share - loads[light])
+        if loads[heavy] - share <= split_min_rows or move <= 0:
             break
-        i = max(range(len(members[hi])), key=lambda j: members[hi][j][2] - members[hi][j][1])
-        e, s, end = members[hi][i]
+        i = max(range(len(members[heavy])), key=lambda j: members[heavy][j][2] - members[heavy][j][1])
+        e, s, end = members[heavy][i]
         move = min(move, end - s - 1)  # the piece that stays keeps a row
         if move <= 0:
             break
-        members[hi][i] = (e, s, end - move)
-        members[lo].append((e, end - move, end))
-        loads[hi] -= move
-        loads[lo] += move
+        members[heavy][i] = (e, s, end - move)
+        members[light].append((e, end - move, end))
+        loads[heavy] -= move
+        loads[light] += move
         split_experts.add(e)
     pieces = sorted((e, s) for m in members for e, s, _ in m if e in split_experts)
     return [sorted(m) for m in members], {piece: p for p, piece in enumerate(pieces)}
 
 
-def _span_mm(a_span: Tensor, w: Tensor, bias: Tensor | None, out: Tensor, lo: int, hi: int, end: int) -> Tensor:
-    """`a_span @ w (+ bias)` for the span's rows [lo, hi), written into out[lo:hi]. A span
-    reaching forward (hi > end) would overwrite rows already computed: its product is a new
-    block, whose own rows the caller copies to `out`."""
-    if hi > end:
+def _span_mm(a_span: Tensor, w: Tensor, bias: Tensor | None, out: Tensor, span: Span) -> Tensor:
+    """`a_span @ w (+ bias)` for the span's GEMM rows, written into those rows of `out`. A span
+    reaching forward would overwrite rows already computed: its product is a new block, whose
+    own rows the caller copies to `out`."""
+    if span.reaches_forward:
         return a_span @ w if bias is None else torch.addmm(bias, a_span, w)
     if bias is None:
-        return torch.mm(a_span, w, out=out[lo:hi])
-    return torch.addmm(bias, a_span, w, out=out[lo:hi])
+        return torch.mm(a_span, w, out=out[span.gemm_rows])
+    return torch.addmm(bias, a_span, w, out=out[span.gemm_rows])
 
 
-class _Ops:
-    """The three products of a grouped GEMM layer, in one layout.
+@contextmanager
+def foreign_rows_zeroed(g: Tensor, span: Span) -> Iterator[Tensor]:
+    """The span's GEMM rows of `g` with those outside the expert's own zero, for the body of
+    the `with`. Sums over the span then count only the expert's rows (the foreign rows of the
+    other operand are finite: zero times them adds nothing), and every weight-gradient GEMM
+    keeps the span's bucketed shape. The foreign rows (fewer than a bucket) are zeroed in place
+    and restored afterwards: copying them costs a fraction of copying the span."""
+    if span.is_exact:
+        yield g[span.own_rows]
+        return
+    head, tail = slice(span.gemm_start, span.own_start), slice(span.own_end, span.gemm_end)  # foreign rows
+    saved_head, saved_tail = g[head].clone(), g[tail].clone()
+    g[head].zero_()
+    g[tail].zero_()
+    try:
+        yield g[span.gemm_rows]
+    finally:
+        g[head] = saved_head
+        g[tail] = saved_tail
 
-    mm(a, w)      a @ w[e] per expert          mm_t(g, w)   g @ w[e]^T per expert
-    wgrad(a, g)   a^T @ g per expert, `[E, k, n]`
+
+class _ExpertGEMMs:
+    """The per-expert products of a grouped GEMM layer, in one layout ("loop" over the
+    schedule's spans, or "bmm" on padded `[E, C, k]` blocks).
+
+    mm(a, w)            a @ w[e] per expert (w[e]^T with `transpose`)
+    wgrad(a, g)         a^T @ g per expert, `[E, k, n]`
+    bias_grad(g)        the rows of g summed per expert, `[E, n]`
     """
 
-    def __init__(self, method: str, blocks: _Blocks):
-        self.method, self.blocks = method, blocks
+    def __init__(self, method: str, schedule: _SpanSchedule):
+        self.method, self.schedule = method, schedule
 
     def mm(self, a: Tensor, w: Tensor, transpose: bool = False, bias: Tensor | None = None,
            act_: Callable[[Tensor], Tensor] | None = None) -> Tensor:
@@ -240,12 +296,12 @@ class _Ops:
             out = torch.bmm(a, w) if bias is None else torch.baddbmm(bias[:, None], a, w)
             return act_(out) if act_ is not None else out
         out = a.new_empty(a.shape[0], w.shape[-1])
-        for g, lo, hi, s, e in self.blocks.spans:
-            block = _span_mm(a[lo:hi], w[g], None if bias is None else bias[g], out, lo, hi, e)
+        for sp in self.schedule.spans:
+            block = _span_mm(a[sp.gemm_rows], w[sp.expert], None if bias is None else bias[sp.expert], out, sp)
             if act_ is not None:
                 act_(block)
-            if hi > e:
-                out[s:e] = block[: e - s]
+            if sp.reaches_forward:
+                out[sp.own_rows] = block[: sp.own_end - sp.own_start]
         return out
 
     def wgrad(self, a: Tensor, g: Tensor) -> Tensor:
@@ -253,58 +309,38 @@ class _Ops:
             return torch.bmm(a.transpose(1, 2), g)
         # Empty rather than zeros: a fresh buffer costs page faults on first touch, so writing
         # it once (GEMM output, or zeros for an expert without rows) halves that cost.
-        out = a.new_empty(len(self.blocks.counts), a.shape[-1], g.shape[-1])
-        self._zero_empty_experts(out)
-        for grp, lo, hi, s, e in self.blocks.spans:
-            with self.own_rows(g, lo, hi, s, e) as rows:
-                torch.mm(a[lo:hi].t(), rows, out=out[grp])
+        out = a.new_empty(len(self.schedule.counts), a.shape[-1], g.shape[-1])
+        self.zero_empty_experts(out)
+        for sp in self.schedule.spans:
+            with foreign_rows_zeroed(g, sp) as rows:
+                torch.mm(a[sp.gemm_rows].t(), rows, out=out[sp.expert])
         return out
 
-    @staticmethod
-    @contextmanager
-    def own_rows(g: Tensor, lo: int, hi: int, s: int, e: int) -> Iterator[Tensor]:
-        """Rows [lo, hi) of `g` with those outside the expert's own [s, e) zero, for the body
-        of the `with`. Sums over the span then count only the expert's rows (the foreign rows
-        of the other operand are finite: zero times them adds nothing), and every
-        weight-gradient GEMM keeps the span's bucketed shape. The foreign rows (fewer than a
-        bucket) are zeroed in place and restored afterwards: copying them costs a fraction of
-        copying the span."""
-        if (lo, hi) == (s, e):
-            yield g[s:e]
-            return
-        head, tail = g[lo:s].clone(), g[e:hi].clone()
-        g[lo:s].zero_()
-        g[e:hi].zero_()
-        try:
-            yield g[lo:hi]
-        finally:
-            g[lo:s] = head
-            g[e:hi] = tail
-
-    def _zero_empty_experts(self, out: Tensor) -> None:
-        if self.blocks.num_nonempty < len(self.blocks.counts):
-            empty = [e for e, c in enumerate(self.blocks.counts) if c == 0]
-            out.index_fill_(0, torch.tensor(empty, device=out.device), 0)
+    def zero_empty_experts(self, out_E: Tensor) -> None:
+        """Zero the per-expert results `out_E[e]` of the experts without rows (no span writes them)."""
+        if self.schedule.num_nonempty < len(self.schedule.counts):
+            empty = [e for e, c in enumerate(self.schedule.counts) if c == 0]
+            out_E.index_fill_(0, torch.tensor(empty, device=out_E.device), 0)
 
     def bias_grad(self, g: Tensor) -> Tensor:
         """Per-expert sum of row gradients (padded rows carry zero gradient)."""
         if self.method == "bmm":
             return g.sum(1)
-        out = g.new_empty(len(self.blocks.counts), g.shape[-1])
-        self._zero_empty_experts(out)
-        for grp, _, _, s, e in self.blocks.spans:
-            torch.sum(g[s:e], 0, out=out[grp])
+        out = g.new_empty(len(self.schedule.counts), g.shape[-1])
+        self.zero_empty_experts(out)
+        for sp in self.schedule.spans:
+            torch.sum(g[sp.own_rows], 0, out=out[sp.expert])
         return out
 
 
-def _up(x, w1, w3, b1, ops: _Ops, activation: str) -> tuple[Tensor, Tensor, Tensor | None]:
+def _up(x, w1, w3, b1, gemms: _ExpertGEMMs, activation: str) -> tuple[Tensor, Tensor, Tensor | None]:
     """a = act(x w1 [+ b1]) (SwiGLU: silu(x w1) * (x w3)) -> (a, t, h3): t is what the
     activation's backward reads (a itself for ReLU, the pre-activation otherwise)."""
     if activation == "relu":
-        a = ops.mm(x, w1, bias=b1, act_=_relu_)
+        a = gemms.mm(x, w1, bias=b1, act_=_relu_)
         return a, a, None
-    h = ops.mm(x, w1, bias=b1)
-    h3 = ops.mm(x, w3) if w3 is not None else None
+    h = gemms.mm(x, w1, bias=b1)
+    h3 = gemms.mm(x, w3) if w3 is not None else None
     a, t = _activate(h, h3, activation)
     return a, t, h3
 
@@ -348,110 +384,127 @@ def _act_backward_(g_a: Tensor, t: Tensor, h3: Tensor | None, activation: str) -
 
 class _Up(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_Md, w1, w3, b1, ops: _Ops, layout: PaddedLayout | None, activation: str):
+    def forward(ctx, x_Md, w1, w3, b1, gemms: _ExpertGEMMs, layout: PaddedLayout | None, activation: str):
         x = layout.pad_(x_Md) if layout is not None else x_Md
-        a, t, h3 = _up(x, w1, w3, b1, ops, activation)
+        a, t, h3 = _up(x, w1, w3, b1, gemms, activation)
         ctx.save_for_backward(w1, w3, x_Md, t, h3)
-        ctx.ops, ctx.layout, ctx.activation, ctx.has_b1 = ops, layout, activation, b1 is not None
+        ctx.gemms, ctx.layout, ctx.activation, ctx.has_b1 = gemms, layout, activation, b1 is not None
         return a
 
     @staticmethod
     def backward(ctx, g_a):
         w1, w3, x_Md, t, h3 = ctx.saved_tensors
-        ops, layout = ctx.ops, ctx.layout
+        gemms, layout = ctx.gemms, ctx.layout
         # g_a is a fresh buffer from `down`'s backward: the activation backward reuses it in
         # place, since a new [M, h] allocation costs page faults comparable to the op itself.
         g_a = g_a.contiguous()
         g_w3 = None
         g_h, g_h3 = _act_backward_(g_a, t, h3, ctx.activation)
         x = layout.pad_(x_Md) if layout is not None else x_Md
-        g_w1 = ops.wgrad(x, g_h)
+        g_w1 = gemms.wgrad(x, g_h)
         g_x = None
         if ctx.needs_input_grad[0]:
-            g_x = ops.mm(g_h, w1, transpose=True)
+            g_x = gemms.mm(g_h, w1, transpose=True)
             if g_h3 is not None:
-                g_x += ops.mm(g_h3, w3, transpose=True)
+                g_x += gemms.mm(g_h3, w3, transpose=True)
             if layout is not None:
                 g_x = layout.unpad_(g_x)
         if g_h3 is not None:
-            g_w3 = ops.wgrad(x, g_h3)
-        g_b1 = ops.bias_grad(g_h) if ctx.has_b1 else None
+            g_w3 = gemms.wgrad(x, g_h3)
+        g_b1 = gemms.bias_grad(g_h) if ctx.has_b1 else None
         return g_x, g_w1, g_w3, g_b1, None, None, None
 
 
 class _Down(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a, w2, b2, ops: _Ops, layout: PaddedLayout | None):
-        y = ops.mm(a, w2, bias=b2)
+    def forward(ctx, a, w2, b2, gemms: _ExpertGEMMs, layout: PaddedLayout | None):
+        y = gemms.mm(a, w2, bias=b2)
         ctx.save_for_backward(a, w2)
-        ctx.ops, ctx.layout, ctx.has_b2 = ops, layout, b2 is not None
+        ctx.gemms, ctx.layout, ctx.has_b2 = gemms, layout, b2 is not None
         return layout.unpad_(y) if layout is not None else y
 
     @staticmethod
     def backward(ctx, g_y):
         a, w2 = ctx.saved_tensors
-        ops, layout = ctx.ops, ctx.layout
+        gemms, layout = ctx.gemms, ctx.layout
         g_y = g_y.contiguous()
         if layout is not None:
             g_y = layout.pad_(g_y)
-        g_w2 = ops.wgrad(a, g_y)
-        g_a = ops.mm(g_y, w2, transpose=True)
-        g_b2 = ops.bias_grad(g_y) if ctx.has_b2 else None
+        g_w2 = gemms.wgrad(a, g_y)
+        g_a = gemms.mm(g_y, w2, transpose=True)
+        g_b2 = gemms.bias_grad(g_y) if ctx.has_b2 else None
         return g_a, g_w2, g_b2, None, None
 
 
 _ACTIVATION_CODES = {"relu": 0, "gelu": 1, "swiglu": 2}  # csrc/mlp_kernels.cpp's `Activation`
 
 
-def _mlp_kernels(*tensors: Tensor | None):
-    """The compiled span loop (csrc/mlp_kernels.cpp) if it applies to these tensors, else None."""
-    present = [t for t in tensors if t is not None]
-    if len({t.dtype for t in present}) != 1 or not all(t.is_contiguous() for t in present):
+def compiled_span_loop(tuning: CPUTuning, *tensors: Tensor | None) -> ModuleType | None:
+    """The kernels whose `mlp_forward` / `mlp_backward` run the fused node's spans
+    (csrc/mlp_kernels.cpp), or None for the Python loop: `tuning.span_loop`, and by default
+    the compiled loop where it applies to these tensors (one dtype, contiguous, see
+    `kernels_for`)."""
+    if tuning.span_loop == "python":
         return None
-    return kernels_for(*present)
+    present = [t for t in tensors if t is not None]
+    kernels = None
+    if len({t.dtype for t in present}) == 1 and all(t.is_contiguous() for t in present):
+        kernels = kernels_for(*present)
+    if kernels is None and tuning.span_loop == "compiled":
+        raise RuntimeError("CPUTuning(span_loop='compiled'): the compiled span loop does not apply to "
+                           f"{sorted({str(t.dtype) for t in present})} tensors here")
+    return kernels
 
 
-def _expert_groups(num_nonempty: int) -> int:
-    """Groups of experts for the compiled span loop: one per intra-op thread when there are at
-    least as many experts with rows as threads; otherwise one group, whose GEMMs each use
-    every thread (fewer experts than threads would leave cores idle). Measured only on 2
-    cores (benchmarks/moe_layer.py)."""
+def expert_groups(tuning: CPUTuning, num_nonempty: int) -> int:
+    """Groups of experts for the compiled span loop (`tuning.expert_groups`): by default one per
+    intra-op thread when there are at least as many experts with rows as threads; otherwise
+    one group, whose GEMMs each use every thread (fewer experts than threads would leave cores
+    idle). Measured only on 2 cores (benchmarks/moe_layer.py)."""
+    if tuning.expert_groups is not None:
+        return tuning.expert_groups
     threads = torch.get_num_threads()
     return threads if num_nonempty >= threads else 1
 
 
-def fused_backward(num_rows: int, num_experts: int, d_model: int) -> bool:
-    """One node with a per-expert backward (`_MLP`) when the `[M, h]` hidden gradient it avoids
-    is larger than the extra weight gradient it holds (`[E, d, h]`): M > E * d."""
+def use_fused_backward(tuning: CPUTuning, num_rows: int, num_experts: int, d_model: int) -> bool:
+    """Whether the loop layout runs as one node with a per-expert backward (`_FusedMLP`):
+    `tuning.fused_backward`, by default when the `[M, h]` hidden gradient it avoids is larger
+    than the extra weight gradient it holds (`[E, d, h]`): M > E * d."""
+    if tuning.fused_backward is not None:
+        return tuning.fused_backward
     return num_rows > num_experts * d_model
 
 
-class _MLP(torch.autograd.Function):
+class _FusedMLP(torch.autograd.Function):
     """Both layers in one node (loop layout), backward expert by expert.
 
     The two-node form materialises the hidden gradient of every row, `[M, h]`, between the
     nodes; this one reuses one `[largest span, h]` buffer across experts, at the price of
     holding dW1 and dW2 at once (`grouped_mlp` picks it when M > E * d, where that is the
-    smaller cost). With bucketed shapes (`_Blocks`) every product of the backward runs over
-    the expert's bucketed span, with the other experts' rows of the output gradient zeroed
-    (`_Ops.own_rows`): their weight-gradient terms vanish and their input-gradient rows come
-    out zero, to be rewritten by their own expert later (or, for a span reaching forward, not
-    written at all). The hidden activations are saved per span (`[span, h]` each; the rows a
+    smaller cost). With bucketed shapes (`_SpanSchedule`) every product of the backward runs
+    over the expert's bucketed span, with the other experts' rows of the output gradient
+    zeroed (`foreign_rows_zeroed`): their weight-gradient terms vanish and their
+    input-gradient rows come out zero, to be rewritten by their own expert later (or, for a
+    span reaching forward, not written at all). The hidden activations are saved per span (`[span, h]` each; the rows a
     bucketed span borrows from its neighbour are kept twice).
 
-    On CPU in float32 / bfloat16 the same spans run in csrc/mlp_kernels.cpp, each group of
-    experts on its own thread with single-threaded GEMMs (an expert split across groups sums
-    its weight gradients from float32 partials); the Python loop below is the path without
-    the compiled kernels (one group, never split) and computes the same products.
+    With `compiled_loop` (float32 / bfloat16 on CPU) the same spans run in
+    csrc/mlp_kernels.cpp, each group of experts on its own thread with single-threaded GEMMs
+    (an expert split across groups sums its weight gradients from float32 partials), their
+    bf16 GEMMs by csrc/bf16_gemm.cpp with `native_gemm`; the Python loop below is the path
+    without it (one group, never split) and computes the same products.
     """
 
     @staticmethod
-    def forward(ctx, x_Md, w1, w2, w3, b1, b2, ops: _Ops, activation: str, kernels, native: bool):
-        ctx.ops, ctx.activation, ctx.has_bias = ops, activation, (b1 is not None, b2 is not None)
-        ctx.kernels, ctx.native = kernels, native
-        if kernels is not None:  # the same spans, one group of experts per thread
-            y, *saved = kernels.mlp_forward(x_Md, w1, w2, w3, b1, b2, ops.blocks.spans_tensor,
-                                            ops.blocks.group_ptr, _ACTIVATION_CODES[activation], native)
+    def forward(ctx, x_Md, w1, w2, w3, b1, b2, gemms: _ExpertGEMMs, activation: str,
+                compiled_loop: ModuleType | None, native_gemm: bool):
+        ctx.gemms, ctx.activation, ctx.has_bias = gemms, activation, (b1 is not None, b2 is not None)
+        ctx.compiled_loop, ctx.native_gemm = compiled_loop, native_gemm
+        schedule = gemms.schedule
+        if compiled_loop is not None:  # the same spans, one group of experts per thread
+            y, *saved = compiled_loop.mlp_forward(x_Md, w1, w2, w3, b1, b2, schedule.spans_tensor,
+                                                  schedule.group_ptr, _ACTIVATION_CODES[activation], native_gemm)
             ctx.save_for_backward(x_Md, w1, w2, w3, *saved)
             return y
         # The hidden activations are kept per span, each a fresh `[span, h]` block, not as one
@@ -459,14 +512,15 @@ class _MLP(torch.autograd.Function):
         # the heap, where one `[M, h]` of 32 MiB or more is page-faulted in again every step.
         y = x_Md.new_empty(x_Md.shape[0], w2.shape[-1])
         saved = []
-        for e, lo, hi, s, end in ops.blocks.spans:
-            x_e = x_Md[lo:hi]
+        for sp in schedule.spans:
+            e = sp.expert
+            x_e = x_Md[sp.gemm_rows]
             h = torch.mm(x_e, w1[e]) if b1 is None else torch.addmm(b1[e], x_e, w1[e])
             h3 = x_e @ w3[e] if w3 is not None else None
             a, t = _activate(h, h3, activation)
-            block = _span_mm(a, w2[e], None if b2 is None else b2[e], y, lo, hi, end)
-            if hi > end:
-                y[s:end] = block[: end - s]
+            block = _span_mm(a, w2[e], None if b2 is None else b2[e], y, sp)
+            if sp.reaches_forward:
+                y[sp.own_rows] = block[: sp.own_end - sp.own_start]
             saved += [a, None if t is a else t, h3]
         ctx.save_for_backward(x_Md, w1, w2, w3, *saved)
         return y
@@ -474,12 +528,13 @@ class _MLP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_y):
         x, w1, w2, w3, *saved = ctx.saved_tensors
-        ops, act = ctx.ops, ctx.activation
+        gemms, act = ctx.gemms, ctx.activation
+        schedule = gemms.schedule
         g_y = g_y.contiguous()
-        if ctx.kernels is not None:
-            g_x, g_w1, g_w2, g_w3, g_b1, g_b2 = ctx.kernels.mlp_backward(
-                g_y, x, w1, w2, w3, saved, *ctx.has_bias, ctx.needs_input_grad[0], ops.blocks.spans_tensor,
-                ops.blocks.group_ptr, _ACTIVATION_CODES[act], ctx.native)
+        if ctx.compiled_loop is not None:
+            g_x, g_w1, g_w2, g_w3, g_b1, g_b2 = ctx.compiled_loop.mlp_backward(
+                g_y, x, w1, w2, w3, saved, *ctx.has_bias, ctx.needs_input_grad[0], schedule.spans_tensor,
+                schedule.group_ptr, _ACTIVATION_CODES[act], ctx.native_gemm)
             return g_x, g_w1, g_w2, g_w3, g_b1, g_b2, None, None, None, None
         E, d, h = w1.shape
 
@@ -489,32 +544,33 @@ class _MLP(torch.autograd.Function):
         g_b2 = x.new_empty(E, d) if ctx.has_bias[1] else None
         for out in (g_w1, g_w2, g_w3, g_b1, g_b2):
             if out is not None:
-                ops._zero_empty_experts(out)
+                gemms.zero_empty_experts(out)
         g_x = x.new_empty(x.shape) if ctx.needs_input_grad[0] else None
-        scratch_h = x.new_empty(ops.blocks.longest, h)
-        for i, (e, lo, hi, s, end) in enumerate(ops.blocks.spans):
+        scratch_h = x.new_empty(schedule.longest, h)
+        for i, sp in enumerate(schedule.spans):
+            e = sp.expert
             a, t, h3 = saved[3 * i : 3 * i + 3]
             t = a if t is None else t
             # Every product below runs on the whole (bucketed) span and stays exact: the other
             # experts' output-gradient rows are zero, so they add nothing to a weight gradient
             # and yield zero hidden gradients.
-            with ops.own_rows(g_y, lo, hi, s, end) as gy:
-                g_a = torch.mm(gy, w2[e].t(), out=scratch_h[: hi - lo])
+            with foreign_rows_zeroed(g_y, sp) as gy:
+                g_a = torch.mm(gy, w2[e].t(), out=scratch_h[: sp.gemm_end - sp.gemm_start])
                 torch.mm(a.t(), gy, out=g_w2[e])
                 if g_b2 is not None:
                     torch.sum(gy, 0, out=g_b2[e])
             g_h, g_h3 = _act_backward_(g_a, t, h3, act)
-            torch.mm(x[lo:hi].t(), g_h, out=g_w1[e])
+            torch.mm(x[sp.gemm_rows].t(), g_h, out=g_w1[e])
             if g_b1 is not None:
                 torch.sum(g_h, 0, out=g_b1[e])
             if g_h3 is not None:
-                torch.mm(x[lo:hi].t(), g_h3, out=g_w3[e])
+                torch.mm(x[sp.gemm_rows].t(), g_h3, out=g_w3[e])
             if g_x is not None:
-                g_x_rows = _span_mm(g_h, w1[e].t(), None, g_x, lo, hi, end)
+                g_x_rows = _span_mm(g_h, w1[e].t(), None, g_x, sp)
                 if g_h3 is not None:
                     g_x_rows.addmm_(g_h3, w3[e].t())
-                if hi > end:
-                    g_x[s:end] = g_x_rows[: end - s]
+                if sp.reaches_forward:
+                    g_x[sp.own_rows] = g_x_rows[: sp.own_end - sp.own_start]
         return g_x, g_w1, g_w2, g_w3, g_b1, g_b2, None, None, None, None
 
 
@@ -528,18 +584,24 @@ def grouped_mlp(
     counts: list[int],
     method: str,
     activation: str,
+    tuning: CPUTuning | None = None,
 ) -> Tensor:
-    """Rows sorted by expert (`counts[e]` rows for expert e) through their experts: `[M, d]`."""
+    """Rows sorted by expert (`counts[e]` rows for expert e) through their experts: `[M, d]`.
+    w1, w3 `[E, d, h]`, w2 `[E, h, d]`, b1 `[E, h]`, b2 `[E, d]`; `method` "loop" or "bmm"
+    (layouts.py); `tuning` the choices of how (default: `current_tuning()`)."""
+    tuning = tuning or current_tuning()
     layout = PaddedLayout(counts, x_Md.device) if method == "bmm" else None
-    bucket = _SHAPE_BUCKET if method == "loop" and bucketed_shapes(x_Md.device, x_Md.dtype) else 0
-    if method == "loop" and fused_backward(x_Md.shape[0], len(counts), x_Md.shape[-1]):
-        # With the compiled span loop, one group of experts per thread (see _Blocks). Its own
+    bucket = shape_bucket(tuning, x_Md.device, x_Md.dtype) if method == "loop" else 0
+    if method == "loop" and use_fused_backward(tuning, x_Md.shape[0], len(counts), x_Md.shape[-1]):
+        # With the compiled span loop, one group of experts per thread (see _SpanSchedule). Its own
         # bf16 GEMM (csrc/bf16_gemm.cpp) compiles nothing per shape: exact spans, no buckets.
-        kernels = _mlp_kernels(x_Md, w1, w2, w3, b1, b2)
-        groups = _expert_groups(sum(1 for c in counts if c)) if kernels is not None else 1
-        native = native_bf16_gemm(kernels, x_Md, w1)
-        ops = _Ops(method, _Blocks(tuple(counts), 0 if native else bucket, groups, split=True))
-        return _MLP.apply(x_Md, w1, w2, w3, b1, b2, ops, activation, kernels, native)
-    ops = _Ops(method, _Blocks(tuple(counts), bucket))
-    a = _Up.apply(x_Md, w1, w3, b1, ops, layout, activation)
-    return _Down.apply(a, w2, b2, ops, layout)
+        compiled_loop = compiled_span_loop(tuning, x_Md, w1, w2, w3, b1, b2)
+        groups = expert_groups(tuning, sum(1 for c in counts if c)) if compiled_loop is not None else 1
+        native_gemm = use_native_bf16_gemm(compiled_loop, x_Md, w1, tuning.bf16_gemm)
+        schedule = _SpanSchedule(tuple(counts), 0 if native_gemm else bucket, groups, split=True,
+                                 balance_max_blocks=tuning.balance_max_blocks, split_min_rows=tuning.split_min_rows)
+        return _FusedMLP.apply(x_Md, w1, w2, w3, b1, b2, _ExpertGEMMs(method, schedule), activation,
+                               compiled_loop, native_gemm)
+    gemms = _ExpertGEMMs(method, _SpanSchedule(tuple(counts), bucket))
+    a = _Up.apply(x_Md, w1, w3, b1, gemms, layout, activation)
+    return _Down.apply(a, w2, b2, gemms, layout)

@@ -7,11 +7,9 @@
                                  per GEMM shape), ReLU and its backward fused in
 
 The build is keyed by the sources (their folder and contents), the CPU's flags and the torch
-version, so two checkouts, or machines of different CPUs, never share or load each other's build. A build left
-locked by a killed process is taken over once nothing in its build folder has changed for
-`STALE_LOCK_SECONDS` (a live build writes an object file every few seconds to minutes); a lock
-held by a live build is waited on for at most `LOCK_WAIT_SECONDS`, after which the layer warns
-and runs the core path.
+version, so two checkouts, or machines of different CPUs, never share or load each other's build.
+Another process's build of the same kernels is waited on as `BuildWait` says, after which the
+layer warns and runs the core path.
 """
 
 from __future__ import annotations
@@ -22,6 +20,7 @@ import os
 import platform
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -31,8 +30,23 @@ CSRC = Path(__file__).parent / "csrc"
 SOURCES = ["module.cpp", "activation_kernels.cpp", "mlp_kernels.cpp", "bf16_gemm.cpp"]
 GEMM_ENV = "MOE_SCALE_BF16_GEMM"
 _GEMM_MODES = ("native", "aten")
-LOCK_WAIT_SECONDS = 600.0
-STALE_LOCK_SECONDS = 180.0
+
+
+@dataclass(frozen=True)
+class BuildWait:
+    """How a load waits on the lock another process holds on the same build folder."""
+
+    max_wait_seconds: float = 600.0
+    """A lock held by a live build is waited on this long; then the layer warns and runs the
+    core path."""
+
+    stale_after_seconds: float = 180.0
+    """A lock in a build folder where nothing changed for this long was left by a builder
+    that died, and is taken over (a live build writes an object file every few seconds to
+    minutes)."""
+
+
+BUILD_WAIT = BuildWait()
 
 
 def cpu_flags() -> set[str]:
@@ -61,16 +75,16 @@ def build_name() -> str:
     return f"moe_scale_cpu_{digest.hexdigest()[:12]}"
 
 
-def _wait_for_lock(build_dir: Path) -> bool:
-    """False when another live build holds the lock past `LOCK_WAIT_SECONDS`."""
+def _wait_for_lock(build_dir: Path, wait: BuildWait = BUILD_WAIT) -> bool:
+    """False when another live build holds the lock past `wait.max_wait_seconds`."""
     lock = build_dir / "lock"
-    deadline = time.monotonic() + LOCK_WAIT_SECONDS
+    deadline = time.monotonic() + wait.max_wait_seconds
     while lock.exists():
         try:
             age = time.time() - max(p.stat().st_mtime for p in build_dir.iterdir())
         except (FileNotFoundError, ValueError):
             break
-        if age > STALE_LOCK_SECONDS:  # its builder died mid-build: nobody will release it
+        if age > wait.stale_after_seconds:  # its builder died mid-build: nobody will release it
             lock.unlink(missing_ok=True)
             break
         if time.monotonic() > deadline:
@@ -82,11 +96,16 @@ def _wait_for_lock(build_dir: Path) -> bool:
 @functools.cache
 def load_kernels() -> ModuleType | None:
     """The compiled extension, or None (with one warning) when it cannot be built or loaded."""
+    return build_and_load(BUILD_WAIT)
+
+
+def build_and_load(wait: BuildWait) -> ModuleType | None:
+    """`load_kernels` without its cache, waiting on another build's lock as `wait` says."""
     from torch.utils import cpp_extension
 
     name = build_name()
     build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
-    if not _wait_for_lock(build_dir):
+    if not _wait_for_lock(build_dir, wait):
         warnings.warn(f"moe_scale: the CPU kernel build in {build_dir} stays locked by another process; "
                       "using the core path")
         return None
@@ -118,10 +137,13 @@ def kernels_for(*tensors: torch.Tensor) -> ModuleType | None:
     return load_kernels()
 
 
-def native_bf16_gemm(kernels: ModuleType | None, x: torch.Tensor, w1: torch.Tensor) -> bool:
-    """Whether the span loop runs its bf16 GEMMs with csrc/bf16_gemm.cpp (AVX512-BF16, even
-    d and h, not switched off by MOE_SCALE_BF16_GEMM=aten)."""
-    mode = os.environ.get(GEMM_ENV, "native")
-    if mode not in _GEMM_MODES:
-        raise ValueError(f"{GEMM_ENV} must be one of {_GEMM_MODES}, got {mode!r}")
-    return kernels is not None and mode == "native" and kernels.native_bf16_gemm(x, w1)
+def use_native_bf16_gemm(kernels: ModuleType | None, x: torch.Tensor, w1: torch.Tensor,
+                         mode: str | None = None) -> bool:
+    """Whether the span loop runs its bf16 GEMMs with csrc/bf16_gemm.cpp: `mode` "native"
+    (None: MOE_SCALE_BF16_GEMM, "native" when unset) and the kernels can run it on these
+    tensors (AVX512-BF16, bfloat16, even d and h)."""
+    if mode is None:
+        mode = os.environ.get(GEMM_ENV, "native")
+        if mode not in _GEMM_MODES:
+            raise ValueError(f"{GEMM_ENV} must be one of {_GEMM_MODES}, got {mode!r}")
+    return kernels is not None and mode == "native" and kernels.can_run_native_bf16_gemm(x, w1)

@@ -10,20 +10,17 @@ loop on ATen's GEMMs against float64 (which differs from one instruction set to 
 
 from __future__ import annotations
 
-import importlib
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_scale.moe.cpu import kernels
+from moe_scale.moe.cpu import CPUTuning, grouped_mlp, kernels
 
 if not kernels.available():
     pytest.skip("the CPU kernel backend does not run here (needs an AVX-512 x86 CPU, a C++ compiler, no CUDA)",
                 allow_module_level=True)
-
-# The package re-exports a function of the same name: the module itself from sys.modules.
-grouped_mlp = importlib.import_module("moe_scale.moe.cpu.grouped_mlp")
 
 BF16 = torch.bfloat16
 U32 = 2.0**-24  # unit roundoff of float32
@@ -33,7 +30,7 @@ U_BF16 = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
 def _native_kernels():
     ext = kernels.load_kernels()
     probe = torch.zeros(1, 2, 2, dtype=BF16)
-    if not ext.native_bf16_gemm(probe[0], probe):
+    if not ext.can_run_native_bf16_gemm(probe[0], probe):
         pytest.skip("the native bf16 GEMM is not built for this CPU (needs AVX512-BF16)")
     return ext
 
@@ -138,13 +135,15 @@ def test_native_products_reject_what_they_cannot_compute():
                           torch.randn(5, 4, dtype=BF16), None, False)
 
 
-def _mlp_grads(counts, activation, bias, mode, monkeypatch, params):
-    monkeypatch.setenv(kernels.GEMM_ENV, mode)
+def _mlp_grads(counts, activation, params, tuning: CPUTuning):
+    """[y, then the gradients], and the fused node that ran (it records the native GEMM choice
+    and the span schedule)."""
     x, w1, w2, w3, b1, b2, up = params
     leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w1, w2, w3, b1, b2)]
-    y = grouped_mlp.grouped_mlp(*leaves, counts, "loop", activation)
+    y = grouped_mlp.grouped_mlp(*leaves, counts, "loop", activation, tuning)
+    node = y.grad_fn
     grads = torch.autograd.grad(y, [t for t in leaves if t is not None], up)
-    return [y, *grads]
+    return [y, *grads], node
 
 
 def _reference(counts, activation, params):
@@ -164,7 +163,7 @@ def _reference(counts, activation, params):
 @pytest.mark.parametrize("groups", [1, 2, 3, "2-split"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu"])
-def test_span_loop_with_native_gemm_is_as_exact_as_aten(activation, bias, groups, monkeypatch):
+def test_span_loop_with_native_gemm_is_as_exact_as_aten(activation, bias, groups):
     """The expert MLP in bf16 with the native GEMM (exact spans, fused ReLU) and with ATen's
     (bucketed spans): each output and gradient as close to the float64 reference as ATen's,
     up to a factor of 1.25 and 2^-10 of its norm (a quarter of bf16's relative spacing: the
@@ -172,14 +171,10 @@ def test_span_loop_with_native_gemm_is_as_exact_as_aten(activation, bias, groups
     "2-split": two groups made equal by splitting an expert across them, its weight gradients
     summed from float32 partials."""
     _native_kernels()
-    if groups == "2-split":
-        groups = 2
-        monkeypatch.setattr(grouped_mlp, "_SPLIT_MIN_ROWS", 0)
-    ran_native = []
-    real = grouped_mlp.native_bf16_gemm
-    monkeypatch.setattr(grouped_mlp, "native_bf16_gemm", lambda *a: ran_native.append(real(*a)) or ran_native[-1])
-    monkeypatch.setattr(grouped_mlp, "fused_backward", lambda rows, experts, d: True)
-    monkeypatch.setattr(grouped_mlp, "_expert_groups", lambda nonempty: groups)
+    split = groups == "2-split"
+    groups = 2 if split else groups
+    tuning = CPUTuning(fused_backward=True, expert_groups=groups, span_loop="compiled",
+                       split_min_rows=0 if split else CPUTuning.split_min_rows)
     torch.manual_seed(groups)
     counts = [70, 0, 133, 1, 64, 97, 0, 12]
     E, d, h = len(counts), 32, 96
@@ -192,16 +187,25 @@ def test_span_loop_with_native_gemm_is_as_exact_as_aten(activation, bias, groups
         torch.randn(E, d, dtype=BF16) if bias else None,
         torch.randn(sum(counts), d, dtype=BF16),
     ]
-    native = _mlp_grads(counts, activation, bias, "native", monkeypatch, params)
-    aten = _mlp_grads(counts, activation, bias, "aten", monkeypatch, params)
-    assert ran_native == [True, False]
+    native, native_node = _mlp_grads(counts, activation, params, replace(tuning, bf16_gemm="native"))
+    aten, aten_node = _mlp_grads(counts, activation, params, replace(tuning, bf16_gemm="aten"))
+    assert native_node.native_gemm and not aten_node.native_gemm
+    assert (native_node.gemms.schedule.num_parts > 0) == split
     ref = _reference(counts, activation, params)
     for got, other, want in zip(native, aten, ref):
         err = (got.double() - want).norm() / want.norm()
         assert err <= 1.25 * (other.double() - want).norm() / want.norm() + 2**-10
 
 
-def test_gemm_mode_is_checked(monkeypatch):
+def test_gemm_mode_comes_from_the_tuning_else_the_environment(monkeypatch):
+    ext = _native_kernels()
+    x, w1 = torch.zeros(4, 2, dtype=BF16), torch.zeros(3, 2, 2, dtype=BF16)
+    monkeypatch.setenv(kernels.GEMM_ENV, "aten")
+    assert not kernels.use_native_bf16_gemm(ext, x, w1)
+    assert kernels.use_native_bf16_gemm(ext, x, w1, "native")
+    monkeypatch.delenv(kernels.GEMM_ENV)
+    assert kernels.use_native_bf16_gemm(ext, x, w1)
+    assert not kernels.use_native_bf16_gemm(ext, x, w1, "aten")
     monkeypatch.setenv(kernels.GEMM_ENV, "onednn")
     with pytest.raises(ValueError, match="MOE_SCALE_BF16_GEMM must be one of"):
-        kernels.native_bf16_gemm(object(), torch.zeros(1), torch.zeros(1))
+        kernels.use_native_bf16_gemm(object(), torch.zeros(1), torch.zeros(1))

@@ -219,7 +219,7 @@ def test_a_failed_build_warns_once_and_auto_layers_use_the_core_path(monkeypatch
         raise RuntimeError("no compiler here")
 
     kernels.load_kernels.cache_clear()
-    monkeypatch.setattr(kernels, "_wait_for_lock", lambda build_dir: True)  # not about the lock
+    monkeypatch.setattr(kernels, "_wait_for_lock", lambda build_dir, wait: True)  # not about the lock
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
     try:
         with pytest.warns(UserWarning, match="CPU kernels unavailable"):
@@ -268,70 +268,61 @@ def _age(path, seconds: float) -> None:
 
 
 @pytest.mark.timeout(60)  # a wait that never ends fails here, not at the suite's limit
-def test_a_stale_lock_is_taken_over(tmp_path, monkeypatch):
-    """A lock in a build folder where nothing changed for STALE_LOCK_SECONDS was left by a
+def test_a_stale_lock_is_taken_over(tmp_path):
+    """A lock in a build folder where nothing changed for `stale_after_seconds` was left by a
     builder that died: it is removed at once."""
-    monkeypatch.setattr(kernels, "STALE_LOCK_SECONDS", 5.0)
     lock = tmp_path / "lock"
     lock.touch()
     (tmp_path / "module.o").touch()
     _age(lock, 10.0)
     _age(tmp_path / "module.o", 10.0)
     started = time.monotonic()
-    assert kernels._wait_for_lock(tmp_path)
+    assert kernels._wait_for_lock(tmp_path, kernels.BuildWait(stale_after_seconds=5.0))
     assert not lock.exists() and time.monotonic() - started < 1.0
 
 
 @pytest.mark.timeout(60)
-def test_an_old_lock_of_a_build_still_writing_is_not_taken_over(tmp_path, monkeypatch):
+def test_an_old_lock_of_a_build_still_writing_is_not_taken_over(tmp_path):
     """An old lock next to a fresh object file is a live (long) build: it is waited on."""
-    monkeypatch.setattr(kernels, "STALE_LOCK_SECONDS", 5.0)
-    monkeypatch.setattr(kernels, "LOCK_WAIT_SECONDS", 0.2)
     lock = tmp_path / "lock"
     lock.touch()
     _age(lock, 10.0)
     (tmp_path / "mlp_kernels.o").touch()
-    assert not kernels._wait_for_lock(tmp_path)
+    assert not kernels._wait_for_lock(tmp_path, kernels.BuildWait(max_wait_seconds=0.2, stale_after_seconds=5.0))
     assert lock.exists()
 
 
 @pytest.mark.timeout(60)  # a wait that never ends fails here, not at the suite's limit
 def test_a_live_lock_is_waited_on_then_given_up_with_a_warning(tmp_path, monkeypatch):
-    """A fresh lock (a live build elsewhere) is waited on for LOCK_WAIT_SECONDS; then the
+    """A fresh lock (a live build elsewhere) is waited on for `max_wait_seconds`; then the
     kernels are not loaded, with a warning, the layer runs the core path and the lock is left
     to its owner."""
     from torch.utils import cpp_extension
 
-    monkeypatch.setattr(kernels, "LOCK_WAIT_SECONDS", 0.2)
-    monkeypatch.setattr(kernels, "STALE_LOCK_SECONDS", 3600.0)
+    wait = kernels.BuildWait(max_wait_seconds=0.2, stale_after_seconds=3600.0)
     lock = tmp_path / "lock"
     lock.touch()
     started = time.monotonic()
-    assert not kernels._wait_for_lock(tmp_path)
+    assert not kernels._wait_for_lock(tmp_path, wait)
     assert lock.exists() and time.monotonic() - started >= 0.2
 
     monkeypatch.setattr(cpp_extension, "_get_build_directory", lambda name, verbose: str(tmp_path))
-    kernels.load_kernels.cache_clear()
-    try:
-        with pytest.warns(UserWarning, match="stays locked by another process"):
-            assert kernels.load_kernels() is None
-        assert lock.exists()
-    finally:
-        kernels.load_kernels.cache_clear()
+    with pytest.warns(UserWarning, match="stays locked by another process"):
+        assert kernels.build_and_load(wait) is None
+    assert lock.exists()
 
 
 @pytest.mark.timeout(60)  # a wait that never ends fails here, not at the suite's limit
-def test_a_lock_released_while_waiting_lets_the_build_go_on(tmp_path, monkeypatch):
+def test_a_lock_released_while_waiting_lets_the_build_go_on(tmp_path):
     import threading
 
-    monkeypatch.setattr(kernels, "LOCK_WAIT_SECONDS", 30.0)
     lock = tmp_path / "lock"
     lock.touch()
     release = threading.Timer(0.3, lock.unlink)
     release.start()
     try:
         started = time.monotonic()
-        assert kernels._wait_for_lock(tmp_path)
+        assert kernels._wait_for_lock(tmp_path, kernels.BuildWait(max_wait_seconds=30.0))
         assert time.monotonic() - started < 10.0
     finally:
         release.cancel()

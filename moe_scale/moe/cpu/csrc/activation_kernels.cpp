@@ -1,10 +1,10 @@
-// ReLU forward and backward in place, on the bit patterns (see moe_scale/moe/cpu_kernels.py).
+// ReLU forward and backward in place, on the bit patterns (see moe_scale/moe/cpu/kernels.py).
 //
 // ATen's bfloat16 relu_ and threshold_backward convert every element to float32 and back;
-// these test the sign and NaN bits of the raw 16- or 32-bit pattern instead (bf16, a [1024, 512]
-// expert block in cache: 4-6x faster; benchmarks/cpu_kernels.py). The results equal ATen's: a value is kept when it is > 0 or
-// NaN (relu propagates NaN; threshold_backward keeps the gradient where the input is NaN),
-// else it becomes +0.
+// these test the sign and NaN bits of the raw 16- or 32-bit pattern instead, with no conversion
+// (benchmarks/cpu_kernels.py compares them). The results equal ATen's: a value is kept when it
+// is > 0 or NaN (relu propagates NaN; threshold_backward keeps the gradient where the input is
+// NaN), else it becomes +0.
 
 #include <ATen/Parallel.h>
 

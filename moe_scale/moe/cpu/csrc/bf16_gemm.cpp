@@ -6,9 +6,8 @@
 // routing, meets many shapes. This kernel is compiled ahead of time for any shape. A 6 x 64
 // micro tile holds 24 float32 accumulators; each step of the reduction broadcasts a pair of
 // A's bf16 values and multiplies it into four vectors of 16 pairs of B with VDPBF16PS, so B
-// must come as row pairs (`pack_row_pairs`, `pack_transposed`). One thread, [1024, 128] x
-// [128, 512]: ~0.92x the time of ATen's oneDNN GEMM, the same for the other MLP shapes
-// (benchmarks/bf16_gemm.py).
+// must come as row pairs (`pack_row_pairs`, `pack_transposed`). benchmarks/bf16_gemm.py
+// compares it with ATen's oneDNN GEMM on the MLP's shapes.
 
 #include "bf16_gemm.h"
 
@@ -40,7 +39,7 @@ inline void micro_tile(const uint32_t* __restrict a, int64_t a_rs, int64_t a_ks,
                        int64_t ldb, int64_t Kp, C* __restrict c, int64_t ldc, int ncols, const Epilogue& ep,
                        int64_t col0, const uint16_t* keep, const float* addend) {
   // What the epilogue touches (the output, the ReLU mask) comes in while the reduction runs:
-  // cold, the mask's rows made the dgrad GEMM 1.9x slower.
+  // otherwise the dgrad GEMM stalls on the mask's cold rows after it.
   for (int r = 0; r < 2 * MR; ++r)  // this tile's rows and the next tile's (prefetches never fault)
     for (int off = 0; off < ncols; off += 32) {
       if (keep) _mm_prefetch(reinterpret_cast<const char*>(keep + r * ep.ld_keep + off), _MM_HINT_T0);

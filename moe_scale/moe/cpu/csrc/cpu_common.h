@@ -1,4 +1,4 @@
-// Shared helpers of the fused CPU kernels (see moe_scale/moe/cpu_kernels.py).
+// Shared helpers of the fused CPU kernels (see moe_scale/moe/cpu/kernels.py).
 #pragma once
 
 #include <ATen/ATen.h>

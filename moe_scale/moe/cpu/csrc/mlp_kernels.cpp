@@ -1,19 +1,20 @@
-// Expert-parallel forward and backward of the fused grouped MLP (see `_MLP` in
-// moe_scale/moe/grouped_mlp.py, which runs the same spans one after another from Python).
+// Expert-parallel forward and backward of the fused grouped MLP (see `_FusedMLP` in
+// moe_scale/moe/cpu/grouped_mlp.py, which runs the same spans one after another from Python).
 //
-// The spans come in groups whose rows no other group touches (see `_Blocks`: neighbouring
+// The spans come in groups whose rows no other group touches (see `_SpanSchedule`: neighbouring
 // experts for bucketed spans, a balanced partition of the experts for exact ones, an expert too
 // large for any partition split in two; a split expert's pieces write float32 partial weight
-// gradients, summed once every group is done). Each group runs on one thread, its GEMMs single-threaded, so a thread keeps its
-// expert's blocks in its own cache and no GEMM splits its rows across cores: with 8 experts
-// of ~1000 rows in bfloat16 the per-expert GEMMs take 0.77x the time of the same GEMMs each
-// run on both cores, and beat one padded `bmm` (benchmarks/moe_layer.py). Inside a group the
-// spans run in the order given, which is what makes bucketed spans exact (a span's rows that
-// belong to a lower expert are rewritten by that expert later, in the same thread).
+// gradients, summed once every group is done). Each group runs on one thread, its GEMMs
+// single-threaded, so a thread keeps its expert's blocks in its own cache and no GEMM splits
+// its rows across cores (benchmarks/moe_layer.py compares it with multi-threaded GEMMs and one
+// padded `bmm`). Inside a group the spans run in the order given, which is what makes bucketed
+// spans exact (a span's rows that belong to a lower expert are rewritten by that expert later,
+// in the same thread).
 //
 // Every product is the one the Python loop makes, on the same rows, so the two paths compute
-// the same function. In bfloat16 on CPUs with AVX512-BF16 (`native`) the products run on
-// bf16_gemm.cpp instead of ATen's oneDNN GEMMs, with ReLU and its backward fused in.
+// the same function. In bfloat16 on CPUs with AVX512-BF16 (`native`, Python's `native_gemm`)
+// the products run on bf16_gemm.cpp instead of ATen's oneDNN GEMMs, with ReLU and its backward
+// fused in.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -40,11 +41,13 @@ namespace {
 enum Activation : int64_t { kReLU = 0, kGELU = 1, kSwiGLU = 2 };
 
 struct Span {
-  int64_t e, lo, hi, s, end;  // expert e owns rows [s, end) and computes over [lo, hi)
+  // expert e owns rows [s, end) and computes over [lo, hi): Python's `Span` (expert,
+  // gemm_start, gemm_end, own_start, own_end)
+  int64_t e, lo, hi, s, end;
   int64_t part;               // -1, or the partial-gradient slot of a piece of a split expert
 };
 
-// spans [n, 5] or [n, 6] (the 6th column: part, see `_Blocks.parts`)
+// spans [n, 5] or [n, 6] (the 6th column: part, see `_SpanSchedule.parts`)
 std::vector<Span> read_spans(const at::Tensor& spans) {
   TORCH_CHECK(spans.dim() == 2 && (spans.size(1) == 5 || spans.size(1) == 6) && spans.scalar_type() == at::kLong &&
                   spans.is_cpu(),
@@ -271,7 +274,7 @@ bool native_bf16_gemm(const at::Tensor& x, const at::Tensor& w1);
 // y = act(x w1 [+ b1]) w2 [+ b2] over every span -> [y, then (a, t, h3) per span]: a the
 // activation, t what its backward reads when that is not `a` (else undefined), h3 the SwiGLU
 // gate (else undefined). Undefined tensors reach Python as None. `native`: bfloat16 GEMMs by
-// bf16_gemm.cpp (see `native_bf16_gemm`).
+// bf16_gemm.cpp (see `native_bf16_gemm`, Python's `can_run_native_bf16_gemm`).
 std::vector<at::Tensor> mlp_forward(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
                                     const std::optional<at::Tensor>& w3, const std::optional<at::Tensor>& b1,
                                     const std::optional<at::Tensor>& b2, const at::Tensor& spans_t,
@@ -339,7 +342,8 @@ std::vector<at::Tensor> mlp_backward(const at::Tensor& g_y, const at::Tensor& x,
       if (g->defined()) (*g)[e].zero_();
   }
   at::Tensor g_x = need_x ? at::empty_like(x) : at::Tensor();
-  at::Tensor g_y_rw = g_y;  // zeroed and restored in place, span by span (see `_Ops.own_rows`)
+  // zeroed and restored in place, span by span (see `foreign_rows_zeroed`)
+  at::Tensor g_y_rw = g_y;
   // The pieces of a split expert (on different threads) write float32 partial gradients,
   // summed into the expert's gradients (one rounding) once every group is done.
   int64_t parts = 0;

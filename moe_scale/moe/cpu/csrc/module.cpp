@@ -32,7 +32,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("mlp_backward", &mlp_backward, "grouped expert MLP backward, one group of experts per thread",
         py::call_guard<py::gil_scoped_release>());
-  m.def("native_bf16_gemm", &native_bf16_gemm, "whether the native bf16 GEMM (AVX512-BF16) can run this MLP");
+  m.def("can_run_native_bf16_gemm", &native_bf16_gemm, "whether the native bf16 GEMM (AVX512-BF16) can run this MLP");
   m.def("bf16_mm", &bf16_mm, "native bf16 GEMM: out = a @ w (+ bias), ReLU optional");
   m.def("bf16_mm_t", &bf16_mm_t, "native bf16 GEMM: out (+)= g @ w^T, zero where keep <= 0");
   m.def("bf16_wgrad", &bf16_wgrad, "native bf16 GEMM: out = u^T @ v");
