@@ -30,10 +30,6 @@ METHODS = ("auto", "grouped_mm", "loop")
 
 
 @functools.cache
-def _cuda_capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
-
-
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype, *dims: int) -> bool:
     """Whether `torch._grouped_mm` runs these products on `device` without a host sync.
 
@@ -46,7 +42,8 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype, *dims: int) -
     if any(d * itemsize % 16 for d in dims):
         return False
     if device.type == "cuda":
-        major, _ = _cuda_capability(device.index if device.index is not None else torch.cuda.current_device())
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        major, _ = torch.cuda.get_device_capability(index)
         return dtype == torch.bfloat16 and major in (9, 10)
     if device.type == "cpu":  # torch.compile traces it with the meta rules below
         return dtype == torch.bfloat16 or (dtype == torch.float32 and not torch.compiler.is_compiling())

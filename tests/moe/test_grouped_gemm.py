@@ -101,11 +101,9 @@ def test_choose_method_follows_the_documented_rules():
 
 
 def test_cuda_rules_need_bf16_and_a_hopper_class_device(monkeypatch):
-    from moe_scale.moe import grouped_gemm
-
     cuda = torch.device("cuda", 0)
     for capability, expected in (((9, 0), True), ((10, 0), True), ((8, 0), False), ((12, 0), False)):
-        monkeypatch.setattr(grouped_gemm, "_cuda_capability", lambda index, c=capability: c)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None, c=capability: c)
         assert grouped_mm_supported(cuda, torch.bfloat16, 16, 8) is expected
         assert grouped_mm_supported(cuda, torch.float32, 16, 8) is False
 
