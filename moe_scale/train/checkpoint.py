@@ -480,6 +480,10 @@ class Checkpointer:
         manifest = self._verify(path)
         metadata = SafeFileSystemReader(path).read_metadata()  # a refused .metadata is a CheckpointError itself
         if not any(k.startswith(("optim.", "zero.")) for k in metadata.state_dict_metadata):
+            if is_zero_optimizer(optimizer):
+                raise CheckpointError(f"{path} holds weights only, and DeepSpeed keeps its own fp32 copy of the "
+                                      f"weights that loading them here would not reach; start a new run from it "
+                                      f"with model.init_from={path.parent.parent}")
             optimizer = None  # weights only (`moe-scale convert`): the optimizer starts fresh
         zero = is_zero_optimizer(optimizer)
         if zero and manifest.get("world_size") != self.world_size:

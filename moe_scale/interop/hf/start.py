@@ -34,6 +34,10 @@ def load_start_weights(model: nn.Module, cfg, *, rank: int = 0, world_size: int 
                        ep_rank: int = 0, ep_size: int = 1) -> str | None:
     """Load cfg.model.init_from / upcycle_from into `model` (this rank's experts); say what was loaded."""
     m = cfg.model
+    for key, start in (("init_from", m.init_from), ("upcycle_from", m.upcycle_from)):
+        if start is not None and not Path(start).is_dir():
+            raise ConfigError(f"model.{key}={start} is not a directory; give a moe_scale run directory or a "
+                              f"Hugging Face checkpoint directory")
     if m.init_from is not None and not is_hf_dir(m.init_from):
         from moe_scale.train.checkpoint import Checkpointer, CheckpointError, latest_checkpoint
 

@@ -156,7 +156,8 @@ class LMDataConfig:
                    HF `tokenizers` on the training split (model.vocab_size tokens), or loaded
                    from tokenizer_path; either way saved as RUN_DIR/tokenizer.json and reused
                    from there on resume
-    tokenizer_path a tokenizer.json to use instead of training one (tokenizer: bpe)
+    tokenizer_path a tokenizer.json to use instead of training one (tokenizer: bpe); unset, the
+                   tokenizer.json of model.init_from / upcycle_from when that directory has one
     bpe_max_documents  training documents the BPE tokenizer is fitted on (null: all)
     val_fraction   share of documents in the validation split (chosen by a hash of the text)
     batch_size     blocks per rank per micro-step
