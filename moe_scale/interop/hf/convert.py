@@ -32,7 +32,8 @@ def run_config(hf: dict[str, Any], run_dir: str | Path, has_tokenizer: bool):
 
     model, moe = from_hf_config(hf)
     raw: dict[str, Any] = {"model": model, "data": {"tokenizer": "bpe" if has_tokenizer else "byte"},
-                           "train": {"run_dir": str(run_dir)}}
+                           "train": {"run_dir": str(run_dir)},
+                           "optim": {"lr": 1e-4, "min_lr": 1e-5, "warmup_steps": 10}}  # fine-tuning, not pretraining
     if moe is not None:
         raw["moe"] = moe
     return from_dict(raw)
