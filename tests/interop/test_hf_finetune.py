@@ -100,9 +100,9 @@ def test_ep1_and_ep2_take_the_same_steps_from_converted_weights(tmp_path, conver
     the updates stays orders below 1e-4 of a loss of ~6 after three steps. A wrong expert
     placement (an expert block loaded on the other rank) changes the very first loss by ~1e-1.
     """
-    _, run = converted
+    hf, run = converted  # each start path once: the converted run (DCP, resharded) and the HF files (sliced)
     dp = run_local(_losses, 2, str(tmp_path / "dp"), str(run), 1, timeout=150)
-    ep = run_local(_losses, 2, str(tmp_path / "ep"), str(run), 2, timeout=150)
+    ep = run_local(_losses, 2, str(tmp_path / "ep"), str(hf), 2, timeout=150)
     for rank in range(2):
         assert dp[rank][0] != dp[rank][-1]  # the steps moved the weights
         for a, b in zip(dp[rank], ep[rank]):
