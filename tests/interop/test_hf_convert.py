@@ -56,6 +56,8 @@ def test_sharded_tied_checkpoint_and_the_cli(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     got_BTV, _, _, cfg = _ours(tmp_path / "run", ids_BT)
     assert cfg.model.tie_embeddings and (got_BTV - want_BTV).abs().max() < TOL
+    proc = cli("generate", str(tmp_path / "run"), "--prompt", "def add", "--max-new-tokens", "4", "--temperature", "0")
+    assert proc.returncode == 0 and proc.stdout.startswith("def add"), proc.stdout + proc.stderr
     proc = cli("convert", "--to-hf", str(tmp_path / "run"), "--out", str(tmp_path / "back"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (hf_logits(tmp_path / "back", ids_BT) - want_BTV).abs().max() < TOL
@@ -130,3 +132,10 @@ def test_a_run_transformers_cannot_compute_is_refused(tmp_path):
     with pytest.raises(ConversionError, match="moe.score_func=softmax"):
         to_hf(tmp_path / "run", tmp_path / "back")
     assert not (tmp_path / "back").exists()
+
+
+def test_the_cli_refuses_deepseek_v3_in_one_line(tmp_path):
+    hf = _config(tmp_path, "mixtral", model_type="deepseek_v3")
+    proc = cli("convert", "--from-hf", str(hf), "--out", str(tmp_path / "run"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "moe-scale convert: model_type=deepseek_v3: DeepSeek attention is multi-head latent attention" in proc.stderr

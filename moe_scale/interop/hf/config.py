@@ -65,8 +65,9 @@ def _check_supported(hf: dict[str, Any], family: str) -> None:
     _refuse(hf.get("hidden_act", "silu") == "silu",
             f"hidden_act={hf.get('hidden_act')}: the experts and FFNs are SwiGLU (silu); only silu converts")
     sliding = hf.get("use_sliding_window", False) or "sliding_attention" in (hf.get("layer_types") or ())
-    if family == "mixtral":
-        sliding = sliding or hf.get("sliding_window") is not None
+    if family == "mixtral":  # a window as long as the context changes nothing
+        window = hf.get("sliding_window")
+        sliding = sliding or (window is not None and window < hf.get("max_position_embeddings", 0))
     _refuse(not sliding, f"sliding-window attention (sliding_window={hf.get('sliding_window')}) is not built; "
                          f"only full causal attention converts (set use_sliding_window=false / sliding_window=null "
                          f"if the model was trained without it)")

@@ -18,6 +18,7 @@ upcycle_from   a dense HF (Llama / Qwen2) or moe_scale run directory. Sparse upc
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,7 @@ def load_start_weights(model: nn.Module, cfg, *, rank: int = 0, world_size: int 
                                                                                      restore_rng_state=False)
         return f"weights of {path}"
     if m.init_from is not None:
-        state, keep = _hf_state(m.init_from, cfg), set()
+        state, keep = _hf_state(m.init_from, cfg), set[str]()
         what = f"weights of {m.init_from}"
     elif m.upcycle_from is not None:
         state, keep = upcycled_state(cfg), {n for n, _ in model.named_parameters() if ".router." in n}
@@ -164,7 +165,7 @@ def _copies(weight: Tensor, num_experts: int, noise: float, generator: torch.Gen
 
 @torch.no_grad()
 def load_full_state(model: nn.Module, state: dict[str, Tensor], ep_rank: int = 0, ep_size: int = 1,
-                    keep: set[str] = frozenset()) -> None:
+                    keep: Collection[str] = ()) -> None:
     """Copy a full state dict (every expert) into `model`, whose expert stacks may hold only this
     rank's block `[E / ep_size, ...]`. Parameters in `keep` keep their values; any other one
     missing from `state`, or of another shape, is an error."""
