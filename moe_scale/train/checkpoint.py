@@ -352,13 +352,11 @@ def _set_zero_state(optimizer: Any, loaded: dict[str, Any]) -> None:
 def _state_dicts(model: nn.Module, optimizer: Any, sharding: ExpertSharding | None, rank: int):
     """DCP state: {"model": ..., "optim": ...} (FQN keys) or {"model": ..., "zero": {"rank_R": ...}}."""
     options = StateDictOptions(ignore_frozen_params=False)
-    if optimizer is None:
-        model_sd = get_model_state_dict(model, options=options)
-        _with_global_experts(model_sd, {"state": {}}, sharding)  # else DCP reads one rank's expert block
-        return {"model": model_sd}
-    if is_zero_optimizer(optimizer):
+    if optimizer is None or is_zero_optimizer(optimizer):
         model_sd = get_model_state_dict(model, options=options)
         _with_global_experts(model_sd, {"state": {}}, sharding)  # else DCP keeps one rank's expert block
+        if optimizer is None:
+            return {"model": model_sd}
         return {"model": model_sd, "zero": {f"rank_{rank}": _zero_state(optimizer)}}
     model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
     _with_global_experts(model_sd, optim_sd, sharding)
