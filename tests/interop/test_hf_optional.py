@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from tests.trainer_utils import REPO, cli_env
 
 CHECK = """
@@ -23,8 +25,7 @@ def test_core_and_trainer_import_without_transformers():
 
 
 def test_the_hf_extra_pins_transformers_and_safetensors():
-    import tomllib
-
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert extras["hf"] == ["transformers==5.18.0", "safetensors==0.8.0"]
     assert "hf" in extras["all"][0]
