@@ -12,7 +12,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
 from moe_scale.distributed.launch import run_local  # noqa: E402
-from moe_scale.interop.hf.convert import from_hf  # noqa: E402
+from moe_scale.interop.hf.convert import from_hf, to_hf  # noqa: E402
 from moe_scale.train.config import ConfigError, load_config  # noqa: E402
 from moe_scale.train.runtime import Runtime  # noqa: E402
 from moe_scale.train.trainer import Trainer  # noqa: E402
@@ -58,6 +58,11 @@ def test_init_from_starts_at_the_checkpoint_and_trains(tmp_path, converted, sour
     assert any("moe/drop_frac" in r and r["moe/drop_frac"] == 0.0 for r in rows)
     loads = [json.loads(line) for line in (tmp_path / "ft" / "expert_load.jsonl").read_text().splitlines()]
     assert loads and len(loads[-1]["tokens_per_expert"]) == 2 and len(loads[-1]["tokens_per_expert"][0]) == 4
+
+    to_hf(tmp_path / "ft", tmp_path / "back")  # the fine-tuned weights, not the converted ones, go back
+    tuned_BTV = _logits(trainer, ids_BT)
+    assert (tuned_BTV - hf_logits(hf, ids_BT)).abs().max() > 1e-3
+    assert (hf_logits(tmp_path / "back", ids_BT) - tuned_BTV).abs().max() < TOL
 
 
 def test_a_converted_run_directory_resumes_with_a_fresh_optimizer(tmp_path, converted):
