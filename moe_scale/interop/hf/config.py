@@ -139,7 +139,7 @@ def infer_family(lm, moe) -> str:
 def _check_representable(lm, moe, family: str) -> None:
     want = {"model.arch=llama / position=rope": lm.position == "rope", "model.norm=rmsnorm": lm.norm == "rmsnorm",
             "model.ffn_activation=swiglu": lm.ffn_activation == "swiglu", "model.bias=false": not lm.bias,
-            "model.qkv_bias": lm.qkv_bias == (family in ("qwen2", "qwen2_moe")),
+            "model.qkv_bias": lm.qkv_bias == (family == "qwen2") or family == "qwen2_moe",  # its qkv_bias option
             "model.qk_norm": lm.qk_norm == (family in ("qwen3_moe", "olmoe"))}
     if moe is not None and lm.num_moe_layers:
         want.update({
@@ -190,7 +190,7 @@ def to_hf_config(lm, moe) -> dict[str, Any]:
               decoder_sparse_step=lm.moe_every, mlp_only_layers=list(range(lm.n_dense_layers)),
               use_sliding_window=False, sliding_window=None)
     if family == "qwen2_moe":
-        hf.update(shared_expert_intermediate_size=moe.num_shared_experts * moe.d_hidden, qkv_bias=True)
+        hf.update(shared_expert_intermediate_size=moe.num_shared_experts * moe.d_hidden, qkv_bias=lm.qkv_bias)
     else:
         hf["attention_bias"] = False
     return hf
