@@ -88,6 +88,14 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from moe_scale.interop.hf.convert import from_hf, to_hf
+
+    out = from_hf(args.from_hf, args.out) if args.from_hf else to_hf(args.to_hf, args.out)
+    print(out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moe-scale", description="Mixture-of-Experts training")
     # The deepspeed launcher passes --local_rank=N; the rank is read from the environment anyway.
@@ -124,6 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
+    conv = sub.add_parser("convert", parents=[common], help="Hugging Face checkpoint <-> moe_scale run directory "
+                                                             "(needs the hf extra)")
+    source = conv.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from-hf", metavar="DIR", help="a transformers checkpoint directory (config.json + safetensors)")
+    source.add_argument("--to-hf", metavar="RUN_DIR", help="a moe_scale run directory (its newest checkpoint)")
+    conv.add_argument("--out", required=True, help="the run directory (--from-hf) or HF directory (--to-hf) to write")
+
     args = parser.parse_args(argv)
     if args.command == "demo":
         from moe_scale.demo import run_demo
@@ -135,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     from moe_scale.validation import ConfigError
 
     try:
-        return {"train": _train, "plan": _plan, "report": _report, "generate": _generate}[args.command](args)
+        commands = {"train": _train, "plan": _plan, "report": _report, "generate": _generate, "convert": _convert}
+        return commands[args.command](args)
     except (ConfigError, CheckpointError) as err:
         if _env_rank() == "0":  # every rank meets the same error; one message is enough
             _refuse(args, str(err))

@@ -46,6 +46,8 @@ class MoEConfig:
                             selection bias moved by this much per step against the load
     num_shared_experts      always-on experts of width d_hidden beside the routed ones (a dense
                             SwiGLU / activation MLP of width num_shared_experts * d_hidden)
+    shared_expert_gate      scale the shared experts' output per token by a learned sigmoid
+                            gate, sigmoid(x w_gate) (Qwen2-MoE)
     balance_scope           "micro_batch": balancing losses from this call's tokens; "global":
                             from statistics summed over data-parallel ranks and the step's
                             micro-batches (`losses.BalanceWindow`; the trainer connects it)
@@ -81,6 +83,7 @@ class MoEConfig:
     topk_groups: int = 0
     bias_update_rate: float = 0.0
     num_shared_experts: int = 0
+    shared_expert_gate: bool = False
     balance_scope: str = "micro_batch"
 
     def __post_init__(self):
@@ -116,6 +119,9 @@ class MoEConfig:
             raise ValueError(f"bias_update_rate must be >= 0, got {self.bias_update_rate}")
         if self.num_shared_experts < 0:
             raise ValueError(f"num_shared_experts must be >= 0, got {self.num_shared_experts}")
+        if self.shared_expert_gate and not self.num_shared_experts:
+            raise ValueError("shared_expert_gate gates the shared experts: set num_shared_experts >= 1, "
+                             "or shared_expert_gate=False")
         if self.num_groups > 1:
             G, M = self.num_groups, self.topk_groups
             if self.num_experts % G:

@@ -112,24 +112,31 @@ class SharedExperts(nn.Module):
     h as one dense MLP `d -> n*h -> d` applied to every token. Dense parameters: replicated and
     averaged over the whole data-parallel world like any other.
 
-    w1 `[d, n*h]`, w2 `[n*h, d]` (and w3 `[d, n*h]` for SwiGLU), nn.Linear's init.
+    w1 `[d, n*h]`, w2 `[n*h, d]` (and w3 `[d, n*h]` for SwiGLU), nn.Linear's init. With
+    `gated`, w_gate `[d, 1]` scales each token's output by sigmoid(x w_gate) (Qwen2-MoE), so
+    the model learns per token how much of the shared path to add.
     """
 
-    def __init__(self, d_model: int, d_hidden: int, activation: str = "swiglu"):
+    def __init__(self, d_model: int, d_hidden: int, activation: str = "swiglu", gated: bool = False):
         super().__init__()
         self.activation = activation
         self.w1 = nn.Parameter(torch.empty(d_model, d_hidden))
         self.w2 = nn.Parameter(torch.empty(d_hidden, d_model))
         self.w3 = nn.Parameter(torch.empty(d_model, d_hidden)) if activation == "swiglu" else None
+        self.w_gate = nn.Parameter(torch.empty(d_model, 1)) if gated else None
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        for w in (self.w1, self.w2, self.w3):
+        for w in (self.w1, self.w2, self.w3, self.w_gate):
             if w is not None:
                 bound = 1.0 / math.sqrt(w.shape[0])
                 w.uniform_(-bound, bound)
 
     def forward(self, x_Sd: Tensor) -> Tensor:
+        """x `[S, d]` -> `[S, d]`."""
         gate = x_Sd @ self.w3 if self.w3 is not None else None
-        return activate(self.activation, x_Sd @ self.w1, gate) @ self.w2
+        y_Sd = activate(self.activation, x_Sd @ self.w1, gate) @ self.w2
+        if self.w_gate is not None:
+            y_Sd = torch.sigmoid(x_Sd @ self.w_gate) * y_Sd
+        return y_Sd

@@ -119,7 +119,8 @@ class MoELayer(nn.Module):
         )
         self.shared_experts = None
         if cfg.num_shared_experts:
-            self.shared_experts = SharedExperts(d_model, cfg.num_shared_experts * cfg.d_hidden, cfg.activation)
+            self.shared_experts = SharedExperts(d_model, cfg.num_shared_experts * cfg.d_hidden, cfg.activation,
+                                                gated=cfg.shared_expert_gate)
         self.comm = LocalComm()
         # Global-batch statistics: without a data-parallel group the window sums micro-batches only.
         self.balance_window = BalanceWindow() if cfg.balance_scope == "global" else None

@@ -24,6 +24,9 @@ place and fsyncs the parent: a checkpoint is visible only when complete. The las
 it wrapped in its CheckpointException) is a `CheckpointError` naming the directory; the
 previous checkpoint stays in place.
 
+A checkpoint may hold the model weights only (`moe-scale convert` writes one at step 0): it
+loads into a run whose optimizer then starts fresh.
+
 Loading never runs code from the checkpoint: the files are checked against the manifest
 first (truncation or modification is a `CheckpointError` naming the file), DCP's pickled
 `.metadata` is read with an unpickler that only admits DCP's own metadata classes, tensor
@@ -349,11 +352,11 @@ def _set_zero_state(optimizer: Any, loaded: dict[str, Any]) -> None:
 def _state_dicts(model: nn.Module, optimizer: Any, sharding: ExpertSharding | None, rank: int):
     """DCP state: {"model": ..., "optim": ...} (FQN keys) or {"model": ..., "zero": {"rank_R": ...}}."""
     options = StateDictOptions(ignore_frozen_params=False)
-    if optimizer is None:
-        return {"model": get_model_state_dict(model, options=options)}
-    if is_zero_optimizer(optimizer):
+    if optimizer is None or is_zero_optimizer(optimizer):
         model_sd = get_model_state_dict(model, options=options)
         _with_global_experts(model_sd, {"state": {}}, sharding)  # else DCP keeps one rank's expert block
+        if optimizer is None:
+            return {"model": model_sd}
         return {"model": model_sd, "zero": {f"rank_{rank}": _zero_state(optimizer)}}
     model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
     _with_global_experts(model_sd, optim_sd, sharding)
@@ -473,6 +476,13 @@ class Checkpointer:
         """Restore model and optimizer in place; return this rank's trainer state (RNG restored)."""
         path = Path(path)
         manifest = self._verify(path)
+        metadata = SafeFileSystemReader(path).read_metadata()  # a refused .metadata is a CheckpointError itself
+        if not any(k.startswith(("optim.", "zero.")) for k in metadata.state_dict_metadata):
+            if is_zero_optimizer(optimizer):
+                raise CheckpointError(f"{path} holds weights only, and DeepSpeed keeps its own fp32 copy of the "
+                                      f"weights that loading them here would not reach; start a new run from it "
+                                      f"with model.init_from={path.parent.parent}")
+            optimizer = None  # weights only (`moe-scale convert`): the optimizer starts fresh
         zero = is_zero_optimizer(optimizer)
         if zero and manifest.get("world_size") != self.world_size:
             raise CheckpointError(f"{path} holds DeepSpeed ZeRO partitions of {manifest.get('world_size')} ranks; "
@@ -481,7 +491,6 @@ class Checkpointer:
             # DCP only creates missing optimizer state (to load into) when no gradient is set.
             optimizer.zero_grad(set_to_none=True)
         state = _state_dicts(model, optimizer, self.sharding, self.rank)
-        metadata = SafeFileSystemReader(path).read_metadata()  # a refused .metadata is a CheckpointError itself
         if optimizer is not None and not any(k.startswith("zero." if zero else "optim.")
                                              for k in metadata.state_dict_metadata):
             raise CheckpointError(f"{path} was saved with {'torch' if zero else 'DeepSpeed ZeRO'} optimizer state; "

@@ -133,6 +133,7 @@ class Trainer:
             self.task = get_task(cfg.model.name).build(cfg, rt)
         model, self.mesh, sharding = expert_parallel(self.task.model, cfg, rt, init)
         model = model.to(rt.device)
+        self._load_start_weights(model, sharding)
         model.activation_checkpointing = t.activation_checkpointing
         if t.compile:
             if not hasattr(model, "compile_blocks"):
@@ -183,6 +184,19 @@ class Trainer:
 
     # ---- checkpoints ----
 
+    def _load_start_weights(self, model: nn.Module, sharding: ExpertSharding | None) -> None:
+        """The task's starting weights (the lm's model.init_from / upcycle_from) when no checkpoint
+        will be resumed: loaded before any wrapper copies the parameters."""
+        load = getattr(self.task, "load_start_weights", None)
+        ck = self.cfg.checkpoint
+        resumes = ck.resume != "never" and (ck.resume != "auto" or latest_checkpoint(self.run_dir / "checkpoints"))
+        if load is None or resumes:
+            return
+        loaded = load(model, rank=self.rt.rank, world_size=self.rt.world_size, sharding=sharding,
+                      ep_rank=self.mesh.ep_rank, ep_size=self.mesh.ep_size)
+        if loaded and self.rt.is_main:
+            print(f"starting from {loaded}", flush=True)
+
     def _resume(self) -> None:
         ck = self.cfg.checkpoint
         self.checkpointer.remove_incomplete()
@@ -196,6 +210,10 @@ class Trainer:
         if path is None:
             return
         state = self.checkpointer.load(path, self.model, self.optimizer)
+        if state.get("weights_only"):  # written by `moe-scale convert`: step 0, the data from its start
+            if self.rt.is_main:
+                print(f"starting from the weights of {path}", flush=True)
+            return
         self.step = int(state["step"])
         self.task.load_state_dict(state["data"])
         self.skipped_steps = int(state["skipped_steps"])

@@ -23,7 +23,8 @@ def llama(n_layers=3, moe_every=1, n_dense_layers=1, num_shared_experts=1, **moe
 
 
 def reference_attention(attn: CausalSelfAttention, x_BTd: torch.Tensor, theta: float) -> torch.Tensor:
-    """Causal GQA with RoPE and per-head RMS QK-norm in float64, one head at a time.
+    """Causal GQA with RoPE and RMS QK-norm (per head, or over the whole projection when the norm
+    weights span it, OLMoE) in float64, one head at a time; q/k/v bias where the projection has one.
 
     RoPE from its definition: the pair (x[i], x[i + h/2]) is the complex number x[i] + j x[i + h/2],
     multiplied by exp(j * t * theta^(-2i/h)) at position t.
@@ -32,7 +33,9 @@ def reference_attention(attn: CausalSelfAttention, x_BTd: torch.Tensor, theta: f
     H, G, h = attn.n_heads, attn.n_kv_heads, attn.head_dim
     W = attn.qkv.weight.double()
     x = x_BTd.double()
-    q_all, k_all, v_all = (x @ W.T).split([H * h, G * h, G * h], dim=-1)
+    qkv = x @ W.T + (attn.qkv.bias.double() if attn.qkv.bias is not None else 0)
+    q_all, k_all, v_all = qkv.split([H * h, G * h, G * h], dim=-1)
+    per_head = attn.q_norm.weight.shape[0] == h
 
     def rms(v, weight):
         return v / torch.sqrt((v * v).mean(-1, keepdim=True) + 1e-5) * weight.double()
@@ -47,8 +50,12 @@ def reference_attention(attn: CausalSelfAttention, x_BTd: torch.Tensor, theta: f
     for b in range(B):
         for head in range(H):
             g = head // (H // G)
-            q = rope(rms(q_all[b, :, head * h : (head + 1) * h], attn.q_norm.weight))
-            k = rope(rms(k_all[b, :, g * h : (g + 1) * h], attn.k_norm.weight))
+            if per_head:
+                q = rope(rms(q_all[b, :, head * h : (head + 1) * h], attn.q_norm.weight))
+                k = rope(rms(k_all[b, :, g * h : (g + 1) * h], attn.k_norm.weight))
+            else:
+                q = rope(rms(q_all[b], attn.q_norm.weight)[:, head * h : (head + 1) * h])
+                k = rope(rms(k_all[b], attn.k_norm.weight)[:, g * h : (g + 1) * h])
             v = v_all[b, :, g * h : (g + 1) * h]
             scores = q @ k.T / math.sqrt(h)
             scores = scores.masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf"))
@@ -67,6 +74,45 @@ def test_rope_gqa_qknorm_attention_matches_a_float64_reference():
 
     got = attn(x, rope_tables(torch.arange(7), attn.head_dim, 10000.0))
     torch.testing.assert_close(got.double(), reference_attention(attn, x, 10000.0), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("options", [
+    dict(head_dim=12),  # Qwen3-MoE: head size apart from d_model / n_heads
+    dict(qk_norm_scope="projection"),  # OLMoE: one norm over all heads' queries, one over the keys
+    dict(qkv_bias=True),  # Qwen2: bias on q, k, v only
+])
+def test_attention_options_of_converted_models_match_the_reference(options):
+    cfg = LMConfig(arch="llama", d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, qk_norm=True, **options)
+    torch.manual_seed(0)
+    attn = CausalSelfAttention(cfg)
+    H, G, h = 4, 2, cfg.head_dim
+    assert attn.qkv.weight.shape == ((H + 2 * G) * h, 32) and attn.proj.weight.shape == (32, H * h)
+    assert (attn.qkv.bias is not None) == cfg.qkv_bias and attn.proj.bias is None
+    scope = options.get("qk_norm_scope", "head")
+    assert attn.k_norm.weight.shape == ((G * h,) if scope == "projection" else (h,))
+    with torch.no_grad():
+        attn.q_norm.weight.uniform_(0.5, 1.5)
+        attn.k_norm.weight.uniform_(0.5, 1.5)
+        if attn.qkv.bias is not None:
+            attn.qkv.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 7, 32)
+    from moe_scale.models.lm.model import rope_tables
+
+    got = attn(x, rope_tables(torch.arange(7), h, 10000.0))
+    torch.testing.assert_close(got.double(), reference_attention(attn, x, 10000.0), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("options,match", [
+    (dict(qk_norm_scope="layer"), "model.qk_norm_scope"),
+    (dict(init_from="a", upcycle_from="b"), "keep one of them"),
+    (dict(upcycle_noise=0.1), "model.upcycle_from"),
+    (dict(d_model=30, n_heads=4), "model.head_dim"),
+])
+def test_new_model_options_are_checked(options, match):
+    from moe_scale.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        LMConfig(**{"arch": "llama", "d_model": 32, "n_heads": 4, **options})
 
 
 def test_rmsnorm_matches_its_formula():

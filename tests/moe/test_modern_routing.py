@@ -165,6 +165,23 @@ def test_shared_experts_add_a_dense_mlp(activation):
     torch.testing.assert_close(y, routed + h @ shared.w2, rtol=1e-12, atol=1e-12)
 
 
+def test_gated_shared_experts_scale_their_output_by_a_sigmoid_gate():
+    """Qwen2-MoE: routed + sigmoid(x w_gate) * shared(x), one gate value per token."""
+    torch.manual_seed(0)
+    layer = MoELayer(D, E, k=2, num_shared_experts=1, shared_expert_gate=True, d_hidden=4, activation="swiglu",
+                     dropless=True, backend="core").double()
+    x = torch.randn(10, D, dtype=torch.float64)
+    y, _ = layer(x)
+    shared = layer.shared_experts
+    assert shared.w_gate.shape == (D, 1)
+    h = (F.silu(x @ shared.w1) * (x @ shared.w3)) @ shared.w2
+    layer.shared_experts = None
+    routed, _ = layer(x)
+    torch.testing.assert_close(y, routed + torch.sigmoid(x @ shared.w_gate) * h, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="num_shared_experts"):
+        MoELayer(D, E, k=2, shared_expert_gate=True)
+
+
 @pytest.mark.parametrize("bad,match", [
     (dict(score_func="tanh"), "score_func"),
     (dict(num_groups=3), "num_groups=3"),

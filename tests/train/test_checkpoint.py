@@ -201,3 +201,17 @@ def test_experts_are_keyed_by_global_index_across_ep_sizes(tmp_path):
         assert torch.equal(p, q), name
         for key in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(opt.state[p][key], full_opt.state[q][key]), (name, key)
+
+
+def test_a_weights_only_checkpoint_resumes_with_a_fresh_optimizer(tmp_path):
+    """`moe-scale convert` writes weights only at step 0: the run starts there, optimizer state empty."""
+    source = _trainer(tmp_path / "a")
+    source.train_step()
+    source.metrics.close()
+    weights = {n: p.detach().clone() for n, p in source.model.named_parameters()}
+    Checkpointer(tmp_path / "run" / "checkpoints").save(0, source.model, None, {"step": 0, "weights_only": True})
+    t = _trainer(tmp_path)
+    assert t.step == 0 and not t.optimizer.state
+    assert all(torch.equal(p, weights[n]) for n, p in t.model.named_parameters())
+    t.train_step()
+    t.metrics.close()

@@ -27,6 +27,7 @@ POSITIONS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
 FFN_ACTIVATIONS = ("gelu", "swiglu")
 TOKENIZERS = ("byte", "bpe")
+QK_NORM_SCOPES = ("head", "projection")
 
 
 @dataclass
@@ -37,7 +38,11 @@ class LMConfig:
     vocab_size        byte tokenizer: >= 256; bpe: the size the tokenizer is trained to (or
                       at least the size of a loaded tokenizer.json)
     n_kv_heads        key/value heads (grouped-query attention); null: n_heads (full MHA)
-    qk_norm           RMSNorm over each query and key head before RoPE (OLMoE, Qwen3)
+    head_dim          size of each attention head; null: d_model / n_heads (Qwen3-MoE sets it apart)
+    qk_norm           RMSNorm over the queries and keys before RoPE (OLMoE, Qwen3)
+    qk_norm_scope     head: one norm of width head_dim per head (Qwen3); projection: one norm over
+                      all heads' concatenated queries (and keys) as projected (OLMoE)
+    qkv_bias          bias on the query / key / value projection only (Qwen2); null: model.bias
     rope_theta        RoPE base
     norm_eps          epsilon of every LayerNorm / RMSNorm
     d_ff              hidden size of the dense FFNs (default: 4 * d_model for gelu,
@@ -46,6 +51,11 @@ class LMConfig:
     moe_every         among the layers after n_dense_layers: 1 every FFN is MoE; 2 every other
                       (the 2nd, 4th, ...); 0 a dense model
     tie_embeddings    the output projection shares the token embedding matrix
+    init_from         a converted moe_scale run directory or a Hugging Face checkpoint directory
+                      whose weights a run starts from at step 0 (fine-tuning; moe_scale/interop/hf)
+    upcycle_from      a dense Hugging Face (Llama / Qwen2 style) or moe_scale run directory: every
+                      MoE layer's experts start as copies of that layer's dense FFN, routers fresh
+    upcycle_noise     relative std of Gaussian noise added to each copied expert weight
     """
 
     name: str = "lm"
@@ -59,7 +69,10 @@ class LMConfig:
     position: str | None = None
     norm: str | None = None
     ffn_activation: str | None = None
+    head_dim: int | None = None
     qk_norm: bool = False
+    qk_norm_scope: str = "head"
+    qkv_bias: bool | None = None
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     d_ff: int | None = None
@@ -68,6 +81,9 @@ class LMConfig:
     dropout: float = 0.0
     bias: bool = False
     tie_embeddings: bool = True
+    init_from: str | None = None
+    upcycle_from: str | None = None
+    upcycle_noise: float = 0.0
 
     def __post_init__(self):
         check_choice("model.name", self.name, ("lm",))
@@ -80,17 +96,23 @@ class LMConfig:
         check_choice("model.ffn_activation", self.ffn_activation, FFN_ACTIVATIONS)
         for key in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
             check(getattr(self, key) >= 1, f"model.{key} must be >= 1, got {getattr(self, key)}")
-        check(self.d_model % self.n_heads == 0,
-              f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
-              f"choose n_heads dividing d_model")
+        if self.head_dim is None:
+            check(self.d_model % self.n_heads == 0,
+                  f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
+                  f"choose n_heads dividing d_model, or set model.head_dim")
+            self.head_dim = self.d_model // self.n_heads
+        check(self.head_dim >= 1, f"model.head_dim must be >= 1 or null, got {self.head_dim}")
+        check_choice("model.qk_norm_scope", self.qk_norm_scope, QK_NORM_SCOPES)
+        if self.qkv_bias is None:
+            self.qkv_bias = self.bias
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         check(1 <= self.n_kv_heads <= self.n_heads and self.n_heads % self.n_kv_heads == 0,
               f"model.n_kv_heads={self.n_kv_heads} must divide model.n_heads={self.n_heads} "
               f"(grouped-query attention shares each key/value head among n_heads / n_kv_heads query heads)")
         check(self.position != "rope" or self.head_dim % 2 == 0,
-              f"model.position=rope needs an even head size, got d_model / n_heads = {self.head_dim}; "
-              f"change model.n_heads")
+              f"model.position=rope needs an even head size, got model.head_dim = {self.head_dim}; "
+              f"change model.n_heads or model.head_dim")
         check(self.rope_theta > 0, f"model.rope_theta must be > 0, got {self.rope_theta}")
         check(self.norm_eps > 0, f"model.norm_eps must be > 0, got {self.norm_eps}")
         check(self.d_ff is None or self.d_ff >= 1, f"model.d_ff must be >= 1 or null, got {self.d_ff}")
@@ -98,10 +120,11 @@ class LMConfig:
               f"model.n_dense_layers must be in [0, model.n_layers={self.n_layers}], got {self.n_dense_layers}")
         check(self.moe_every >= 0, f"model.moe_every must be >= 0 (0 = dense model), got {self.moe_every}")
         check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        check(self.init_from is None or self.upcycle_from is None,
+              "model.init_from and model.upcycle_from both give the starting weights; keep one of them")
+        check(self.upcycle_noise >= 0, f"model.upcycle_noise must be >= 0, got {self.upcycle_noise}")
+        check(self.upcycle_noise == 0 or self.upcycle_from is not None,
+              "model.upcycle_noise applies to upcycling: set model.upcycle_from, or drop model.upcycle_noise")
 
     @property
     def dense_hidden(self) -> int:
@@ -133,7 +156,8 @@ class LMDataConfig:
                    HF `tokenizers` on the training split (model.vocab_size tokens), or loaded
                    from tokenizer_path; either way saved as RUN_DIR/tokenizer.json and reused
                    from there on resume
-    tokenizer_path a tokenizer.json to use instead of training one (tokenizer: bpe)
+    tokenizer_path a tokenizer.json to use instead of training one (tokenizer: bpe); unset, the
+                   tokenizer.json of model.init_from / upcycle_from when that directory has one
     bpe_max_documents  training documents the BPE tokenizer is fitted on (null: all)
     val_fraction   share of documents in the validation split (chosen by a hash of the text)
     batch_size     blocks per rank per micro-step

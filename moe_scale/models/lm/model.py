@@ -89,29 +89,36 @@ def make_norm(kind: str, dim: int, eps: float, bias: bool) -> nn.Module:
 class CausalSelfAttention(nn.Module):
     """Multi-head or grouped-query causal attention through `F.scaled_dot_product_attention`.
 
-    One fused projection `qkv` gives n_heads query heads and n_kv_heads key and value heads;
-    each key/value head serves n_heads / n_kv_heads query heads.
+    One fused projection `qkv` gives n_heads query heads and n_kv_heads key and value heads of
+    head_dim each; each key/value head serves n_heads / n_kv_heads query heads. QK-norm is per
+    head (q_norm `[head_dim]`) or over the whole projection (q_norm `[n_heads * head_dim]`,
+    k_norm `[n_kv_heads * head_dim]`), by `qk_norm_scope`.
     """
 
     def __init__(self, cfg: LMConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.dropout, self.rope, self.rope_theta = cfg.dropout, cfg.position == "rope", cfg.rope_theta
-        self.qkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
-        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        H, G, h = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, (H + 2 * G) * h, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(H * h, cfg.d_model, bias=cfg.bias)
+        self.norm_heads = cfg.qk_norm_scope == "head"
+        q_width, k_width = (h, h) if self.norm_heads else (H * h, G * h)
+        self.q_norm = nn.RMSNorm(q_width, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = nn.RMSNorm(k_width, eps=cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x_BTd: Tensor, rope: tuple[Tensor, Tensor] | None = None,
                 cache: KVCache | None = None, layer: int = 0) -> Tensor:
         """x `[B, T, d]` -> `[B, T, d]`; rope: cos, sin `[T, head_dim / 2]` of these positions."""
-        B, T, d = x_BTd.shape
+        B, T, _ = x_BTd.shape
         H, G, h = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.qkv(x_BTd).split([H * h, G * h, G * h], dim=-1)
+        if self.q_norm is not None and not self.norm_heads:
+            q, k = self.q_norm(q), self.k_norm(k)
         q_BHTh = q.view(B, T, H, h).transpose(1, 2)
         k_BGTh = k.view(B, T, G, h).transpose(1, 2)
         v_BGTh = v.view(B, T, G, h).transpose(1, 2)
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.norm_heads:
             q_BHTh, k_BGTh = self.q_norm(q_BHTh), self.k_norm(k_BGTh)
         if self.rope:
             q_BHTh, k_BGTh = apply_rope(q_BHTh, *rope), apply_rope(k_BGTh, *rope)
@@ -127,7 +134,7 @@ class CausalSelfAttention(nn.Module):
             q_BHTh, k_BGTh, v_BGTh, attn_mask=mask, is_causal=mask is None and past == 0,
             dropout_p=self.dropout if self.training else 0.0, **gqa,
         )
-        return self.proj(y_BHTh.transpose(1, 2).reshape(B, T, d))
+        return self.proj(y_BHTh.transpose(1, 2).reshape(B, T, H * h))
 
 
 class MLP(nn.Module):

@@ -32,6 +32,7 @@ class LMTask:
     find_unused_parameters = False
 
     def __init__(self, cfg: Config, rt):
+        self.cfg = cfg
         self.bytes_per_token = 1.0
         if rt.is_main:
             self._load_data(cfg, rt)
@@ -50,6 +51,16 @@ class LMTask:
             self.bytes_per_token = bytes_per_token(tokenizer, split_documents(docs, d.val_fraction, want_val=True))
         self.data = TextBlocks.load(docs=docs, tokenizer=tokenizer, val_fraction=d.val_fraction, seq_len=d.seq_len,
                                     batch_size=d.batch_size, rank=rt.rank, world=rt.world_size, seed=cfg.train.seed)
+
+    def load_start_weights(self, model: nn.Module, **placement) -> str | None:
+        """model.init_from / upcycle_from into `model` (placement: rank, world_size, sharding, ep_rank,
+        ep_size); what was loaded, or None. The trainer calls it at step 0 of a run without a checkpoint."""
+        m = self.cfg.model
+        if m.init_from is None and m.upcycle_from is None:
+            return None
+        from moe_scale.interop.hf.start import load_start_weights
+
+        return load_start_weights(model, self.cfg, **placement)
 
     def next_batch(self):
         return self.data.next_train_batch()
@@ -83,14 +94,16 @@ class LMTask:
 def prepare_tokenizer(cfg: Config, docs, run_dir: Path, is_main: bool) -> BPETokenizer:
     """RUN_DIR/tokenizer.json, written first by the main rank when the run has none yet.
 
-    A run that has one (a resume) keeps it. Otherwise it is `data.tokenizer_path`, or BPE fitted
+    A run that has one (a resume, or a run directory of `moe-scale convert`) keeps it. Otherwise it
+    is `data.tokenizer_path`, the tokenizer.json of model.init_from / upcycle_from, or BPE fitted
     to `model.vocab_size` ids on the training split (the first `data.bpe_max_documents` documents).
     """
     d, m = cfg.data, cfg.model
     path = run_dir / TOKENIZER_FILE
+    source = d.tokenizer_path or carried_tokenizer(m)
     if is_main and not path.is_file():
-        if d.tokenizer_path is not None:
-            tokenizer = BPETokenizer.load(d.tokenizer_path)
+        if source is not None:
+            tokenizer = BPETokenizer.load(source)
         else:
             train = split_documents(docs, d.val_fraction, want_val=False)
             if d.bpe_max_documents is not None:
@@ -104,6 +117,14 @@ def prepare_tokenizer(cfg: Config, docs, run_dir: Path, is_main: bool) -> BPETok
         raise ConfigError(f"the tokenizer {path} has {tokenizer.vocab_size} ids but model.vocab_size={m.vocab_size}; "
                           f"set model.vocab_size={tokenizer.vocab_size}")
     return tokenizer
+
+
+def carried_tokenizer(m: LMConfig) -> Path | None:
+    """The tokenizer.json of the directory a run starts from (model.init_from / upcycle_from), if it has one."""
+    start = m.init_from or m.upcycle_from
+    if start is None or not (Path(start) / TOKENIZER_FILE).is_file():
+        return None
+    return Path(start) / TOKENIZER_FILE
 
 
 def bytes_per_token(tokenizer, docs, max_documents: int = 1000) -> float:
