@@ -89,7 +89,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from moe_scale.interop.hf.convert import from_hf, to_hf
+    from moe_scale.convert import from_hf, to_hf
 
     out = from_hf(args.from_hf, args.out) if args.from_hf else to_hf(args.to_hf, args.out)
     print(out)

@@ -7,7 +7,8 @@
     train           the trainer: imports distributed and moe, never a client
     models          the clients: the engine, data, and the task API (`train.tasks`); the
                     trainer's `Config` only as a type
-    cli, demo       entry points: anything
+    cli, demo,      entry points: anything
+    convert
 
 Read from the source with `ast`, so a new import that breaks a rule fails here, whichever test
 imports what first.

@@ -55,10 +55,11 @@ class Task(Protocol):
 
     find_unused_parameters   a step may leave parameters without gradient (DDP must know)
 
-    Optional: `load_start_weights(model, rank=, world_size=, sharding=, ep_rank=, ep_size=)`,
-    called at step 0 of a run without a checkpoint once the experts are placed and before any
-    wrapper copies the parameters; it loads the client's starting weights (the lm's
-    model.init_from / upcycle_from) and says what it loaded, or returns None.
+    Optional: `load_start_weights(model, runs, ep_rank=, ep_size=)`, called at step 0 of a run
+    without a checkpoint once the experts are placed and before any wrapper copies the
+    parameters; it loads the client's starting weights (the lm's model.init_from /
+    upcycle_from) and says what it loaded, or returns None. `runs` (`train.runs.RunReader`)
+    reads other runs' checkpoints for it.
     """
 
     model: nn.Module

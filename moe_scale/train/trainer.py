@@ -53,6 +53,7 @@ from moe_scale.validation import ConfigError
 from moe_scale.train.metrics import MetricsLogger, MoEAccumulator, moe_summary
 from moe_scale.train.optim import build_optimizer, lr_at, param_groups
 from moe_scale.train.preflight import check_same_config, dataset_errors, preflight
+from moe_scale.train.runs import RunReader
 from moe_scale.train.runtime import Runtime, init_runtime
 from moe_scale.train.tasks import get_task
 
@@ -192,8 +193,8 @@ class Trainer:
         resumes = ck.resume != "never" and (ck.resume != "auto" or latest_checkpoint(self.run_dir / "checkpoints"))
         if load is None or resumes:
             return
-        loaded = load(model, rank=self.rt.rank, world_size=self.rt.world_size, sharding=sharding,
-                      ep_rank=self.mesh.ep_rank, ep_size=self.mesh.ep_size)
+        runs = RunReader(rank=self.rt.rank, world_size=self.rt.world_size, sharding=sharding)
+        loaded = load(model, runs, ep_rank=self.mesh.ep_rank, ep_size=self.mesh.ep_size)
         if loaded and self.rt.is_main:
             print(f"starting from {loaded}", flush=True)
 

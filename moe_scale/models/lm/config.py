@@ -52,7 +52,7 @@ class LMConfig:
                       (the 2nd, 4th, ...); 0 a dense model
     tie_embeddings    the output projection shares the token embedding matrix
     init_from         a converted moe_scale run directory or a Hugging Face checkpoint directory
-                      whose weights a run starts from at step 0 (fine-tuning; moe_scale/interop/hf)
+                      whose weights a run starts from at step 0 (fine-tuning; moe_scale/models/lm/hf)
     upcycle_from      a dense Hugging Face (Llama / Qwen2 style) or moe_scale run directory: every
                       MoE layer's experts start as copies of that layer's dense FFN, routers fresh
     upcycle_noise     relative std of Gaussian noise added to each copied expert weight

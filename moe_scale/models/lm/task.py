@@ -52,15 +52,15 @@ class LMTask:
         self.data = TextBlocks.load(docs=docs, tokenizer=tokenizer, val_fraction=d.val_fraction, seq_len=d.seq_len,
                                     batch_size=d.batch_size, rank=rt.rank, world=rt.world_size, seed=cfg.train.seed)
 
-    def load_start_weights(self, model: nn.Module, **placement) -> str | None:
-        """model.init_from / upcycle_from into `model` (placement: rank, world_size, sharding, ep_rank,
-        ep_size); what was loaded, or None. The trainer calls it at step 0 of a run without a checkpoint."""
+    def load_start_weights(self, model: nn.Module, runs, *, ep_rank: int = 0, ep_size: int = 1) -> str | None:
+        """model.init_from / upcycle_from into `model` (this rank's experts); what was loaded, or None.
+        The trainer calls it at step 0 of a run without a checkpoint (`runs`: `train.runs.RunReader`)."""
         m = self.cfg.model
         if m.init_from is None and m.upcycle_from is None:
             return None
-        from moe_scale.interop.hf.start import load_start_weights
+        from moe_scale.models.lm.hf.start import load_start_weights
 
-        return load_start_weights(model, self.cfg, **placement)
+        return load_start_weights(model, self.cfg, runs, ep_rank=ep_rank, ep_size=ep_size)
 
     def next_batch(self):
         return self.data.next_train_batch()

@@ -10,12 +10,13 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
-from moe_scale.interop.hf.convert import from_hf  # noqa: E402
-from moe_scale.interop.hf.start import load_start_weights  # noqa: E402
+from moe_scale.convert import from_hf  # noqa: E402
+from moe_scale.models.lm.hf.start import load_start_weights  # noqa: E402
 from moe_scale.models.lm.task import build_model  # noqa: E402
 from moe_scale.train.config import ConfigError, load_config  # noqa: E402
+from moe_scale.train.runs import RunReader  # noqa: E402
 from moe_scale.train.trainer import Trainer  # noqa: E402
-from tests.interop.hf_tiny import hf_logits, sample_ids, save_tiny  # noqa: E402
+from tests.models.hf.hf_tiny import hf_logits, sample_ids, save_tiny  # noqa: E402
 from tests.trainer_utils import CONFIGS, HF_CACHE  # noqa: E402
 
 TOL = 1e-4
@@ -32,7 +33,7 @@ def _config(source, run_dir, *extra):
 
 def _upcycled(cfg):
     model = build_model(cfg)
-    assert load_start_weights(model, cfg) is not None
+    assert load_start_weights(model, cfg, RunReader()) is not None
     return model.eval()
 
 

@@ -1,9 +1,11 @@
 """Starting weights of a run: `model.init_from` (fine-tuning) and `model.upcycle_from` (upcycling).
 
-    load_start_weights(model, cfg, rank=0, world_size=1, sharding=None, ep_rank=0, ep_size=1)
+    load_start_weights(model, cfg, runs, ep_rank=0, ep_size=1)
 
-The trainer calls it once, at step 0 of a run with no checkpoint, after its experts are
-placed and before any wrapper (DDP, FSDP, DeepSpeed) copies the parameters.
+The trainer calls it (through the LM task) once, at step 0 of a run with no checkpoint, after
+its experts are placed and before any wrapper (DDP, FSDP, DeepSpeed) copies the parameters.
+`runs` reads moe_scale run directories (`train.runs.RunReader`: the trainer's checkpoints, so
+this client code needs nothing of the trainer).
 
 init_from      a moe_scale run directory (its newest checkpoint, read as any resume reads
                it: experts by global index, so any EP size) or an HF checkpoint directory
@@ -25,36 +27,30 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from moe_scale.interop.hf.config import DENSE_FAMILIES, ConversionError, from_hf_config, hf_family, renormalizes
-from moe_scale.interop.hf.files import HFCheckpoint, is_hf_dir
-from moe_scale.interop.hf.weights import from_hf_weights
+from moe_scale.models.lm.hf.config import DENSE_FAMILIES, ConversionError, from_hf_config, hf_family, renormalizes
+from moe_scale.models.lm.hf.files import HFCheckpoint, is_hf_dir
+from moe_scale.models.lm.hf.weights import from_hf_weights
 from moe_scale.validation import ConfigError
 
 
-def load_start_weights(model: nn.Module, cfg, *, rank: int = 0, world_size: int = 1, sharding=None,
-                       ep_rank: int = 0, ep_size: int = 1) -> str | None:
-    """Load cfg.model.init_from / upcycle_from into `model` (this rank's experts); say what was loaded."""
+def load_start_weights(model: nn.Module, cfg, runs, *, ep_rank: int = 0, ep_size: int = 1) -> str | None:
+    """Load cfg.model.init_from / upcycle_from into `model` (this rank's experts); say what was loaded.
+
+    runs: `runs.load_weights(run_dir, model) -> checkpoint path` loads a run's newest checkpoint
+    into `model` (this rank's experts), `runs.read(run_dir) -> (Config, full state dict)`.
+    """
     m = cfg.model
     for key, start in (("init_from", m.init_from), ("upcycle_from", m.upcycle_from)):
         if start is not None and not Path(start).is_dir():
             raise ConfigError(f"model.{key}={start} is not a directory; give a moe_scale run directory or a "
                               f"Hugging Face checkpoint directory")
     if m.init_from is not None and not is_hf_dir(m.init_from):
-        from moe_scale.train.checkpoint import Checkpointer, CheckpointError, latest_checkpoint
-
-        root = Path(m.init_from) / "checkpoints"
-        path = latest_checkpoint(root)
-        if path is None:
-            raise CheckpointError(f"model.init_from={m.init_from} is neither a Hugging Face directory (config.json) "
-                                  f"nor a run directory with a checkpoint (none under {root})")
-        Checkpointer(root, rank=rank, world_size=world_size, sharding=sharding).load(path, model, None,
-                                                                                     restore_rng_state=False)
-        return f"weights of {path}"
+        return f"weights of {runs.load_weights(m.init_from, model)}"
     if m.init_from is not None:
         state, keep = _hf_state(m.init_from, cfg), set[str]()
         what = f"weights of {m.init_from}"
     elif m.upcycle_from is not None:
-        state, keep = upcycled_state(cfg), {n for n, _ in model.named_parameters() if ".router." in n}
+        state, keep = upcycled_state(cfg, runs), {n for n, _ in model.named_parameters() if ".router." in n}
         what = f"{m.upcycle_from} upcycled to {cfg.moe.num_experts} experts per MoE layer"
     else:
         return None
@@ -89,7 +85,7 @@ def _hf_state(root: str, cfg) -> dict[str, Tensor]:
     return from_hf_weights(family, lm, moe, ckpt.names, ckpt.get)
 
 
-def _dense_source(root: str) -> tuple[Any, dict[str, Tensor]]:
+def _dense_source(root: str, runs) -> tuple[Any, dict[str, Tensor]]:
     """(LMConfig, full state dict) of the dense model at `root` (HF or moe_scale run directory)."""
     from moe_scale.models.lm.config import LMConfig
 
@@ -102,13 +98,11 @@ def _dense_source(root: str) -> tuple[Any, dict[str, Tensor]]:
         model_sec, _ = from_hf_config(ckpt.config)
         dense = LMConfig(**model_sec)
         return dense, from_hf_weights(family, dense, None, ckpt.names, ckpt.get)
-    from moe_scale.train.runs import load_run
-
-    model, _, run_cfg = load_run(root)
+    run_cfg, state = runs.read(root)
     if run_cfg.model.num_moe_layers:
         raise ConfigError(f"model.upcycle_from={root} is an MoE run; upcycling starts from a dense one "
                           f"(model.moe_every=0); fine-tune it with model.init_from instead")
-    return run_cfg.model, {k: v.detach() for k, v in model.state_dict().items()}
+    return run_cfg.model, state
 
 
 SHARED_FIELDS = ("arch", "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "position",
@@ -116,13 +110,13 @@ SHARED_FIELDS = ("arch", "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_h
                  "tie_embeddings")
 
 
-def upcycled_state(cfg) -> dict[str, Tensor]:
+def upcycled_state(cfg, runs) -> dict[str, Tensor]:
     """The MoE model's full state dict from cfg.model.upcycle_from (routers left out: they start fresh)."""
     lm, root = cfg.model, cfg.model.upcycle_from
     if not lm.num_moe_layers:
         raise ConfigError("model.upcycle_from builds MoE layers from dense ones: set model.moe_every >= 1")
     moe = cfg.moe_config()
-    dense, sd = _dense_source(root)
+    dense, sd = _dense_source(root, runs)
     for key in SHARED_FIELDS:
         if getattr(lm, key) != getattr(dense, key):
             raise _mismatch(f"model.{key}", getattr(lm, key), getattr(dense, key), root)

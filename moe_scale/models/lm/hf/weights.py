@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
-from moe_scale.interop.hf.config import ConversionError
+from moe_scale.models.lm.hf.config import ConversionError
 
 Source = Callable[[str], Tensor]
 

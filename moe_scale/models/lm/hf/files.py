@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import Tensor
 
-from moe_scale.interop.hf.config import ConversionError
+from moe_scale.models.lm.hf.config import ConversionError
 
 SAFETENSORS = "model.safetensors"
 INDEX = "model.safetensors.index.json"

@@ -11,10 +11,10 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
-from moe_scale.interop.hf.config import ConversionError  # noqa: E402
-from moe_scale.interop.hf.convert import from_hf, to_hf  # noqa: E402
+from moe_scale.models.lm.hf.config import ConversionError  # noqa: E402
+from moe_scale.convert import from_hf, to_hf  # noqa: E402
 from moe_scale.train.runs import load_run  # noqa: E402
-from tests.interop.hf_tiny import DENSE_FAMILIES, MOE_FAMILIES, hf_logits, sample_ids, save_tiny  # noqa: E402
+from tests.models.hf.hf_tiny import DENSE_FAMILIES, MOE_FAMILIES, hf_logits, sample_ids, save_tiny  # noqa: E402
 from tests.trainer_utils import cli  # noqa: E402
 
 TOL = 1e-4  # float32 throughout; the two forwards differ only in summation order (seen: ~3e-7)
@@ -68,7 +68,7 @@ def test_fused_expert_layout_of_transformers_5_is_read(tmp_path):
     saved straight from that state dict converts like the per-expert one."""
     from safetensors.torch import save_file
 
-    from tests.interop.hf_tiny import tiny_model
+    from tests.models.hf.hf_tiny import tiny_model
 
     hf = save_tiny("mixtral", tmp_path / "hf")
     model = tiny_model("mixtral")

@@ -18,9 +18,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from moe_scale.interop.hf.config import ConversionError, from_hf_config, hf_family, infer_family, to_hf_config
-from moe_scale.interop.hf.files import HFCheckpoint, copy_tokenizer, write_hf_dir
-from moe_scale.interop.hf.weights import from_hf_weights, to_hf_weights
+from moe_scale.models.lm.hf.config import ConversionError, from_hf_config, hf_family, infer_family, to_hf_config
+from moe_scale.models.lm.hf.files import HFCheckpoint, copy_tokenizer, write_hf_dir
+from moe_scale.models.lm.hf.weights import from_hf_weights, to_hf_weights
+from moe_scale.models.lm.task import build_model
+from moe_scale.train.checkpoint import Checkpointer, CheckpointError, latest_checkpoint, list_checkpoints
+from moe_scale.train.config import from_dict, load_config, save_config
+from moe_scale.validation import ConfigError
 
 HF_CONFIG_COPY = "hf_config.json"
 TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -28,8 +32,6 @@ TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 def run_config(hf: dict[str, Any], run_dir: str | Path, has_tokenizer: bool):
     """The moe_scale `Config` of a run over the HF model `hf` (config.json as a dict)."""
-    from moe_scale.train.config import from_dict
-
     model, moe = from_hf_config(hf)
     raw: dict[str, Any] = {"model": model, "data": {"tokenizer": "bpe" if has_tokenizer else "byte"},
                            "train": {"run_dir": str(run_dir)},
@@ -41,10 +43,6 @@ def run_config(hf: dict[str, Any], run_dir: str | Path, has_tokenizer: bool):
 
 def from_hf(hf_dir: str | Path, run_dir: str | Path) -> Path:
     """Write RUN_DIR (config.yaml, a weights-only checkpoint at step 0, tokenizer files) from HF_DIR."""
-    from moe_scale.models.lm.task import build_model
-    from moe_scale.train.checkpoint import Checkpointer, list_checkpoints
-    from moe_scale.train.config import save_config
-
     hf_dir, run_dir = Path(hf_dir), Path(run_dir)
     if list_checkpoints(run_dir / "checkpoints"):
         raise ConversionError(f"{run_dir} already holds checkpoints; convert into a new directory")
@@ -66,11 +64,6 @@ def from_hf(hf_dir: str | Path, run_dir: str | Path) -> Path:
 
 def to_hf(run_dir: str | Path, out_dir: str | Path) -> Path:
     """Write OUT_DIR (config.json, model.safetensors, tokenizer files) from RUN_DIR's newest checkpoint."""
-    from moe_scale.models.lm.task import build_model
-    from moe_scale.train.checkpoint import Checkpointer, CheckpointError, latest_checkpoint
-    from moe_scale.train.config import load_config
-    from moe_scale.validation import ConfigError
-
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir} holds no config.yaml: give a moe_scale run directory")

@@ -12,11 +12,11 @@ pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
 from moe_scale.distributed.launch import run_local  # noqa: E402
-from moe_scale.interop.hf.convert import from_hf, to_hf  # noqa: E402
+from moe_scale.convert import from_hf, to_hf  # noqa: E402
 from moe_scale.train.config import ConfigError, load_config  # noqa: E402
 from moe_scale.train.runtime import Runtime  # noqa: E402
 from moe_scale.train.trainer import Trainer  # noqa: E402
-from tests.interop.hf_tiny import hf_logits, sample_ids, save_tiny  # noqa: E402
+from tests.models.hf.hf_tiny import hf_logits, sample_ids, save_tiny  # noqa: E402
 from tests.trainer_utils import CONFIGS, HF_CACHE  # noqa: E402
 
 TOL = 1e-4

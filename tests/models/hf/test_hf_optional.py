@@ -11,7 +11,7 @@ from tests.trainer_utils import REPO, cli_env
 
 CHECK = """
 import sys
-import moe_scale, moe_scale.cli, moe_scale.train.trainer, moe_scale.models.lm.task, moe_scale.interop.hf.convert
+import moe_scale, moe_scale.cli, moe_scale.train.trainer, moe_scale.models.lm.task, moe_scale.convert
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("transformers", "safetensors"))
 print(loaded)
 """

@@ -1,1 +1,0 @@
-"""Interoperability with other model formats (Hugging Face: `moe_scale.interop.hf`)."""
