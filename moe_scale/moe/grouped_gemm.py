@@ -30,6 +30,11 @@ METHODS = ("auto", "grouped_mm", "loop")
 
 
 @functools.cache
+def cuda_capability(index: int) -> tuple[int, int]:
+    """(major, minor) of CUDA device `index`, asked once per process: the layer asks every call."""
+    return torch.cuda.get_device_capability(index)
+
+
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype, *dims: int) -> bool:
     """Whether `torch._grouped_mm` runs these products on `device` without a host sync.
 
@@ -43,7 +48,7 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype, *dims: int) -
         return False
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
-        major, _ = torch.cuda.get_device_capability(index)
+        major, _ = cuda_capability(index)
         return dtype == torch.bfloat16 and major in (9, 10)
     if device.type == "cpu":  # torch.compile traces it with the meta rules below
         return dtype == torch.bfloat16 or (dtype == torch.float32 and not torch.compiler.is_compiling())

@@ -101,11 +101,15 @@ def test_choose_method_follows_the_documented_rules():
 
 
 def test_cuda_rules_need_bf16_and_a_hopper_class_device(monkeypatch):
+    from moe_scale.moe.grouped_gemm import cuda_capability
+
     cuda = torch.device("cuda", 0)
     for capability, expected in (((9, 0), True), ((10, 0), True), ((8, 0), False), ((12, 0), False)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None, c=capability: c)
+        cuda_capability.cache_clear()
         assert grouped_mm_supported(cuda, torch.bfloat16, 16, 8) is expected
         assert grouped_mm_supported(cuda, torch.float32, 16, 8) is False
+    cuda_capability.cache_clear()  # the patched answers must not outlive this test
 
 
 def _linear_reference(experts: GroupedExperts):
