@@ -112,6 +112,18 @@ def test_cuda_rules_need_bf16_and_a_hopper_class_device(monkeypatch):
     cuda_capability.cache_clear()  # the patched answers must not outlive this test
 
 
+def _assert_matches_reference(y, ref, x, up, experts, mods, tol: float = 1e-12) -> None:
+    """Outputs, input gradients (of sum(y * up)) and expert weight gradients of the experts
+    equal those of the float64 nn.Linear reference `mods` run on the same x."""
+    torch.testing.assert_close(y, ref, rtol=tol, atol=tol)
+    (y * up).sum().backward()
+    x_grad = x.grad.clone()
+    x.grad = None
+    (ref * up).sum().backward()
+    torch.testing.assert_close(x_grad, x.grad, rtol=tol, atol=tol)
+    _assert_expert_grads_match(experts, mods, rtol=tol, atol=tol)
+
+
 def _linear_reference(experts: GroupedExperts):
     """The same experts as nn.Linear modules: lin1 (+ gate lin3 for SwiGLU), lin2."""
     bias = experts.b1 is not None
@@ -175,13 +187,7 @@ def test_grouped_experts_equal_per_expert_linear(activation, bias, counts):
 
     y = experts(x, torch.tensor(counts))
     ref = _run_reference(mods, activation, x, counts)
-    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
-    (y * up).sum().backward()
-    x_grad = x.grad.clone()
-    x.grad = None
-    (ref * up).sum().backward()
-    torch.testing.assert_close(x_grad, x.grad, rtol=1e-12, atol=1e-12)
-    _assert_expert_grads_match(experts, mods, rtol=1e-12, atol=1e-12)
+    _assert_matches_reference(y, ref, x, up, experts, mods)
 
 
 def test_grouped_experts_init_matches_nn_linear_bounds():

@@ -12,7 +12,12 @@ import torch.utils._python_dispatch
 from moe_scale.moe import GroupedExperts
 from moe_scale.moe.cpu import CPUTuning, grouped_mlp, use_tuning
 from moe_scale.moe.cpu.grouped_mlp import Span
-from tests.moe.test_grouped_gemm import _assert_expert_grads_match, _linear_reference, _run_reference
+from tests.moe.test_grouped_gemm import (
+    _assert_expert_grads_match,
+    _assert_matches_reference,
+    _linear_reference,
+    _run_reference,
+)
 
 
 def _span_mlp(experts: GroupedExperts, x, counts, method, tuning: CPUTuning | None = None):
@@ -42,13 +47,7 @@ def test_grouped_experts_equal_per_expert_linear(activation, bias, method, count
 
     y = _span_mlp(experts, x, counts, method, tuning)
     ref = _run_reference(mods, activation, x, counts)
-    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
-    (y * up).sum().backward()
-    x_grad = x.grad.clone()
-    x.grad = None
-    (ref * up).sum().backward()
-    torch.testing.assert_close(x_grad, x.grad, rtol=1e-12, atol=1e-12)
-    _assert_expert_grads_match(experts, mods, rtol=1e-12, atol=1e-12)
+    _assert_matches_reference(y, ref, x, up, experts, mods)
 
 
 class _CountGEMMs(torch.utils._python_dispatch.TorchDispatchMode):
