@@ -1,7 +1,8 @@
 """Expert balancing methods compared on a small Llama-style MoE LM: loss against balance.
 
-    PYTHONPATH=. python benchmarks/balancing.py             # 10 runs, ~25 min on 2 cores
+    PYTHONPATH=. python benchmarks/balancing.py             # 10 runs, ~45 min on 2 shared cores
     PYTHONPATH=. python benchmarks/balancing.py --quick     # 100 steps, one seed: a smoke run
+    PYTHONPATH=. python benchmarks/balancing.py --report    # rewrite .md / .png from the .json
 
 Every run trains the byte-level `arch: llama` LM (RoPE, RMSNorm, SwiGLU) through `Trainer` on
 the shipped corpus, every FFN an MoE layer of fine-grained SwiGLU experts, dropless, with the
@@ -215,8 +216,14 @@ def train_all(named: dict[str, dict], s: Scale, workers: int) -> list[dict]:
 # ---------------------------------------------------------------- report
 
 
-def markdown(results: list[dict], s: Scale, reference: dict, timing: dict) -> str:
-    lines = [f"# Expert balancing methods ({'quick' if s is QUICK else 'full'} run)", "",
+def random_floors(results: list[dict], s: Scale) -> dict[str, dict]:
+    """`uniform_reference` for each (k, experts) of the runs, keyed "k/E"."""
+    shapes = sorted({(r["moe"]["k"], r["moe"]["num_experts"]) for r in results})
+    return {f"{k}/{E}": uniform_reference(s, k, E) for k, E in shapes}
+
+
+def markdown(results: list[dict], s: Scale, floors: dict, timing: dict, label: str) -> str:
+    lines = [f"# Expert balancing methods ({label} run)", "",
              f"Byte-level Llama-style LM (RoPE, RMSNorm, SwiGLU), d_model={s.d_model}, {s.n_layers} blocks, every FFN "
              f"an MoE of {s.num_experts} SwiGLU experts of width {s.hidden}, k={s.k}, dropless in training; "
              f"{s.steps} steps x {s.grad_accum} micro-batches x {s.batch_size} sequences x {s.seq_len} tokens = "
@@ -224,18 +231,20 @@ def markdown(results: list[dict], s: Scale, reference: dict, timing: dict) -> st
              f"{s.eval_batches} micro-batches ({s.eval_batches * s.batch_size * s.seq_len / 1e3:.0f}k bytes). "
              f"{wall_text(timing)}", "",
              "| method | val bpb (per seed) | mean | step max/mean load | sequence max/mean load | "
-             f"dropped at cf {EVAL_CAPACITY} | val bpb at cf {EVAL_CAPACITY} | active / total params | tokens/s |",
+             "random routing: step / sequence | "
+             f"dropped at cf {EVAL_CAPACITY} | val bpb at cf {EVAL_CAPACITY} | active / total params |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, rows in group(results, "balancing").items():
         r0 = rows[0]
+        floor = floors[f"{r0['moe']['k']}/{r0['moe']['num_experts']}"]
         dropped = " / ".join(f"{100 * r['dropped_at_capacity']:.1f}%" for r in sorted(rows, key=lambda r: r["seed"]))
         lines.append(f"| {name} | {fmt_seeds(rows, 'val_bpb')} | {mean_of(rows, 'val_bpb'):.3f} | "
-                     f"{fmt_seeds(rows, 'step_max_mean', 2)} | {fmt_seeds(rows, 'seq_max_mean', 2)} | {dropped} | "
+                     f"{fmt_seeds(rows, 'step_max_mean', 2)} | {fmt_seeds(rows, 'seq_max_mean', 2)} | "
+                     f"{floor['step_max_mean']:.2f} / {floor['seq_max_mean']:.2f} | {dropped} | "
                      f"{fmt_seeds(rows, 'capped_val_bpb')} | "
-                     f"{r0['active_params'] / 1e6:.3f}M / {r0['params'] / 1e6:.3f}M | {mean_of(rows, 'tokens_per_s'):.0f} |")
-    lines += ["", f"Uniformly random routing (k={s.k} distinct of {s.num_experts}) at the same counts: step max/mean "
-              f"{reference['step_max_mean']:.2f}, sequence max/mean {reference['seq_max_mean']:.2f}: the floor "
-              "that sampling noise alone gives.", "",
+                     f"{r0['active_params'] / 1e6:.3f}M / {r0['params'] / 1e6:.3f}M |")
+    lines += ["", "'Random routing': the same ratios for k distinct experts drawn uniformly per token at the "
+              "same counts, the floor that sampling noise alone gives (e has k-1 of E-1 routed experts).", "",
               "Load ratios are averaged over held-out steps (or sequences) and MoE layers, measured in eval mode "
               f"with the trained router. 'At cf {EVAL_CAPACITY}': the same model evaluated with capacity "
               f"ceil(k x {s.batch_size * s.seq_len} / E x {EVAL_CAPACITY}) per expert per micro-batch, first come "
@@ -273,10 +282,15 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=0, help="override the steps per run")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--out", default="", help="output stem (default benchmarks/results/balancing[_quick])")
+    p.add_argument("--report", action="store_true", help="rewrite the .md and .png from the stem's .json, no training")
     args = p.parse_args(argv)
     s = QUICK if args.quick else FULL
     if args.steps:
         s.steps = args.steps
+    stem = Path(args.out) if args.out else RESULTS / f"balancing{'_quick' if args.quick else ''}"
+    label = "quick" if args.quick else "full"
+    if args.report:
+        return write_report(json.loads(stem.with_suffix(".json").read_text()), stem, label)
     start = time.time()
     named = methods(s)
     print(f"{len(named) * len(s.seeds)} + {len(s.seeds)} runs of {s.steps} steps on {args.workers} workers", flush=True)
@@ -286,15 +300,19 @@ def main(argv=None) -> dict:
     results += train_all(shared, s, args.workers)
     timing = {"seconds": time.time() - start, "trained_runs": len(results)}
     results.sort(key=lambda r: (r["name"], r["seed"]))
-    reference = uniform_reference(s, s.k, s.num_experts)
-    stem = Path(args.out) if args.out else RESULTS / f"balancing{'_quick' if args.quick else ''}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     summary = {"scale": {**vars(s), "tokens": s.tokens}, "seq_weight": SEQ_WEIGHT, "bias_rate": BIAS_RATE,
-               "best_of_a_to_d": best, "random_routing": reference, "timing": timing, "runs": results}
+               "best_of_a_to_d": best, "timing": timing, "runs": results}
+    return write_report(summary, stem, label)
+
+
+def write_report(summary: dict, stem: Path, label: str) -> dict:
+    s = Scale(**{**{k: v for k, v in summary["scale"].items() if k != "tokens"}, "seeds": tuple(summary["scale"]["seeds"])})
+    summary["random_routing"] = floors = random_floors(summary["runs"], s)
     stem.with_suffix(".json").write_text(json.dumps(summary, indent=1))
-    md = markdown(results, s, reference, timing)
+    md = markdown(summary["runs"], s, floors, summary["timing"], label)
     stem.with_suffix(".md").write_text(md)
-    plot(results, reference, stem.with_suffix(".png"))
+    plot(summary["runs"], floors[f"{s.k}/{s.num_experts}"], stem.with_suffix(".png"))
     print("\n" + md)
     print(f"wrote {stem}.json, .md, .png")
     return summary
