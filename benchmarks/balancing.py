@@ -230,6 +230,11 @@ def markdown(results: list[dict], s: Scale, floors: dict, timing: dict, label: s
              f"{s.tokens / 1e6:.2f}M training tokens; seeds {list(s.seeds)} (values listed per seed). Held out: "
              f"{s.eval_batches} micro-batches ({s.eval_batches * s.batch_size * s.seq_len / 1e3:.0f}k bytes). "
              f"{wall_text(timing)}", "",
+             f"Bias update rate {BIAS_RATE:g} per step (DeepSeek-V3's gamma). Sequence-loss weight {SEQ_WEIGHT:g}: ten "
+             "times DeepSeek-V3's 1e-4 (the loss is 1 when balanced, like the switch loss), a tenth of a's switch "
+             "weight, so that it can act within a short run while the bias stays the main balancer. e keeps total "
+             "and active parameters: one always-on expert of the routed width replaces one routed expert and one of "
+             "the k choices.", "",
              "| method | val bpb (per seed) | mean | step max/mean load | sequence max/mean load | "
              "random routing: step / sequence | "
              f"dropped at cf {EVAL_CAPACITY} | val bpb at cf {EVAL_CAPACITY} | active / total params |",
