@@ -4,6 +4,7 @@
     PYTHONPATH=. python benchmarks/shazeer_findings.py              # < 1 h on 2 cores, two seeds
     PYTHONPATH=. python benchmarks/shazeer_findings.py --only experts,balance
     PYTHONPATH=. python benchmarks/shazeer_findings.py --global-batch 4 --only experts,balance --seeds 0
+    PYTHONPATH=. python benchmarks/shazeer_findings.py --global-batch 4 --steps 8000 --only experts --experts 4,16,64,256
 
 Four experiments, each a set of training runs of the byte-level MoE LM (`model.name: lm`)
 through moe_scale's own `Trainer` on the shipped offline corpus (the Python standard library
@@ -26,7 +27,9 @@ forming the CV^2 losses over one 2048-token batch: it trains the noisy-gate swee
 dense baseline) and the balance table again with the losses over each step's N micro-batches
 (`balance_scope: global`, `grad_accum` N, N times fewer steps: the same tokens), plus the
 per-micro-batch losses at that step schedule as a control, and adds them as a section and a
-series of the existing results (a later invocation with other seeds adds to them).
+series of the existing results (a later invocation with other seeds adds to them; one with
+other steps, e.g. `--steps 8000` for 2000 steps of 4 micro-batches, 4x the tokens, adds a
+section of its own).
 
 Runs go to a pool of `--workers` processes of one thread each (2 on this machine), so a run's
 tokens/s is measured while another run shares the machine; compare them within one table.
@@ -353,7 +356,7 @@ def gate_scales(r: dict) -> str:
 
 
 def markdown(results: list[dict], router_ms: dict | None, s: Scale, timing: dict, label: str,
-             global_batch: dict | None = None) -> str:
+             global_batches: tuple[dict, ...] = ()) -> str:
     lines = [f"# Shazeer et al. 2017 findings at CPU scale ({label} run)", "",
              f"Byte-level LM, d_model={s.d_model}, {s.n_layers} blocks (MoE in the second), experts of width "
              f"{s.hidden}, k={s.k}; {s.steps} steps x {s.batch_size * s.seq_len} tokens = {s.tokens / 1e6:.2f}M "
@@ -402,8 +405,8 @@ def markdown(results: list[dict], router_ms: dict | None, s: Scale, timing: dict
             lines.append(f"| {name} | {r['val_bpb']:.3f} | {100 * r['dropped_assignments']:.1f}% | "
                          f"{100 * r['unrouted_tokens']:.1f}% | {r['moe_macs_per_token'] / 1e3:.0f}k | {r['tokens_per_s']:.0f} |")
         lines.append("")
-    if global_batch is not None:
-        lines += global_markdown(global_batch, results)
+    for g in global_batches:
+        lines += global_markdown(g, results)
     return "\n".join(lines)
 
 
@@ -411,7 +414,7 @@ def global_markdown(g: dict, base: list[dict]) -> list[str]:
     """The section of the `--global-batch` runs, beside the per-micro-batch runs above."""
     gs = g["scale"]
     micro = gs["batch_size"] * gs["seq_len"]
-    lines = ["## Noisy top-2 with the CV^2 losses over each step's global batch", "",
+    lines = [f"## Noisy top-2 with the CV^2 losses over each step's global batch ({gs['steps']} steps)", "",
              f"The same model and tokens: {gs['steps']} steps x {gs['grad_accum']} micro-batches x {micro} tokens = "
              f"{gs['tokens'] / 1e6:.2f}M. The importance and load CV^2 are formed from statistics summed over the "
              f"step's micro-batches (`balance_scope: global`; micro-batch m sees micro-batches 1..m, the last all "
@@ -463,13 +466,14 @@ def balance_bars(ax, balance: dict[str, list[dict]], title: str) -> None:
     ax.legend(fontsize=7)
 
 
-def plot(results: list[dict], router_ms: dict | None, path: Path, global_batch: dict | None = None) -> None:
+def plot(results: list[dict], router_ms: dict | None, path: Path, global_batches: tuple[dict, ...] = ()) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    extra = global_batch is not None and any(r["experiment"] == "balance" for r in global_batch["runs"])
+    global_balance = next((g for g in global_batches if group(g["runs"], "balance")), None)
+    extra = global_balance is not None
     fig, axes = plt.subplots(1, 5 if extra else 4, figsize=(25 if extra else 20, 4.4))
     ax = axes[0]
     experts = group(results, "experts")
@@ -489,16 +493,17 @@ def plot(results: list[dict], router_ms: dict | None, path: Path, global_batch: 
         pts = sorted(pts + ([(1, dense_bpb[seed])] if seed in dense_bpb else []))
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if seed == 0 else "s--",
                 color="C0" if series.startswith("top") else "C3", label=f"{series}, seed {seed}")
-    if global_batch is not None:
-        accum = global_batch["scale"]["grad_accum"]
+    for color, g in zip(("C1", "C4", "C2"), global_batches):
+        gs = g["scale"]
         by_seed: dict[int, list[tuple[int, float]]] = {}
-        for r in global_batch["runs"]:
+        for r in g["runs"]:
             if r["experiment"] == "experts":
                 by_seed.setdefault(r["seed"], []).append((r["experts"], r["val_bpb"]))
         for seed, pts in sorted(by_seed.items()):
             pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "^-" if seed == 0 else "v--", color="C1",
-                    label=f"noisy top-2, CV^2 over {accum} micro-batches (dense at x=1 same steps), seed {seed}")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "^-" if seed == 0 else "v--", color=color,
+                    label=f"noisy top-2, CV^2 over {gs['grad_accum']} micro-batches, {gs['steps']} steps "
+                          f"(dense at 1 likewise), seed {seed}")
     ax.set_xscale("log", base=4)
     ax.set_xticks([1, *EXPERT_COUNTS], ["1", *map(str, EXPERT_COUNTS)])
     ax.set_xlabel("experts (1 = dense, same active params)")
@@ -508,8 +513,9 @@ def plot(results: list[dict], router_ms: dict | None, path: Path, global_batch: 
 
     balance_bars(axes[1], group(results, "balance"), "Balancing losses (64 experts)")
     if extra:
-        balance_bars(axes[4], group(global_batch["runs"], "balance"),
-                     f"Balancing losses, CV^2 over {global_batch['scale']['grad_accum']} micro-batches (64 experts)")
+        gs = global_balance["scale"]
+        balance_bars(axes[4], group(global_balance["runs"], "balance"),
+                     f"Balancing losses, CV^2 over {gs['grad_accum']} micro-batches, {gs['steps']} steps (64 experts)")
 
     ax = axes[2]
     if router_ms:
@@ -557,6 +563,7 @@ def main(argv=None) -> dict:
                         "micro-batches (balance_scope global, grad_accum N, steps / N: the same tokens); added as a "
                         "section of the existing results")
     p.add_argument("--seeds", default="", help="comma-separated seeds (default: the scale's)")
+    p.add_argument("--report", action="store_true", help="rewrite the .md and .png from the stem's .json, no training")
     p.add_argument("--experts", default="", help="--global-batch: comma-separated expert counts of the sweep "
                                                   f"(default {','.join(map(str, EXPERT_COUNTS))})")
     args = p.parse_args(argv)
@@ -569,6 +576,8 @@ def main(argv=None) -> dict:
     if args.seeds:
         s.seeds = tuple(int(x) for x in args.seeds.split(","))
     stem = Path(args.out) if args.out else RESULTS / f"shazeer_findings{'_quick' if args.quick else ''}"
+    if args.report:
+        return write_report(json.loads(stem.with_suffix(".json").read_text()), stem, "quick" if args.quick else "full")
     if args.global_batch > 1:
         if args.reuse:
             raise SystemExit("--reuse applies to the per-micro-batch runs, not --global-batch")
@@ -600,9 +609,9 @@ def main(argv=None) -> dict:
     summary = {"scale": {**vars(s), "tokens": s.tokens}, "timing": timing, "router_ms": router_ms, "runs": results}
     if stem.with_suffix(".json").exists():
         # The global-batch runs are separate trainings: a rerun of these keeps them.
-        earlier = json.loads(stem.with_suffix(".json").read_text()).get("global_batch")
+        earlier = json.loads(stem.with_suffix(".json").read_text()).get("global_batches")
         if earlier:
-            summary["global_batch"] = earlier
+            summary["global_batches"] = earlier
     return write_report(summary, stem, "quick" if args.quick else "full")
 
 
@@ -630,8 +639,9 @@ def add_global_batch(s: Scale, only: set[str], counts: tuple[int, ...], workers:
     summary = json.loads(path.read_text()) if path.exists() else {"scale": None, "timing": None, "router_ms": None,
                                                                     "runs": []}
     scale = {**vars(s), "seeds": list(s.seeds), "tokens": s.tokens}
-    earlier = summary.get("global_batch")
-    if earlier and {**earlier["scale"], "seeds": None} == {**scale, "seeds": None}:
+    entries = summary.setdefault("global_batches", [])
+    earlier = next((g for g in entries if {**g["scale"], "seeds": None} == {**scale, "seeds": None}), None)
+    if earlier:
         # Another seed (or experiment) at the same scale: keep the earlier runs it does not redo.
         done = {(r["experiment"], r["name"], r["seed"]) for r in results}
         results = [r for r in earlier["runs"] if (r["experiment"], r["name"], r["seed"]) not in done] + results
@@ -640,18 +650,20 @@ def add_global_batch(s: Scale, only: set[str], counts: tuple[int, ...], workers:
     order = {e: i for i, e in enumerate(EXPERIMENTS)}
     results.sort(key=lambda r: (order[r["experiment"]], r.get("series", "") != "dense", r.get("experts", 0),
                                 r["name"], r["seed"]))
-    summary["global_batch"] = {"scale": scale, "timing": timing, "runs": results}
+    entry = {"scale": scale, "timing": timing, "runs": results}
+    # One entry per step schedule, shortest first.
+    entries[:] = sorted([g for g in entries if g is not earlier] + [entry], key=lambda g: g["scale"]["steps"])
     stem.parent.mkdir(parents=True, exist_ok=True)
     return write_report(summary, stem, "quick" if quick else "full")
 
 
 def write_report(summary: dict, stem: Path, label: str) -> dict:
     stem.with_suffix(".json").write_text(json.dumps(summary, indent=1))
-    g = summary.get("global_batch")
-    s = scale_from(summary["scale"] or g["scale"])
-    md = markdown(summary["runs"], summary["router_ms"], s, summary["timing"] or g["timing"], label, g)
+    gb = tuple(summary.get("global_batches", ()))
+    s = scale_from(summary["scale"] or gb[0]["scale"])
+    md = markdown(summary["runs"], summary["router_ms"], s, summary["timing"] or gb[0]["timing"], label, gb)
     stem.with_suffix(".md").write_text(md)
-    plot(summary["runs"], summary["router_ms"], stem.with_suffix(".png"), g)
+    plot(summary["runs"], summary["router_ms"], stem.with_suffix(".png"), gb)
     print("\n" + md)
     print(f"wrote {stem}.json, .md, .png")
     return summary
