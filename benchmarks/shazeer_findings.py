@@ -473,8 +473,9 @@ def plot(results: list[dict], router_ms: dict | None, path: Path, global_batches
     import matplotlib.pyplot as plt
 
     global_balance = next((g for g in global_batches if group(g["runs"], "balance")), None)
-    extra = global_balance is not None
-    fig, axes = plt.subplots(1, 5 if extra else 4, figsize=(25 if extra else 20, 4.4))
+    global_experts = [g for g in global_batches if group(g["runs"], "experts")]
+    panels = 4 + bool(global_experts) + (global_balance is not None)
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4.4))
     ax = axes[0]
     experts = group(results, "experts")
     lines: dict[tuple[str, int], list[tuple[int, float]]] = {}
@@ -493,7 +494,15 @@ def plot(results: list[dict], router_ms: dict | None, path: Path, global_batches
         pts = sorted(pts + ([(1, dense_bpb[seed])] if seed in dense_bpb else []))
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if seed == 0 else "s--",
                 color="C0" if series.startswith("top") else "C3", label=f"{series}, seed {seed}")
-    for color, g in zip(("C1", "C4", "C2"), global_batches):
+    ax.set_xscale("log", base=4)
+    ax.set_xticks([1, *EXPERT_COUNTS], ["1", *map(str, EXPERT_COUNTS)])
+    ax.set_xlabel("experts (1 = dense, same active params)")
+    ax.set_ylabel("validation bits per byte")
+    ax.set_title("More experts, equal active compute")
+    ax.legend(fontsize=7)
+
+    ax = axes[4] if global_experts else None
+    for color, g in zip(("C1", "C4", "C2"), global_experts):
         gs = g["scale"]
         by_seed: dict[int, list[tuple[int, float]]] = {}
         for r in g["runs"]:
@@ -502,19 +511,19 @@ def plot(results: list[dict], router_ms: dict | None, path: Path, global_batches
         for seed, pts in sorted(by_seed.items()):
             pts.sort()
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "^-" if seed == 0 else "v--", color=color,
-                    label=f"noisy top-2, CV^2 over {gs['grad_accum']} micro-batches, {gs['steps']} steps "
-                          f"(dense at 1 likewise), seed {seed}")
-    ax.set_xscale("log", base=4)
-    ax.set_xticks([1, *EXPERT_COUNTS], ["1", *map(str, EXPERT_COUNTS)])
-    ax.set_xlabel("experts (1 = dense, same active params)")
-    ax.set_ylabel("validation bits per byte")
-    ax.set_title("More experts, equal active compute")
-    ax.legend(fontsize=7)
+                    label=f"{gs['steps']} steps x {gs['grad_accum']} micro-batches, seed {seed}")
+    if global_experts:
+        ax.set_xscale("log", base=4)
+        ax.set_xticks([1, *EXPERT_COUNTS], ["1", *map(str, EXPERT_COUNTS)])
+        ax.set_xlabel("experts (1 = dense, same active params and steps)")
+        ax.set_ylabel("validation bits per byte")
+        ax.set_title("Noisy top-2, CV^2 over each step's micro-batches", fontsize=9)
+        ax.legend(fontsize=7)
 
     balance_bars(axes[1], group(results, "balance"), "Balancing losses (64 experts)")
-    if extra:
+    if global_balance is not None:
         gs = global_balance["scale"]
-        balance_bars(axes[4], group(global_balance["runs"], "balance"),
+        balance_bars(axes[-1], group(global_balance["runs"], "balance"),
                      f"Balancing losses, CV^2 over {gs['grad_accum']} micro-batches, {gs['steps']} steps (64 experts)")
 
     ax = axes[2]
