@@ -196,9 +196,11 @@ def plan_runs(s: Scale, only: set[str]) -> list[Run]:
     return runs
 
 
-def plan_global_runs(s: Scale, only: set[str], counts: tuple[int, ...] = EXPERT_COUNTS) -> list[Run]:
+def plan_global_runs(s: Scale, only: set[str], counts: tuple[int, ...] = EXPERT_COUNTS,
+                     control: bool = False) -> list[Run]:
     """The noisy-gate experts sweep and the balance table with the CV^2 losses over each step's
-    global batch; the dense baselines and a per-micro-batch control at the same step schedule."""
+    global batch; the dense baselines and a per-micro-batch control at the same step schedule
+    (in the sweep too with `control`)."""
     runs: list[Run] = []
     if "experts" in only:
         for seed in s.seeds:
@@ -206,6 +208,10 @@ def plan_global_runs(s: Scale, only: set[str], counts: tuple[int, ...] = EXPERT_
             for E in counts:
                 runs.append(Run("experts", f"{E}, noisy top-2", noisy(E, s), seed,
                                 {"experts": E, "series": "noisy top-2"}))
+                if control:
+                    runs.append(Run("experts", f"{E}, noisy top-2, CV^2 per micro-batch",
+                                    noisy(E, s, balance_scope="micro_batch"), seed,
+                                    {"experts": E, "series": "noisy top-2, CV^2 per micro-batch"}))
     if "balance" in only:
         variants = {"none": NO_AUX, "importance": balancing_losses(0.2, 0.0), "load": balancing_losses(0.0, 0.2),
                     "both": balancing_losses(0.1, 0.1), "both, weak": balancing_losses(0.01, 0.01)}
@@ -504,14 +510,20 @@ def plot(results: list[dict], router_ms: dict | None, path: Path, global_batches
     ax = axes[4] if global_experts else None
     for color, g in zip(("C1", "C4", "C2"), global_experts):
         gs = g["scale"]
-        by_seed: dict[int, list[tuple[int, float]]] = {}
+        by_series: dict[tuple[bool, int], list[tuple[int, float]]] = {}
         for r in g["runs"]:
             if r["experiment"] == "experts":
-                by_seed.setdefault(r["seed"], []).append((r["experts"], r["val_bpb"]))
-        for seed, pts in sorted(by_seed.items()):
+                per_micro_batch = "per micro-batch" in r["series"]
+                if r["series"] == "dense":  # the start of both series
+                    by_series.setdefault((True, r["seed"]), []).append((1, r["val_bpb"]))
+                by_series.setdefault((per_micro_batch, r["seed"]), []).append((r["experts"], r["val_bpb"]))
+        for (per_micro_batch, seed), pts in sorted(by_series.items()):
+            if len(pts) < 2:
+                continue
             pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "^-" if seed == 0 else "v--", color=color,
-                    label=f"{gs['steps']} steps x {gs['grad_accum']} micro-batches, seed {seed}")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], ("x:" if per_micro_batch else "^-") if seed == 0
+                    else "v--", color=color, label=f"{gs['steps']} steps x {gs['grad_accum']} micro-batches"
+                    + (", CV^2 per micro-batch" if per_micro_batch else "") + f", seed {seed}")
     if global_experts:
         ax.set_xscale("log", base=4)
         ax.set_xticks([1, *EXPERT_COUNTS], ["1", *map(str, EXPERT_COUNTS)])
@@ -572,6 +584,8 @@ def main(argv=None) -> dict:
                         "micro-batches (balance_scope global, grad_accum N, steps / N: the same tokens); added as a "
                         "section of the existing results")
     p.add_argument("--seeds", default="", help="comma-separated seeds (default: the scale's)")
+    p.add_argument("--control", action="store_true", help="--global-batch: the sweep also with the CV^2 losses per "
+                                                            "micro-batch at the same step schedule")
     p.add_argument("--report", action="store_true", help="rewrite the .md and .png from the stem's .json, no training")
     p.add_argument("--experts", default="", help="--global-batch: comma-separated expert counts of the sweep "
                                                   f"(default {','.join(map(str, EXPERT_COUNTS))})")
@@ -591,7 +605,8 @@ def main(argv=None) -> dict:
         if args.reuse:
             raise SystemExit("--reuse applies to the per-micro-batch runs, not --global-batch")
         counts = tuple(int(E) for E in args.experts.split(",")) if args.experts else EXPERT_COUNTS
-        return add_global_batch(s.global_batch(args.global_batch), only, counts, args.workers, stem, args.quick)
+        return add_global_batch(s.global_batch(args.global_batch), only, counts, args.control, args.workers, stem,
+                                args.quick)
     runs = plan_runs(s, only)
     reused = []
     if args.reuse:
@@ -633,9 +648,17 @@ def scale_from(stored: dict) -> Scale:
     return Scale(**{**values, "seeds": tuple(values["seeds"])})
 
 
-def add_global_batch(s: Scale, only: set[str], counts: tuple[int, ...], workers: int, stem: Path, quick: bool) -> dict:
-    """Train the global-batch runs and add them to the results at `stem` (per-micro-batch runs kept)."""
-    runs = plan_global_runs(s, only, counts)
+def add_global_batch(s: Scale, only: set[str], counts: tuple[int, ...], control: bool, workers: int, stem: Path,
+                     quick: bool) -> dict:
+    """Train the global-batch runs that the results at `stem` do not hold yet and add them there."""
+    path = stem.with_suffix(".json")
+    summary = json.loads(path.read_text()) if path.exists() else {"scale": None, "timing": None, "router_ms": None,
+                                                                    "runs": []}
+    scale = {**vars(s), "seeds": list(s.seeds), "tokens": s.tokens}
+    entries = summary.setdefault("global_batches", [])
+    earlier = next((g for g in entries if {**g["scale"], "seeds": None} == {**scale, "seeds": None}), None)
+    held = {(r["experiment"], r["name"], r["seed"]) for r in earlier["runs"]} if earlier else set()
+    runs = [r for r in plan_global_runs(s, only, counts, control) if (r.experiment, r.name, r.seed) not in held]
     runs.sort(key=lambda r: -ffn_macs(r.moe, s.d_model) * r.moe["num_experts"] ** 0.5)
     print(f"{len(runs)} runs of {s.steps} steps x {s.grad_accum} micro-batches on {workers} workers", flush=True)
     start = time.time()
@@ -644,12 +667,6 @@ def add_global_batch(s: Scale, only: set[str], counts: tuple[int, ...], workers:
         + (f", max/mean load {r['max_mean_load']:.2f}" if "max_mean_load" in r else "")
         + (f", logits {gate_scales(r)}" if "gate_logit_std" in r else "")))
     timing = {"seconds": time.time() - start, "trained_runs": len(runs)}
-    path = stem.with_suffix(".json")
-    summary = json.loads(path.read_text()) if path.exists() else {"scale": None, "timing": None, "router_ms": None,
-                                                                    "runs": []}
-    scale = {**vars(s), "seeds": list(s.seeds), "tokens": s.tokens}
-    entries = summary.setdefault("global_batches", [])
-    earlier = next((g for g in entries if {**g["scale"], "seeds": None} == {**scale, "seeds": None}), None)
     if earlier:
         # Another seed (or experiment) at the same scale: keep the earlier runs it does not redo.
         done = {(r["experiment"], r["name"], r["seed"]) for r in results}
