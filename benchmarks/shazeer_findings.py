@@ -412,25 +412,27 @@ def markdown(results: list[dict], router_ms: dict | None, s: Scale, timing: dict
                          f"{100 * r['unrouted_tokens']:.1f}% | {r['moe_macs_per_token'] / 1e3:.0f}k | {r['tokens_per_s']:.0f} |")
         lines.append("")
     for g in global_batches:
-        lines += global_markdown(g, results)
+        lines += global_markdown(g, results, s)
     return "\n".join(lines)
 
 
-def global_markdown(g: dict, base: list[dict]) -> list[str]:
-    """The section of the `--global-batch` runs, beside the per-micro-batch runs above."""
+def global_markdown(g: dict, base: list[dict], s: Scale) -> list[str]:
+    """The section of the `--global-batch` runs, beside the per-micro-batch runs above (scale `s`)."""
     gs = g["scale"]
     micro = gs["batch_size"] * gs["seq_len"]
+    tokens = "the same tokens" if gs["tokens"] == s.tokens else f"{gs['tokens'] / s.tokens:g}x the tokens"
     lines = [f"## Noisy top-2 with the CV^2 losses over each step's global batch ({gs['steps']} steps)", "",
-             f"The same model and tokens: {gs['steps']} steps x {gs['grad_accum']} micro-batches x {micro} tokens = "
-             f"{gs['tokens'] / 1e6:.2f}M. The importance and load CV^2 are formed from statistics summed over the "
-             f"step's micro-batches (`balance_scope: global`; micro-batch m sees micro-batches 1..m, the last all "
-             f"{gs['grad_accum'] * micro} tokens) instead of over each {micro}-token batch. Seeds {gs['seeds']} "
+             f"The same model, {tokens} of the runs above: {gs['steps']} steps x {gs['grad_accum']} micro-batches x "
+             f"{micro} tokens = {gs['tokens'] / 1e6:.2f}M. The importance and load CV^2 are formed from statistics "
+             f"summed over the step's micro-batches (`balance_scope: global`; micro-batch m sees micro-batches 1..m, "
+             f"the last all {gs['grad_accum'] * micro} tokens) instead of over each {micro}-token batch (rows marked "
+             f"'CV^2 per micro-batch': over each batch, at the same schedule, as a control). Seeds {gs['seeds']} "
              f"(values listed per seed). {wall_text(g['timing'])} Max/mean load on held-out data, in train mode, "
              f"per {micro}-token batch and per {gs['grad_accum']}-batch step.", ""]
     per_micro = group(base, "experts")
     experts = group(g["runs"], "experts")
     if experts:
-        lines += ["| experts | val bpb (per seed) | mean | above: CV^2 per batch, 2000 x 2048 tokens (mean bpb) | "
+        lines += [f"| experts | val bpb (per seed) | mean | above: CV^2 per batch, {s.steps} x {micro} tokens (mean bpb) | "
                   "max/mean load, batch | max/mean load, step | clean-logit spread vs noise std |",
                   "|---|---|---|---|---|---|---|"]
         for name, rows in experts.items():
