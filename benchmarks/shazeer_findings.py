@@ -420,9 +420,9 @@ def global_markdown(g: dict, base: list[dict], s: Scale) -> list[str]:
     """The section of the `--global-batch` runs, beside the per-micro-batch runs above (scale `s`)."""
     gs = g["scale"]
     micro = gs["batch_size"] * gs["seq_len"]
-    tokens = "the same tokens" if gs["tokens"] == s.tokens else f"{gs['tokens'] / s.tokens:g}x the tokens"
+    tokens = "the same tokens as" if gs["tokens"] == s.tokens else f"{gs['tokens'] / s.tokens:g}x the tokens of"
     lines = [f"## Noisy top-2 with the CV^2 losses over each step's global batch ({gs['steps']} steps)", "",
-             f"The same model, {tokens} of the runs above: {gs['steps']} steps x {gs['grad_accum']} micro-batches x "
+             f"The same model, {tokens} the runs above: {gs['steps']} steps x {gs['grad_accum']} micro-batches x "
              f"{micro} tokens = {gs['tokens'] / 1e6:.2f}M. The importance and load CV^2 are formed from statistics "
              f"summed over the step's micro-batches (`balance_scope: global`; micro-batch m sees micro-batches 1..m, "
              f"the last all {gs['grad_accum'] * micro} tokens) instead of over each {micro}-token batch (rows marked "
