@@ -340,7 +340,7 @@ def router_time_ms(s: Scale, repeats: int = 30) -> dict:
                 for p in layer.router.parameters():
                     torch.nn.init.normal_(p, std=0.02)
                 t0 = time.perf_counter()
-                r = layer.router(x, capacity=S)
+                r = layer.router(x)
                 loss = r.weight_N.sum() + weighted_total(aux_losses(r.stats, E), layer.cfg.aux_loss, x)
                 loss.backward()
                 times[name].append(time.perf_counter() - t0)
