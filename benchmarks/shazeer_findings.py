@@ -3,6 +3,8 @@
     PYTHONPATH=. python benchmarks/shazeer_findings.py --quick      # < 10 min on 2 cores, one seed
     PYTHONPATH=. python benchmarks/shazeer_findings.py              # < 1 h on 2 cores, two seeds
     PYTHONPATH=. python benchmarks/shazeer_findings.py --only experts,balance
+    PYTHONPATH=. python benchmarks/shazeer_findings.py --global-batch 4 --only experts,balance --seeds 0
+    PYTHONPATH=. python benchmarks/shazeer_findings.py --global-batch 4 --steps 8000 --only experts --experts 4,16,64,256
 
 Four experiments, each a set of training runs of the byte-level MoE LM (`model.name: lm`)
 through moe_scale's own `Trainer` on the shipped offline corpus (the Python standard library
@@ -20,6 +22,15 @@ sources), one MoE layer (the second of two blocks), experts of width `Scale.hidd
   routers    64 experts, capacity factor 1.25: noisy top-2, switch top-1, top-2 (GShard),
              expert choice (2 experts per token on average), hash (top-1 on the byte id).
 
+`--global-batch N` asks whether the noisy gate's failure in `experts` and `balance` comes from
+forming the CV^2 losses over one 2048-token batch: it trains the noisy-gate sweep (with its
+dense baseline) and the balance table again with the losses over each step's N micro-batches
+(`balance_scope: global`, `grad_accum` N, N times fewer steps: the same tokens), plus the
+per-micro-batch losses at that step schedule as a control, and adds them as a section and a
+series of the existing results (a later invocation with other seeds adds to them; one with
+other steps, e.g. `--steps 8000` for 2000 steps of 4 micro-batches, 4x the tokens, adds a
+section of its own).
+
 Runs go to a pool of `--workers` processes of one thread each (2 on this machine), so a run's
 tokens/s is measured while another run shares the machine; compare them within one table.
 Writes benchmarks/results/shazeer_findings[_quick].{json,md,png}.
@@ -28,17 +39,18 @@ Writes benchmarks/results/shazeer_findings[_quick].{json,md,png}.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
+import dataclasses
 import json
 import math
 import os
-import tempfile
+import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _runs import fmt_seeds, group, mean_of, run_pool, trained, wall_text  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 EXPERIMENTS = ("experts", "balance", "hierarchy", "routers")
@@ -59,10 +71,18 @@ class Scale:
     eval_batches: int = 40
     lr: float = 3e-3
     seeds: tuple[int, ...] = (0, 1)
+    grad_accum: int = 1  # micro-batches per step
+    balance_scope: str = "micro_batch"  # where the CV^2 statistics are summed (MoEConfig.balance_scope)
 
     @property
     def tokens(self) -> int:
-        return self.steps * self.batch_size * self.seq_len
+        return self.steps * self.grad_accum * self.batch_size * self.seq_len
+
+    def global_batch(self, micro_batches: int) -> "Scale":
+        """The same tokens in `micro_batches` times fewer, larger steps, with the balancing losses
+        formed over each step's whole batch."""
+        return dataclasses.replace(self, steps=self.steps // micro_batches, grad_accum=micro_batches,
+                                   balance_scope="global")
 
 
 FULL = Scale()
@@ -96,7 +116,7 @@ def dense(hidden: int) -> dict:
 def noisy(E: int, s: Scale, aux: dict | None = None, **extra) -> dict:
     """Noisy top-k gating (the paper's), importance and load losses at 0.1 unless `aux` says otherwise."""
     return {"num_experts": E, "k": s.k, "router": "noisy_topk", "d_hidden": s.hidden, "dropless": True,
-            "aux_loss": aux or balancing_losses(), **extra}
+            "aux_loss": aux or balancing_losses(), "balance_scope": s.balance_scope, **extra}
 
 
 SWITCH_AUX = {"importance": 0.0, "load": 0.0, "switch": 0.01, "z": 0.001}
@@ -176,28 +196,56 @@ def plan_runs(s: Scale, only: set[str]) -> list[Run]:
     return runs
 
 
+def plan_global_runs(s: Scale, only: set[str], counts: tuple[int, ...] = EXPERT_COUNTS,
+                     control: bool = False) -> list[Run]:
+    """The noisy-gate experts sweep and the balance table with the CV^2 losses over each step's
+    global batch; the dense baselines and a per-micro-batch control at the same step schedule
+    (in the sweep too with `control`)."""
+    runs: list[Run] = []
+    if "experts" in only:
+        for seed in s.seeds:
+            runs.append(Run("experts", "1 (dense)", dense(s.k * s.hidden), seed, {"experts": 1, "series": "dense"}))
+            for E in counts:
+                runs.append(Run("experts", f"{E}, noisy top-2", noisy(E, s), seed,
+                                {"experts": E, "series": "noisy top-2"}))
+                if control:
+                    runs.append(Run("experts", f"{E}, noisy top-2, CV^2 per micro-batch",
+                                    noisy(E, s, balance_scope="micro_batch"), seed,
+                                    {"experts": E, "series": "noisy top-2, CV^2 per micro-batch"}))
+    if "balance" in only:
+        variants = {"none": NO_AUX, "importance": balancing_losses(0.2, 0.0), "load": balancing_losses(0.0, 0.2),
+                    "both": balancing_losses(0.1, 0.1), "both, weak": balancing_losses(0.01, 0.01)}
+        for seed in s.seeds:
+            for name, aux in variants.items():
+                runs.append(Run("balance", name, noisy(64, s, aux), seed, {"aux": aux}))
+            per_micro_batch = noisy(64, s, balancing_losses(), balance_scope="micro_batch")
+            runs.append(Run("balance", "both, per micro-batch", per_micro_batch, seed, {"aux": balancing_losses()}))
+    return runs
+
+
 # ---------------------------------------------------------------- one run (in a worker process)
 
 
-def config_dict(run: Run, s: Scale, run_dir: str) -> dict:
+def config_dict(run: Run, s: Scale) -> dict:
     return {
         "model": {"name": "lm", "d_model": s.d_model, "n_layers": s.n_layers, "n_heads": s.n_heads,
                   "max_seq_len": s.seq_len, "moe_every": 2},
         "moe": run.moe,
         "data": {"seq_len": s.seq_len, "batch_size": s.batch_size},
         "optim": {"lr": s.lr, "min_lr": s.lr / 10, "warmup_steps": max(s.steps // 20, 1)},
-        "train": {"max_steps": s.steps, "eval_every": 0, "eval_batches": s.eval_batches, "device": "cpu",
-                  "num_threads": 1, "seed": run.seed, "run_dir": run_dir},
+        "train": {"max_steps": s.steps, "grad_accum": s.grad_accum, "eval_every": 0, "eval_batches": s.eval_batches,
+                  "device": "cpu", "num_threads": 1, "seed": run.seed},
         "checkpoint": {"every": 0, "save_final": False},
         "logging": {"every": max(s.steps // 10, 1), "load_every": s.steps, "progress": False},
     }
 
 
-def held_out_routing(trainer, batches: int) -> dict:
+def held_out_routing(trainer, batches: int, micro_batches: int = 1) -> dict:
     """Expert load as training sees it (train mode: router noise, train capacity) on held-out batches.
 
     Per batch: max/mean and coefficient of variation (std/mean) of the assignments routed to each
-    expert (before capacity), as in the paper's Table 6; over all batches: dropped assignments and
+    expert (before capacity), as in the paper's Table 6; with `micro_batches` > 1 also the max/mean
+    over each step's global batch (that many consecutive batches); over all batches: dropped assignments and
     tokens left with no expert; for noisy top-k gates, the spread (std over experts) of a token's
     clean logits and the mean noise std softplus(x W_noise): routing is learned only where the
     first is not small against the second.
@@ -211,6 +259,7 @@ def held_out_routing(trainer, batches: int) -> dict:
     model, task = trainer.model, trainer.task
     model.train()
     ratios, cvs, dropped, assignments, unrouted, tokens = [], [], 0.0, 0.0, 0.0, 0
+    step_ratios, window = [], []
     gate: dict[str, list[float]] = {"gate_logit_std": [], "gate_noise_std": []}
 
     def noisy_gate_scales(layer, args, kwargs):
@@ -223,7 +272,13 @@ def held_out_routing(trainer, batches: int) -> dict:
              if isinstance(getattr(m, "router", None), NoisyTopKRouter)]
     with torch.no_grad():
         for batch in task.val_batches(batches):
-            for st in task.loss(model, batch, trainer.rt.device).moe_stats:
+            stats = task.loss(model, batch, trainer.rt.device).moe_stats
+            window.append(torch.stack([st.routed_per_expert_E.double() for st in stats]))
+            if len(window) == micro_batches:
+                step_LE = torch.stack(window).sum(0)
+                step_ratios.extend((step_LE.max(-1).values / step_LE.mean(-1)).tolist())
+                window = []
+            for st in stats:
                 load = st.routed_per_expert_E.double()
                 ratios.append(float(load.max() / load.mean()))
                 cvs.append(float(load.std(unbiased=False) / load.mean()))
@@ -235,24 +290,16 @@ def held_out_routing(trainer, batches: int) -> dict:
         h.remove()
     model.eval()
     n = max(len(ratios), 1)
+    if micro_batches > 1 and step_ratios:
+        gate["max_mean_load_step"] = step_ratios
     return {"max_mean_load": sum(ratios) / n, "cv_load": sum(cvs) / n,
             "dropped_assignments": dropped / max(assignments, 1.0), "unrouted_tokens": unrouted / max(tokens, 1),
             **{k: sum(v) / len(v) for k, v in gate.items() if v}}
 
 
 def train_one(run: Run, s: Scale) -> dict:
-    import torch
-
-    from moe_scale.train.config import from_dict
-    from moe_scale.train.trainer import Trainer
-
-    torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory(prefix="shazeer_") as run_dir, contextlib.redirect_stdout(io.StringIO()):
-        trainer = Trainer(from_dict(config_dict(run, s, run_dir)))
-        start = time.perf_counter()
-        last = trainer.fit()
-        seconds = time.perf_counter() - start
-        routing = held_out_routing(trainer, min(s.eval_batches, 16)) if run.moe["num_experts"] > 1 else {}
+    with trained(config_dict(run, s)) as (trainer, last, seconds):
+        routing = held_out_routing(trainer, min(s.eval_batches, 16), s.grad_accum) if run.moe["num_experts"] > 1 else {}
         params = sum(p.numel() for p in trainer.model.parameters())
         expert_params = sum(p.numel() for n, p in trainer.model.named_parameters() if ".experts." in n)
     one_expert = expert_params // run.moe["num_experts"]
@@ -293,7 +340,7 @@ def router_time_ms(s: Scale, repeats: int = 30) -> dict:
                 for p in layer.router.parameters():
                     torch.nn.init.normal_(p, std=0.02)
                 t0 = time.perf_counter()
-                r = layer.router(x, capacity=S)
+                r = layer.router(x)
                 loss = r.weight_N.sum() + weighted_total(aux_losses(r.stats, E), layer.cfg.aux_loss, x)
                 loss.backward()
                 times[name].append(time.perf_counter() - t0)
@@ -302,18 +349,6 @@ def router_time_ms(s: Scale, repeats: int = 30) -> dict:
 
 
 # ---------------------------------------------------------------- report
-
-
-def mean_of(rows: list[dict], key: str) -> float:
-    return sum(r[key] for r in rows) / len(rows)
-
-
-def group(results: list[dict], experiment: str) -> dict[str, list[dict]]:
-    out: dict[str, list[dict]] = {}
-    for r in results:
-        if r["experiment"] == experiment:
-            out.setdefault(r["name"], []).append(r)
-    return out
 
 
 def flat_rows(results: list[dict]) -> list[dict]:
@@ -326,19 +361,9 @@ def gate_scales(r: dict) -> str:
     return f"{r['gate_logit_std']:.3f} vs {r['gate_noise_std']:.2f}" if "gate_logit_std" in r else "-"
 
 
-def fmt_seeds(rows: list[dict], key: str, digits: int = 3) -> str:
-    return " / ".join(f"{r[key]:.{digits}f}" for r in sorted(rows, key=lambda r: r["seed"]))
-
-
-def wall_text(timing: dict) -> str:
-    text = f"{timing['trained_runs']} runs trained in {timing['seconds'] / 60:.1f} min"
-    if timing.get("reused_runs"):
-        text += f"; {timing['reused_runs']} more taken from an earlier invocation of the same scale (--reuse)"
-    return text + "."
-
-
-def markdown(results: list[dict], router_ms: dict | None, s: Scale, timing: dict) -> str:
-    lines = [f"# Shazeer et al. 2017 findings at CPU scale ({'quick' if s is QUICK else 'full'} run)", "",
+def markdown(results: list[dict], router_ms: dict | None, s: Scale, timing: dict, label: str,
+             global_batches: tuple[dict, ...] = ()) -> str:
+    lines = [f"# Shazeer et al. 2017 findings at CPU scale ({label} run)", "",
              f"Byte-level LM, d_model={s.d_model}, {s.n_layers} blocks (MoE in the second), experts of width "
              f"{s.hidden}, k={s.k}; {s.steps} steps x {s.batch_size * s.seq_len} tokens = {s.tokens / 1e6:.2f}M "
              f"training tokens; validation bits per byte on {s.eval_batches * s.batch_size * s.seq_len / 1e3:.0f}k "
@@ -386,16 +411,79 @@ def markdown(results: list[dict], router_ms: dict | None, s: Scale, timing: dict
             lines.append(f"| {name} | {r['val_bpb']:.3f} | {100 * r['dropped_assignments']:.1f}% | "
                          f"{100 * r['unrouted_tokens']:.1f}% | {r['moe_macs_per_token'] / 1e3:.0f}k | {r['tokens_per_s']:.0f} |")
         lines.append("")
+    for g in global_batches:
+        lines += global_markdown(g, results, s)
     return "\n".join(lines)
 
 
-def plot(results: list[dict], router_ms: dict | None, path: Path) -> None:
+def global_markdown(g: dict, base: list[dict], s: Scale) -> list[str]:
+    """The section of the `--global-batch` runs, beside the per-micro-batch runs above (scale `s`)."""
+    gs = g["scale"]
+    micro = gs["batch_size"] * gs["seq_len"]
+    tokens = "the same tokens as" if gs["tokens"] == s.tokens else f"{gs['tokens'] / s.tokens:g}x the tokens of"
+    lines = [f"## Noisy top-2 with the CV^2 losses over each step's global batch ({gs['steps']} steps)", "",
+             f"The same model, {tokens} the runs above: {gs['steps']} steps x {gs['grad_accum']} micro-batches x "
+             f"{micro} tokens = {gs['tokens'] / 1e6:.2f}M. The importance and load CV^2 are formed from statistics "
+             f"summed over the step's micro-batches (`balance_scope: global`; micro-batch m sees micro-batches 1..m, "
+             f"the last all {gs['grad_accum'] * micro} tokens) instead of over each {micro}-token batch (rows marked "
+             f"'CV^2 per micro-batch': over each batch, at the same schedule, as a control). Seeds {gs['seeds']} "
+             f"(values listed per seed). {wall_text(g['timing'])} Max/mean load on held-out data, in train mode, "
+             f"per {micro}-token batch and per {gs['grad_accum']}-batch step.", ""]
+    per_micro = group(base, "experts")
+    experts = group(g["runs"], "experts")
+    if experts:
+        lines += [f"| experts | val bpb (per seed) | mean | above: CV^2 per batch, {s.steps} x {micro} tokens (mean bpb) | "
+                  "max/mean load, batch | max/mean load, step | clean-logit spread vs noise std |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, rows in experts.items():
+            before = per_micro.get(name)
+            prior = f"{mean_of(before, 'val_bpb'):.3f}" if before else "-"
+            batch, step = (fmt_seeds(rows, key, 2) if key in rows[0] else "-"
+                           for key in ("max_mean_load", "max_mean_load_step"))
+            gates = "; ".join(gate_scales(r) for r in sorted(rows, key=lambda r: r["seed"])) if batch != "-" else "-"
+            lines.append(f"| {name} | {fmt_seeds(rows, 'val_bpb')} | {mean_of(rows, 'val_bpb'):.3f} | {prior} | "
+                         f"{batch} | {step} | {gates} |")
+        lines.append("")
+    balance = group(g["runs"], "balance")
+    if balance:
+        lines += ["| loss (64 experts) | CV^2 over | w_importance | w_load | val bpb (per seed) | max/mean load, batch | "
+                  "max/mean load, step | CV(load) | clean-logit spread vs noise std |", "|---|---|---|---|---|---|---|---|---|"]
+        for name, rows in balance.items():
+            aux, scope = rows[0]["aux"], rows[0]["moe"]["balance_scope"]
+            over = f"{gs['grad_accum']} micro-batches" if scope == "global" else "each micro-batch"
+            lines.append(f"| {name} | {over if aux['importance'] or aux['load'] else '-'} | {aux['importance']} | "
+                         f"{aux['load']} | {fmt_seeds(rows, 'val_bpb')} | {fmt_seeds(rows, 'max_mean_load', 2)} | "
+                         f"{fmt_seeds(rows, 'max_mean_load_step', 2)} | {fmt_seeds(rows, 'cv_load', 2)} | "
+                         f"{'; '.join(gate_scales(r) for r in sorted(rows, key=lambda r: r['seed']))} |")
+        lines.append("")
+    return lines
+
+
+def balance_bars(ax, balance: dict[str, list[dict]], title: str) -> None:
+    names = list(balance)
+    for j, key in enumerate(("max_mean_load", "cv_load")):
+        vals = [mean_of(balance[n], key) for n in names]
+        ax.bar([i + 0.4 * j for i in range(len(names))], vals, width=0.4, label=key.replace("_", " "))
+    for i, n in enumerate(names):
+        top = max(mean_of(balance[n], key) for key in ("max_mean_load", "cv_load"))
+        ax.text(i + 0.2, top * 1.05, f"{mean_of(balance[n], 'val_bpb'):.3f} bpb", ha="center",
+                va="bottom", fontsize=7)
+    ax.set_xticks([i + 0.2 for i in range(len(names))], names, rotation=15, fontsize=8)
+    ax.set_yscale("log")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+
+
+def plot(results: list[dict], router_ms: dict | None, path: Path, global_batches: tuple[dict, ...] = ()) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4.4))
+    global_balance = next((g for g in global_batches if group(g["runs"], "balance")), None)
+    global_experts = [g for g in global_batches if group(g["runs"], "experts")]
+    panels = 4 + bool(global_experts) + (global_balance is not None)
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4.4))
     ax = axes[0]
     experts = group(results, "experts")
     lines: dict[tuple[str, int], list[tuple[int, float]]] = {}
@@ -421,20 +509,36 @@ def plot(results: list[dict], router_ms: dict | None, path: Path) -> None:
     ax.set_title("More experts, equal active compute")
     ax.legend(fontsize=7)
 
-    ax = axes[1]
-    balance = group(results, "balance")
-    names = list(balance)
-    for j, key in enumerate(("max_mean_load", "cv_load")):
-        vals = [mean_of(balance[n], key) for n in names]
-        ax.bar([i + 0.4 * j for i in range(len(names))], vals, width=0.4, label=key.replace("_", " "))
-    for i, n in enumerate(names):
-        top = max(mean_of(balance[n], key) for key in ("max_mean_load", "cv_load"))
-        ax.text(i + 0.2, top * 1.05, f"{mean_of(balance[n], 'val_bpb'):.3f} bpb", ha="center",
-                va="bottom", fontsize=7)
-    ax.set_xticks([i + 0.2 for i in range(len(names))], names)
-    ax.set_yscale("log")
-    ax.set_title("Balancing losses (64 experts)")
-    ax.legend(fontsize=7)
+    ax = axes[4] if global_experts else None
+    for color, g in zip(("C1", "C4", "C2"), global_experts):
+        gs = g["scale"]
+        by_series: dict[tuple[bool, int], list[tuple[int, float]]] = {}
+        for r in g["runs"]:
+            if r["experiment"] == "experts":
+                per_micro_batch = "per micro-batch" in r["series"]
+                if r["series"] == "dense":  # the start of both series
+                    by_series.setdefault((True, r["seed"]), []).append((1, r["val_bpb"]))
+                by_series.setdefault((per_micro_batch, r["seed"]), []).append((r["experts"], r["val_bpb"]))
+        for (per_micro_batch, seed), pts in sorted(by_series.items()):
+            if len(pts) < 2:
+                continue
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], ("x:" if per_micro_batch else "^-") if seed == 0
+                    else "v--", color=color, label=f"{gs['steps']} steps x {gs['grad_accum']} micro-batches"
+                    + (", CV^2 per micro-batch" if per_micro_batch else "") + f", seed {seed}")
+    if global_experts:
+        ax.set_xscale("log", base=4)
+        ax.set_xticks([1, *EXPERT_COUNTS], ["1", *map(str, EXPERT_COUNTS)])
+        ax.set_xlabel("experts (1 = dense, same active params and steps)")
+        ax.set_ylabel("validation bits per byte")
+        ax.set_title("Noisy top-2, CV^2 over each step's micro-batches", fontsize=9)
+        ax.legend(fontsize=7)
+
+    balance_bars(axes[1], group(results, "balance"), "Balancing losses (64 experts)")
+    if global_balance is not None:
+        gs = global_balance["scale"]
+        balance_bars(axes[-1], group(global_balance["runs"], "balance"),
+                     f"Balancing losses, CV^2 over {gs['grad_accum']} micro-batches, {gs['steps']} steps (64 experts)")
 
     ax = axes[2]
     if router_ms:
@@ -477,6 +581,16 @@ def main(argv=None) -> dict:
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--out", default="", help="output stem (default benchmarks/results/shazeer_findings[_quick])")
     p.add_argument("--reuse", default="", help="a previous JSON of the same scale: its runs are taken, not trained again")
+    p.add_argument("--global-batch", type=int, default=0, metavar="N",
+                   help="instead: the noisy-gate experts and balance runs with the CV^2 losses over each step's N "
+                        "micro-batches (balance_scope global, grad_accum N, steps / N: the same tokens); added as a "
+                        "section of the existing results")
+    p.add_argument("--seeds", default="", help="comma-separated seeds (default: the scale's)")
+    p.add_argument("--control", action="store_true", help="--global-batch: the sweep also with the CV^2 losses per "
+                                                            "micro-batch at the same step schedule")
+    p.add_argument("--report", action="store_true", help="rewrite the .md and .png from the stem's .json, no training")
+    p.add_argument("--experts", default="", help="--global-batch: comma-separated expert counts of the sweep "
+                                                  f"(default {','.join(map(str, EXPERT_COUNTS))})")
     args = p.parse_args(argv)
     only = set(args.only.split(","))
     if only - set(EXPERIMENTS):
@@ -484,11 +598,22 @@ def main(argv=None) -> dict:
     s = QUICK if args.quick else FULL
     if args.steps:
         s.steps = args.steps
+    if args.seeds:
+        s.seeds = tuple(int(x) for x in args.seeds.split(","))
+    stem = Path(args.out) if args.out else RESULTS / f"shazeer_findings{'_quick' if args.quick else ''}"
+    if args.report:
+        return write_report(json.loads(stem.with_suffix(".json").read_text()), stem, "quick" if args.quick else "full")
+    if args.global_batch > 1:
+        if args.reuse:
+            raise SystemExit("--reuse applies to the per-micro-batch runs, not --global-batch")
+        counts = tuple(int(E) for E in args.experts.split(",")) if args.experts else EXPERT_COUNTS
+        return add_global_batch(s.global_batch(args.global_batch), only, counts, args.control, args.workers, stem,
+                                args.quick)
     runs = plan_runs(s, only)
     reused = []
     if args.reuse:
         previous = json.loads(Path(args.reuse).read_text())
-        if previous["scale"] != {**vars(s), "seeds": list(s.seeds), "tokens": s.tokens}:
+        if {**PER_MICRO_BATCH, **previous["scale"]} != {**vars(s), "seeds": list(s.seeds), "tokens": s.tokens}:
             raise SystemExit(f"{args.reuse} was run at another scale: {previous['scale']}")
         done = {(r["experiment"], r["name"], r["seed"]) for r in previous["runs"]}
         reused = [r for r in previous["runs"] if r["experiment"] in only]
@@ -497,28 +622,76 @@ def main(argv=None) -> dict:
     runs.sort(key=lambda r: -ffn_macs(r.moe, s.d_model) * r.moe["num_experts"] ** 0.5)
     print(f"{len(runs)} runs of {s.steps} steps on {args.workers} workers", flush=True)
     start = time.time()
-    results = list(reused)
-    with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(train_one, run, s) for run in runs]
-        for run, fut in zip(runs, futures):
-            r = fut.result()
-            results.append(r)
-            print(f"[{(time.time() - start) / 60:5.1f} min] {run.experiment:9s} {run.name:22s} seed {run.seed}: "
-                  f"{r['val_bpb']:.3f} bpb, {r['tokens_per_s']:.0f} tok/s"
-                  + (f", max/mean load {r['max_mean_load']:.2f}" if "max_mean_load" in r else ""), flush=True)
+    results = list(reused) + run_pool(train_one, [(run, s) for run in runs], args.workers, lambda job, r: (
+        f"{r['experiment']:9s} {r['name']:22s} seed {r['seed']}: {r['val_bpb']:.3f} bpb, {r['tokens_per_s']:.0f} tok/s"
+        + (f", max/mean load {r['max_mean_load']:.2f}" if "max_mean_load" in r else "")))
     router_ms = None
     if "hierarchy" in only:
         router_ms = (previous.get("router_ms") if reused else None) or router_time_ms(s)
     timing = {"seconds": time.time() - start, "trained_runs": len(runs), "reused_runs": len(reused)}
     order = {e: i for i, e in enumerate(EXPERIMENTS)}
     results.sort(key=lambda r: (order[r["experiment"]], r.get("series", ""), r.get("experts", 0), r["name"], r["seed"]))
-    stem = Path(args.out) if args.out else RESULTS / f"shazeer_findings{'_quick' if args.quick else ''}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     summary = {"scale": {**vars(s), "tokens": s.tokens}, "timing": timing, "router_ms": router_ms, "runs": results}
+    if stem.with_suffix(".json").exists():
+        # The global-batch runs are separate trainings: a rerun of these keeps them.
+        earlier = json.loads(stem.with_suffix(".json").read_text()).get("global_batches")
+        if earlier:
+            summary["global_batches"] = earlier
+    return write_report(summary, stem, "quick" if args.quick else "full")
+
+
+# Scale fields added after the first results were written, at the values those runs used.
+PER_MICRO_BATCH = {"grad_accum": 1, "balance_scope": "micro_batch"}
+
+
+def scale_from(stored: dict) -> Scale:
+    values = {**PER_MICRO_BATCH, **{k: v for k, v in stored.items() if k != "tokens"}}
+    return Scale(**{**values, "seeds": tuple(values["seeds"])})
+
+
+def add_global_batch(s: Scale, only: set[str], counts: tuple[int, ...], control: bool, workers: int, stem: Path,
+                     quick: bool) -> dict:
+    """Train the global-batch runs that the results at `stem` do not hold yet and add them there."""
+    path = stem.with_suffix(".json")
+    summary = json.loads(path.read_text()) if path.exists() else {"scale": None, "timing": None, "router_ms": None,
+                                                                    "runs": []}
+    scale = {**vars(s), "seeds": list(s.seeds), "tokens": s.tokens}
+    entries = summary.setdefault("global_batches", [])
+    earlier = next((g for g in entries if {**g["scale"], "seeds": None} == {**scale, "seeds": None}), None)
+    held = {(r["experiment"], r["name"], r["seed"]) for r in earlier["runs"]} if earlier else set()
+    runs = [r for r in plan_global_runs(s, only, counts, control) if (r.experiment, r.name, r.seed) not in held]
+    runs.sort(key=lambda r: -ffn_macs(r.moe, s.d_model) * r.moe["num_experts"] ** 0.5)
+    print(f"{len(runs)} runs of {s.steps} steps x {s.grad_accum} micro-batches on {workers} workers", flush=True)
+    start = time.time()
+    results = run_pool(train_one, [(run, s) for run in runs], workers, lambda job, r: (
+        f"{r['experiment']:9s} {r['name']:22s} seed {r['seed']}: {r['val_bpb']:.3f} bpb, {r['tokens_per_s']:.0f} tok/s"
+        + (f", max/mean load {r['max_mean_load']:.2f}" if "max_mean_load" in r else "")
+        + (f", logits {gate_scales(r)}" if "gate_logit_std" in r else "")))
+    timing = {"seconds": time.time() - start, "trained_runs": len(runs)}
+    if earlier:
+        # Another seed (or experiment) at the same scale: keep the earlier runs it does not redo.
+        done = {(r["experiment"], r["name"], r["seed"]) for r in results}
+        results = [r for r in earlier["runs"] if (r["experiment"], r["name"], r["seed"]) not in done] + results
+        scale["seeds"] = sorted(set(earlier["scale"]["seeds"]) | set(s.seeds))
+        timing = {k: timing[k] + earlier["timing"][k] for k in timing}
+    order = {e: i for i, e in enumerate(EXPERIMENTS)}
+    results.sort(key=lambda r: (order[r["experiment"]], r.get("series", "") != "dense", r.get("experts", 0),
+                                r["name"], r["seed"]))
+    entry = {"scale": scale, "timing": timing, "runs": results}
+    # One entry per step schedule, shortest first.
+    entries[:] = sorted([g for g in entries if g is not earlier] + [entry], key=lambda g: g["scale"]["steps"])
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    return write_report(summary, stem, "quick" if quick else "full")
+
+
+def write_report(summary: dict, stem: Path, label: str) -> dict:
     stem.with_suffix(".json").write_text(json.dumps(summary, indent=1))
-    md = markdown(results, router_ms, s, timing)
+    gb = tuple(summary.get("global_batches", ()))
+    s = scale_from(summary["scale"] or gb[0]["scale"])
+    md = markdown(summary["runs"], summary["router_ms"], s, summary["timing"] or gb[0]["timing"], label, gb)
     stem.with_suffix(".md").write_text(md)
-    plot(results, router_ms, stem.with_suffix(".png"))
+    plot(summary["runs"], summary["router_ms"], stem.with_suffix(".png"), gb)
     print("\n" + md)
     print(f"wrote {stem}.json, .md, .png")
     return summary
