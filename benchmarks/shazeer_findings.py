@@ -152,6 +152,12 @@ def ffn_macs(moe: dict, d: int) -> int:
 EXPERT_COUNTS = (4, 16, 64, 256, 1024)
 
 
+def balance_variants() -> dict[str, dict]:
+    """Table 6's loss settings, by name: none, importance only, load only, both, both weak."""
+    return {"none": NO_AUX, "importance": balancing_losses(0.2, 0.0), "load": balancing_losses(0.0, 0.2),
+            "both": balancing_losses(0.1, 0.1), "both, weak": balancing_losses(0.01, 0.01)}
+
+
 def plan_runs(s: Scale, only: set[str]) -> list[Run]:
     runs: list[Run] = []
     if "experts" in only:
@@ -168,10 +174,8 @@ def plan_runs(s: Scale, only: set[str]) -> list[Run]:
                 for E in EXPERT_COUNTS:
                     runs.append(Run("experts", f"{E}, {series}", gate(E, s), seed, {"experts": E, "series": series}))
     if "balance" in only:
-        variants = {"none": NO_AUX, "importance": balancing_losses(0.2, 0.0), "load": balancing_losses(0.0, 0.2),
-                    "both": balancing_losses(0.1, 0.1), "both, weak": balancing_losses(0.01, 0.01)}
         for seed in s.seeds:
-            for name, aux in variants.items():
+            for name, aux in balance_variants().items():
                 runs.append(Run("balance", name, noisy(64, s, aux), seed, {"aux": aux}))
     if "hierarchy" in only:
         E = EXPERT_COUNTS[-1]
@@ -213,10 +217,8 @@ def plan_global_runs(s: Scale, only: set[str], counts: tuple[int, ...] = EXPERT_
                                     noisy(E, s, balance_scope="micro_batch"), seed,
                                     {"experts": E, "series": "noisy top-2, CV^2 per micro-batch"}))
     if "balance" in only:
-        variants = {"none": NO_AUX, "importance": balancing_losses(0.2, 0.0), "load": balancing_losses(0.0, 0.2),
-                    "both": balancing_losses(0.1, 0.1), "both, weak": balancing_losses(0.01, 0.01)}
         for seed in s.seeds:
-            for name, aux in variants.items():
+            for name, aux in balance_variants().items():
                 runs.append(Run("balance", name, noisy(64, s, aux), seed, {"aux": aux}))
             per_micro_batch = noisy(64, s, balancing_losses(), balance_scope="micro_batch")
             runs.append(Run("balance", "both, per micro-batch", per_micro_batch, seed, {"aux": balancing_losses()}))
