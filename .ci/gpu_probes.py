@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
 import tempfile
-import time
-import warnings
+from pathlib import Path
 
 import torch
 
@@ -80,7 +78,10 @@ def collectives() -> dict:
 
 
 def layer(quick: bool) -> dict:
-    """The MoE layer, forward + backward in bf16: time, TFLOP/s, host syncs per step, peak memory."""
+    """The MoE layer, forward + backward in bf16: time, TFLOP/s, host syncs per step, peak memory
+    (measured as `benchmarks/moe_layer.py --device cuda` measures)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # a site package is also named benchmarks
+    from moe_layer import count_host_syncs, cuda_median_seconds
     from moe_scale.moe import MoELayer
 
     rows = [(8, 4096, 1024)] if quick else [(8, 16384, 1024), (64, 16384, 1024)]
@@ -99,23 +100,8 @@ def layer(quick: bool) -> dict:
 
         for _ in range(3):
             step()
-        torch.cuda.synchronize()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                step()
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-        syncs = sum("synchroniz" in str(w.message) for w in caught)
-        times = []
-        for _ in range(10):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            step()
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        seconds = statistics.median(times)
+        syncs = count_host_syncs(step)
+        seconds = cuda_median_seconds(step, warmup=0, repeats=10)
         flops = 3 * 2 * S * k * d * h * 2  # two GEMMs per expert (gelu), backward twice forward
         results.append({"E": E, "S": S, "d": d, "h": h, "k": k, "dtype": "bfloat16", "seconds": seconds,
                         "tflops": flops / seconds / 1e12, "syncs_per_step": syncs,

@@ -479,7 +479,9 @@ def _gpu_build(impl: str, E: int, S: int, d: int, dtype):
     raise ValueError(f"unknown GPU implementation {impl} (GPU mode runs {GPU_IMPLS})")
 
 
-def _cuda_median_seconds(step, warmup: int, repeats: int) -> float:
+def cuda_median_seconds(step, warmup: int, repeats: int) -> float:
+    """Median wall time of `repeats` calls of `step` after `warmup` untimed ones, each call
+    waited for on the device."""
     import torch
 
     for _ in range(warmup):
@@ -528,7 +530,7 @@ def _gpu_measure(impl: str, E: int, S: int, d: int, dtype_name: str, warmup: int
         step = _gpu_build(impl, E, S, d, getattr(torch, dtype_name))
         step()  # first call: kernel selection and allocator growth, outside the sync count
         syncs = count_host_syncs(step)
-        time_s = _cuda_median_seconds(step, warmup, repeats)
+        time_s = cuda_median_seconds(step, warmup, repeats)
         result.update(status="ok", time_s=time_s, peak_bytes=torch.cuda.max_memory_allocated() - base,
                       syncs_per_step=syncs)
     except torch.OutOfMemoryError as err:
