@@ -250,7 +250,7 @@ class Trainer:
         t0 = time.perf_counter()
         self.model.train()
         accum = self.cfg.train.grad_accum
-        logs = self._logs_at(self.step + 1)
+        logs = any(self._writes_at(self.step + 1))
         loss_sum = torch.zeros((), device=self.rt.device)
         tokens = 0
         self.balancer.begin_step()
@@ -294,10 +294,11 @@ class Trainer:
                     f"lower optim.lr or check the data")
         return StepResult(self.step, float(loss_mean), norm, lr, stepped, tokens, time.perf_counter() - t0)
 
-    def _logs_at(self, step: int) -> bool:
-        """Whether `step` (1-based) writes metrics or the expert load."""
+    def _writes_at(self, step: int) -> tuple[bool, bool]:
+        """(metrics, expert load): what step `step` (1-based) writes."""
         t, lg = self.cfg.train, self.cfg.logging
-        return step % lg.every == 0 or step % lg.load_every == 0 or step == t.max_steps
+        last = step == t.max_steps
+        return step % lg.every == 0 or last, step % lg.load_every == 0 or last
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -341,10 +342,8 @@ class Trainer:
         iv["n"] += 1
         iv["seconds"] += result.seconds
         iv["tokens"] += result.tokens
-        t, lg = self.cfg.train, self.cfg.logging
         self.metrics.progress(result.step, result.loss, result.tokens / max(result.seconds, 1e-9))
-        log_now = result.step % lg.every == 0 or result.step == t.max_steps
-        load_now = result.step % lg.load_every == 0 or result.step == t.max_steps
+        log_now, load_now = self._writes_at(result.step)
         if not (log_now or load_now):
             return
         acc = self.moe_acc
