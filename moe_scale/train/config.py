@@ -28,7 +28,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from moe_scale.distributed.config import ParallelConfig
